@@ -1,0 +1,244 @@
+"""Generation as three stacked generators:
+
+    generate_step    token ids in, (token, logprobs) out; owns prefill and the decode loop
+    stream_generate  text in, GenerationEvent out (text deltas, stop handling, timing)
+    generate         text in, text out
+
+Nothing here prints; front ends render the events.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from .cache import make_cache
+from .sample import make_logits_processors, make_sampler
+
+Sampler = Callable[[mx.array], mx.array]
+LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+
+def generate_step(
+    model,
+    prompt: mx.array,
+    *,
+    cache: list | None = None,
+    sampler: Sampler | None = None,
+    logits_processors: Sequence[LogitsProcessor] = (),
+    max_tokens: int = -1,
+    prefill_step: int = 512,
+) -> Iterator[tuple[int, mx.array]]:
+    """Yield (token, logprobs over the vocabulary) for each new token, forever or max_tokens.
+
+    The prompt is prefilled in chunks of `prefill_step` tokens so a long prompt's peak memory
+    is bounded by the chunk. Decoding is pipelined: step n+1 is queued for evaluation before
+    token n is handed to the caller, so host work overlaps the model.
+    """
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("generate_step needs a non-empty 1-D array of prompt token ids")
+    cache = cache if cache is not None else make_cache(len(model.layers))
+    sampler = sampler or make_sampler(0.0)
+    history = prompt if logits_processors else None
+
+    def step(y: mx.array) -> tuple[mx.array, mx.array]:
+        nonlocal history
+        logits = model(y[None], cache=cache)[:, -1, :].astype(mx.float32)
+        if logits_processors:
+            for proc in logits_processors:
+                logits = proc(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        token = sampler(logprobs)
+        if logits_processors:
+            history = mx.concatenate([history, token.reshape(-1)])
+        return token, logprobs[0]
+
+    while prompt.size > prefill_step:
+        model(prompt[:prefill_step][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        prompt = prompt[prefill_step:]
+        mx.clear_cache()
+
+    y, logprobs = step(prompt)
+    mx.async_eval(y, logprobs)
+    n = 0
+    while n != max_tokens:
+        if n + 1 != max_tokens:
+            next_y, next_logprobs = step(y)
+            mx.async_eval(next_y, next_logprobs)
+        yield y.item(), logprobs
+        n += 1
+        if n == max_tokens:
+            break
+        y, logprobs = next_y, next_logprobs
+        if n % 256 == 0:
+            mx.clear_cache()
+
+
+@dataclass
+class GenerationEvent:
+    """One step of a streamed generation.
+
+    `text` is the new text (never a partial UTF-8 character), `token` the token id (None on
+    a final flush event), `finish_reason` None until the last event, then "stop" or "length".
+    Timing fields are cumulative and present on every event.
+    """
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+
+def sampling_settings(defaults: dict[str, Any], **given) -> dict[str, Any]:
+    """Merge explicit sampling arguments (None = not given) over generation_config.json defaults."""
+    out = {
+        "temperature": defaults.get("temperature", 0.0) if defaults.get("do_sample", True) else 0.0,
+        "top_p": defaults.get("top_p", 1.0),
+        "top_k": defaults.get("top_k", 0),
+        "min_p": defaults.get("min_p", 0.0),
+        "repetition_penalty": defaults.get("repetition_penalty"),
+    }
+    out.update({k: v for k, v in given.items() if v is not None})
+    return out
+
+
+def _stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of `text` that could start one of the stop strings."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | Sequence[int],
+    max_tokens: int = 256,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    repetition_context_size: int = 64,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    top_logprobs: int = 0,
+    cache: list | None = None,
+    prefill_step: int = 512,
+) -> Iterator[GenerationEvent]:
+    """Stream a completion of `prompt` (text, or token ids) as GenerationEvents.
+
+    Sampling arguments left as None take the model's generation_config.json values.
+    Generation stops at any EOS id (finish_reason "stop"), at a stop string (which is never
+    shown, not even in part), or after max_tokens ("length").
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    s = sampling_settings(
+        tokenizer.generation_defaults,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+    )
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = make_sampler(s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
+    processors = make_logits_processors(
+        repetition_penalty=s["repetition_penalty"],
+        repetition_context_size=repetition_context_size,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=logit_bias,
+    )
+    stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
+    eos = set(tokenizer.eos_token_ids)
+    detok = tokenizer.detokenizer()
+    mx.reset_peak_memory()
+
+    start = time.perf_counter()
+    first = None
+    pending = ""  # text held back because it may be the start of a stop string
+    n = 0
+
+    def event(text, token, finish=None, lp=None, tops=None) -> GenerationEvent:
+        now = time.perf_counter()
+        ttft = (first or now) - start
+        gen_time = now - (first or now)
+        return GenerationEvent(
+            text=text,
+            token=token,
+            finish_reason=finish,
+            logprob=lp,
+            top_logprobs=tops,
+            prompt_tokens=len(ids),
+            generation_tokens=n,
+            time_to_first_token=ttft,
+            prompt_tps=len(ids) / ttft if ttft > 0 else 0.0,
+            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )
+
+    steps = generate_step(
+        model,
+        mx.array(ids),
+        cache=cache,
+        sampler=sampler,
+        logits_processors=processors,
+        max_tokens=max_tokens,
+        prefill_step=prefill_step,
+    )
+    finish, hit_stop = "length", False
+    for token, logprobs in steps:
+        if first is None:
+            first = time.perf_counter()
+        n += 1
+        if token in eos:
+            finish = "stop"
+            break
+        lp = tops = None
+        if top_logprobs:
+            lp = logprobs[token].item()
+            order = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
+            vals = logprobs[order].tolist()
+            tops = sorted(zip(order.tolist(), vals), key=lambda t: -t[1])
+        pending += detok.add(token)
+        if stops:
+            hit = min((i for i in (pending.find(x) for x in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                yield event(pending[:hit], token, None, lp, tops)
+                pending, finish, hit_stop = "", "stop", True
+                break
+            keep = _stop_holdback(pending, stops)
+            out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        else:
+            out, pending = pending, ""
+        yield event(out, token, None, lp, tops)
+    # Text held back for a stop string that never completed is real output; flush it.
+    yield event("" if hit_stop else pending + detok.finalize(), None, finish)
+
+
+def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> str:
+    """The whole completion of `prompt` as one string (see stream_generate for arguments)."""
+    return "".join(ev.text for ev in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))

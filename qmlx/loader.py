@@ -1,0 +1,138 @@
+"""Files -> (model, tokenizer): resolve a folder or hub id, check the weights, build the model.
+
+Weights are read lazily (see qmlx/safetensors.py) and cast to the compute dtype one layer at
+a time, so peak memory while loading stays near the size of the loaded model.
+"""
+
+from __future__ import annotations
+
+from .errors import UserError
+
+import json
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import ConfigError, ModelConfig
+from .device import parse_dtype, tree_nbytes, wire_memory
+from .model import Model
+from .safetensors import WeightsError, folder_index, load_folder
+from .tokenizer import Tokenizer
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model"]
+
+
+class ModelNotFound(UserError):
+    """A path or hub id that does not lead to a model folder."""
+
+
+def resolve(path_or_repo: str) -> str:
+    """A local model folder for a path or a hub repo id (downloaded through huggingface_hub)."""
+    p = os.path.expanduser(str(path_or_repo))
+    if os.path.isdir(p):
+        return p
+    if os.path.exists(p):
+        raise ModelNotFound(
+            f"{p}: is a file; qmlx loads a model folder (config.json + safetensors). "
+            "For a GGUF file, run `qmlx convert FILE.gguf OUT_DIR` first."
+        )
+    looks_like_repo = p.count("/") == 1 and not p.startswith((".", "/", "~")) and " " not in p
+    if not looks_like_repo:
+        raise ModelNotFound(f"{p}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise ModelNotFound(f"{p}: not a local folder, and huggingface_hub is not installed") from None
+    try:
+        return snapshot_download(p, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # network, auth, missing repo: all end the same way for the user
+        kind = type(e).__name__
+        raise ModelNotFound(
+            f"{p}: not a local folder, and the Hugging Face hub could not provide it ({kind}). "
+            "If you are offline, pass the path of a downloaded model folder, e.g. "
+            "--model ~/models/Qwen2.5-0.5B-Instruct"
+        ) from None
+
+
+def load_config(folder: str) -> ModelConfig:
+    return ModelConfig.from_file(os.path.join(folder, "config.json"))
+
+
+def generation_config(folder: str) -> dict:
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return d if isinstance(d, dict) else {}
+
+
+def _check_weights(model: nn.Module, weights: dict, infos: dict, folder: str) -> None:
+    """Every parameter present with the right shape; nothing unexpected."""
+    expected = dict(tree_flatten(model.parameters()))
+    where = lambda name: infos[name].file if name in infos else folder  # noqa: E731
+    missing = [k for k in expected if k not in weights]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightsError(f"{folder}: tensor {missing[0]!r} is missing from the weights{more}")
+    for name, w in weights.items():
+        if name not in expected:
+            raise WeightsError(f"{where(name)}: unexpected tensor {name!r} (not part of this model)")
+        if tuple(w.shape) != tuple(expected[name].shape):
+            raise WeightsError(
+                f"{where(name)}: tensor {name!r} has shape {list(w.shape)}, "
+                f"the config implies {list(expected[name].shape)}"
+            )
+        want_int = not mx.issubdtype(expected[name].dtype, mx.floating)
+        is_int = not mx.issubdtype(w.dtype, mx.floating)
+        if want_int != is_int:
+            raise WeightsError(f"{where(name)}: tensor {name!r} has dtype {w.dtype}, expected {expected[name].dtype}")
+
+
+def load_model(folder: str, dtype=None, lazy: bool = False) -> Model:
+    """Build the model of a folder and load its weights (cast to `dtype`, default per device)."""
+    config = load_config(folder)
+    dtype = parse_dtype(dtype)
+    model = Model(config)
+    infos = folder_index(folder)
+    weights = model.sanitize(load_folder(folder, infos))
+    if config.quantization is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, config.quantization, set(weights))
+    _check_weights(model, weights, infos, folder)
+    # Floating tensors take the compute dtype; packed quantized weights stay integers.
+    weights = {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
+    }
+    model.load_weights(list(weights.items()), strict=False)
+    if not lazy:
+        # One layer at a time, so at most one layer's source-dtype copy is alive at once.
+        mx.eval(model.model.embed_tokens.parameters())
+        for layer in model.layers:
+            mx.eval(layer.parameters())
+        mx.eval(model.parameters())
+    model.eval()
+    wire_memory(tree_nbytes(model.parameters()))  # no-op on the CPU backend
+    return model
+
+
+def load(path_or_repo: str, dtype=None, lazy: bool = False) -> tuple[Model, Tokenizer]:
+    """Load a Qwen2 model and its tokenizer from a folder or a hub repo id.
+
+    `dtype=None` picks per device: float32 on the CPU backend, bfloat16 on a GPU.
+    """
+    folder = resolve(path_or_repo)
+    model = load_model(folder, dtype=dtype, lazy=lazy)
+    gen = generation_config(folder)
+    gen_eos = gen.get("eos_token_id")
+    gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    tokenizer = Tokenizer.from_folder(
+        folder, eos_token_ids=model.config.eos_ids + gen_eos, generation_defaults=gen
+    )
+    return model, tokenizer

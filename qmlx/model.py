@@ -1,0 +1,158 @@
+"""The Qwen2 decoder in MLX: `Model(config)(ids, cache=None) -> logits`.
+
+Attribute names match the Hugging Face weight names, so loading is a plain name→array map.
+The model is pure: no tokenizer, sampling, files or flags. It sees a cache only through
+`make_mask`, `offset` and `update_and_fetch` (see qmlx/cache.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+
+
+class RoPE(nn.Module):
+    """Rotary embedding in the "rotate half" layout Qwen2 uses (not the interleaved one)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dims = config.head_dim
+        self.base = float(config.rope_theta)
+        inv_freq, self.attention_factor = config.rope_frequencies()
+        # mx.fast.rope takes wavelengths (1/inv_freq) when frequencies are custom.
+        self._freqs = None if inv_freq is None else mx.array([1.0 / f for f in inv_freq], mx.float32)
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        if self.attention_factor != 1.0:
+            # YaRN scales cos and sin; RoPE is linear, so scaling x is the same.
+            x = x * self.attention_factor
+        if self._freqs is None:
+            return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
+        return mx.fast.rope(
+            x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs
+        )
+
+
+def attend(queries, keys, values, scale: float, mask, cache=None) -> mx.array:
+    """Scaled dot-product attention over whatever the cache handed back."""
+    if isinstance(keys, tuple):
+        # A quantized KV cache returns (packed, scales, biases) triples.
+        from .cache import quantized_attention
+
+        return quantized_attention(
+            queries, keys, values, scale, mask, cache.group_size, cache.key_bits, cache.value_bits
+        )
+    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.rope = RoPE(config)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        # (B, L, n*hd) -> (B, n, L, hd)
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q, k = self.rope(q, offset), self.rope(k, offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        out = attend(q, k, v, self.scale, mask, cache)
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(d, h, bias=False)
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [Block(config) for _ in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        L = h.shape[1]
+        if cache is None:
+            cache = [None] * len(self.layers)
+            mask = "causal" if L > 1 else None
+        else:
+            mask = cache[0].make_mask(L)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    """Qwen2ForCausalLM: token ids (B, L) [+ per-layer caches] -> logits (B, L, vocab)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
+        return self.head(self.model(inputs, cache, input_embeddings))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Project hidden states to logits (through the embedding when the head is tied)."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    @property
+    def layers(self) -> list[Block]:
+        return self.model.layers
+
+    def sanitize(self, weights: dict[str, Any]) -> dict[str, Any]:
+        """Every fix-up of checkpoint names in one place."""
+        out = {}
+        for k, v in weights.items():
+            # RoPE tables are recomputed, never loaded; a tied head is the embedding.
+            if "rotary_emb.inv_freq" in k:
+                continue
+            if k == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            out[k] = v
+        return out

@@ -1,0 +1,32 @@
+"""Affine group quantization: the math, quantized layers, recipes, and the model swap."""
+
+from .apply import quantize_model
+from .groups import (
+    SUPPORTED_BITS,
+    SUPPORTED_GROUP_SIZES,
+    QuantizationError,
+    bits_per_weight,
+    check_params,
+    dequantize,
+    quantize,
+    quantize_rows,
+)
+from .layers import QuantizedEmbedding, QuantizedLinear
+from .recipes import RECIPES, layer_params, plan
+
+__all__ = [
+    "quantize_model",
+    "QuantizedLinear",
+    "QuantizedEmbedding",
+    "QuantizationError",
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "RECIPES",
+    "bits_per_weight",
+    "check_params",
+    "dequantize",
+    "layer_params",
+    "plan",
+    "quantize",
+    "quantize_rows",
+]

@@ -1,0 +1,137 @@
+"""Which layer gets which bits: recipes, and the config.json `"quantization"` dict they produce.
+
+The dict follows the MLX-community convention, so mlx-lm and qmlx read each other's folders:
+
+    {"group_size": 64, "bits": 4, "mode": "affine",
+     "model.embed_tokens": {"group_size": 64, "bits": 6},     # a layer that differs
+     "model.layers.0.mlp.down_proj": {"group_size": 64, "bits": 6},
+     "some.layer": false}                                      # left unquantized
+
+Layers are named by module path (the weight name without `.weight`). Recipes work from the
+paths alone, so the offline converter can plan without building the model.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .groups import QuantizationError, check_params
+
+# Recipes with fixed names; `mixed-L-H` also works for any supported L < H.
+RECIPES = {
+    "uniform": "every layer at --bits",
+    "head-8": "embeddings and output head at 8 bits, the rest at --bits",
+    "mixed-2-6": "2 bits; sensitive layers, embeddings and head at 6",
+    "mixed-3-4": "3 bits; sensitive layers, embeddings and head at 4",
+    "mixed-3-6": "3 bits; sensitive layers, embeddings and head at 6",
+    "mixed-4-6": "4 bits; sensitive layers, embeddings and head at 6",
+    "mixed-4-8": "4 bits; sensitive layers, embeddings and head at 8",
+}
+_MIXED = re.compile(r"^mixed-(\d)-(\d)$")
+# Projections whose errors hurt most: v_proj feeds every attention output unchanged by RoPE
+# or softmax, down_proj sums the widest activations of the block.
+SENSITIVE_PROJECTIONS = ("self_attn.v_proj", "mlp.down_proj")
+HEAD_PATHS = ("model.embed_tokens", "lm_head")
+GLOBAL_KEYS = ("group_size", "bits", "mode")
+
+
+def layer_index(path: str) -> int | None:
+    """N for a path under `model.layers.N.`, else None."""
+    m = re.match(r"^model\.layers\.(\d+)\.", path)
+    return int(m.group(1)) if m else None
+
+
+def is_sensitive_layer(index: int, n_layers: int) -> bool:
+    """The first and last eighth of the blocks, and every third block between them.
+
+    The ends of the stack are where quantization error is known to cost the most perplexity
+    (the same rule of thumb as llama.cpp's Q4_K_M); every third block spreads the extra bits
+    through the middle at a modest cost in size.
+    """
+    eighth = n_layers // 8
+    return index < eighth or index >= n_layers - eighth or (index - eighth) % 3 == 2
+
+
+def parse_recipe(recipe: str | None, bits: int) -> tuple[int, int | None, bool]:
+    """(low bits, high bits or None, whether sensitive blocks get the high bits)."""
+    if recipe in (None, "uniform"):
+        return bits, None, False
+    if recipe == "head-8":
+        return bits, 8, False
+    m = _MIXED.match(recipe)
+    if m:
+        low, high = int(m.group(1)), int(m.group(2))
+        check_params(low, 64, f"--recipe {recipe}")
+        check_params(high, 64, f"--recipe {recipe}")
+        if low < high:
+            return low, high, True
+    raise QuantizationError(
+        f"--recipe {recipe!r} is unknown; choose from {', '.join(RECIPES)} (or mixed-L-H, L < H)"
+    )
+
+
+def plan(
+    layers: dict[str, int],
+    n_layers: int,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str | None = None,
+) -> dict:
+    """The `"quantization"` config for quantizable layers {path: input dims}.
+
+    Layers whose input dims do not divide into groups stay unquantized (recorded as false).
+    """
+    check_params(bits, group_size, "--bits/--group-size")
+    low, high, sensitive = parse_recipe(recipe, bits)
+    config: dict = {"group_size": group_size, "bits": low, "mode": "affine"}
+    for path, in_dims in sorted(layers.items()):
+        if in_dims % group_size:
+            config[path] = False
+            continue
+        index = layer_index(path)
+        more = high is not None and (
+            path in HEAD_PATHS
+            or (
+                sensitive
+                and index is not None
+                and path.endswith(SENSITIVE_PROJECTIONS)
+                and is_sensitive_layer(index, n_layers)
+            )
+        )
+        if more:
+            config[path] = {"group_size": group_size, "bits": high}
+    return config
+
+
+def layer_params(quantization: dict, path: str, source: str = "config.json") -> dict | None:
+    """{"bits", "group_size"} for one layer under a `"quantization"` dict, or None if left dense.
+
+    A per-layer entry overrides the global settings; missing keys fall back to them.
+    """
+    entry = quantization.get(path, True)
+    if entry is False:
+        return None
+    bits, group_size = quantization.get("bits"), quantization.get("group_size")
+    if isinstance(entry, dict):
+        if entry.get("mode", "affine") != "affine":
+            raise QuantizationError(
+                f"{source}: quantization entry {path!r} has mode {entry.get('mode')!r}; "
+                "qmlx supports 'affine'"
+            )
+        bits, group_size = entry.get("bits", bits), entry.get("group_size", group_size)
+    elif entry is not True:
+        raise QuantizationError(
+            f"{source}: quantization entry {path!r} must be an object or false, got {entry!r}"
+        )
+    check_params(bits, group_size, f"{source}: quantization entry {path!r}")
+    return {"bits": bits, "group_size": group_size}
+
+
+def summarize(quantization: dict, layers: dict[str, int]) -> dict[int, int]:
+    """{bits: number of layers} under a plan (0 counts unquantized layers), for model cards."""
+    counts: dict[int, int] = {}
+    for path in layers:
+        p = layer_params(quantization, path)
+        key = 0 if p is None else p["bits"]
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the whole test suite: set up if needed, build the real fixture once, run pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+fixture_script="${QMLX_SHARED:-../shared}/fixtures/qwen-fixture"
+export QMLX_FIXTURE_DIR="${QMLX_FIXTURE_DIR:-$("$fixture_script" | tail -n 1)}"
+exec .venv/bin/python -m pytest "$@"
