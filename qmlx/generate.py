@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
-from .cache import make_cache
+from .cache import can_trim_cache, make_cache, trim_cache
 from .sample import make_logits_processors, make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
@@ -76,6 +76,44 @@ def generate_step(
         y, logprobs = next_y, next_logprobs
         if n % 256 == 0:
             mx.clear_cache()
+
+
+class PromptCache:
+    """A KV cache kept across calls, with the token ids it holds.
+
+    Each call reuses the longest common prefix of the cached tokens and the new prompt, so a
+    new chat turn prefills only its new tokens. The chat and the server keep one per
+    conversation. `cache_kwargs` go to `make_cache` (max_kv_size, kv_bits, ...).
+    """
+
+    def __init__(self, **cache_kwargs):
+        self.cache_kwargs = cache_kwargs
+        self.caches: list | None = None
+        self.tokens: list[int] = []
+        self.reused = 0  # tokens reused by the last call, for stats and tests
+
+    def prepare(self, model, ids: list[int]) -> tuple[list, list[int]]:
+        """Caches ready for `ids`, and the suffix of `ids` still to prefill (never empty)."""
+        common = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
+        drop = len(self.tokens) - common
+        if self.caches is None or (drop and not (can_trim_cache(self.caches) and trim_cache(self.caches, drop) == drop)):
+            self.caches = make_cache(len(model.layers), **self.cache_kwargs)
+            common = 0
+        self.reused = common
+        self.tokens = list(ids[:common])
+        return self.caches, list(ids[common:])
+
+    def commit(self, ids: list[int]) -> None:
+        """Record what the caches hold after a generation: the first `offset` of `ids`."""
+        self.tokens = list(ids[: self.caches[0].offset]) if self.caches else []
+
+    def reset(self) -> None:
+        self.caches, self.tokens, self.reused = None, [], 0
 
 
 @dataclass
@@ -143,11 +181,13 @@ def stream_generate(
     stop: Sequence[str] | str | None = None,
     top_logprobs: int = 0,
     cache: list | None = None,
+    prompt_cache: PromptCache | None = None,
     prefill_step: int = 512,
 ) -> Iterator[GenerationEvent]:
     """Stream a completion of `prompt` (text, or token ids) as GenerationEvents.
 
     Sampling arguments left as None take the model's generation_config.json values.
+    With a `prompt_cache`, the longest prefix it already holds is not computed again.
     Generation stops at any EOS id (finish_reason "stop"), at a stop string (which is never
     shown, not even in part), or after max_tokens ("length").
     """
@@ -195,14 +235,18 @@ def stream_generate(
             prompt_tokens=len(ids),
             generation_tokens=n,
             time_to_first_token=ttft,
-            prompt_tps=len(ids) / ttft if ttft > 0 else 0.0,
+            prompt_tps=len(todo) / ttft if ttft > 0 else 0.0,  # tokens actually computed
             generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
         )
 
+    todo = ids
+    if prompt_cache is not None:
+        cache, todo = prompt_cache.prepare(model, ids)
+    generated: list[int] = []
     steps = generate_step(
         model,
-        mx.array(ids),
+        mx.array(todo),
         cache=cache,
         sampler=sampler,
         logits_processors=processors,
@@ -210,31 +254,38 @@ def stream_generate(
         prefill_step=prefill_step,
     )
     finish, hit_stop = "length", False
-    for token, logprobs in steps:
-        if first is None:
-            first = time.perf_counter()
-        n += 1
-        if token in eos:
-            finish = "stop"
-            break
-        lp = tops = None
-        if top_logprobs:
-            lp = logprobs[token].item()
-            order = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
-            vals = logprobs[order].tolist()
-            tops = sorted(zip(order.tolist(), vals), key=lambda t: -t[1])
-        pending += detok.add(token)
-        if stops:
-            hit = min((i for i in (pending.find(x) for x in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                yield event(pending[:hit], token, None, lp, tops)
-                pending, finish, hit_stop = "", "stop", True
+    try:
+        for token, logprobs in steps:
+            if first is None:
+                first = time.perf_counter()
+            n += 1
+            generated.append(token)
+            if token in eos:
+                finish = "stop"
                 break
-            keep = _stop_holdback(pending, stops)
-            out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-        else:
-            out, pending = pending, ""
-        yield event(out, token, None, lp, tops)
+            lp = tops = None
+            if top_logprobs:
+                lp = logprobs[token].item()
+                order = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
+                vals = logprobs[order].tolist()
+                tops = sorted(zip(order.tolist(), vals), key=lambda t: -t[1])
+            pending += detok.add(token)
+            if stops:
+                hit = min((i for i in (pending.find(x) for x in stops) if i >= 0), default=-1)
+                if hit >= 0:
+                    yield event(pending[:hit], token, None, lp, tops)
+                    pending, finish, hit_stop = "", "stop", True
+                    break
+                keep = _stop_holdback(pending, stops)
+                out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+            else:
+                out, pending = pending, ""
+            yield event(out, token, None, lp, tops)
+    finally:
+        # Also on early exit (a client gone, Ctrl-C): the cache must know what it holds.
+        steps.close()
+        if prompt_cache is not None:
+            prompt_cache.commit(ids + generated)
     # Text held back for a stop string that never completed is real output; flush it.
     yield event("" if hit_stop else pending + detok.finalize(), None, finish)
 

@@ -194,7 +194,7 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat template
     def _compiled_template(self):
-        if self._template is None:
+        if self._template is None or self._template[0] != self.chat_template:
             if not self.chat_template:
                 raise TemplateError(
                     f"{self.source}: the tokenizer has no chat template "
@@ -219,10 +219,10 @@ class Tokenizer:
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             try:
-                self._template = env.from_string(self.chat_template)
+                self._template = (self.chat_template, env.from_string(self.chat_template))
             except jinja2.TemplateSyntaxError as e:
                 raise TemplateError(f"{self.source}: chat template does not parse ({e})") from None
-        return self._template
+        return self._template[1]
 
     def apply_chat_template(
         self,

@@ -38,7 +38,7 @@ CONFIGS = {
 
 
 def test_logits_match_transformers(tmp_path, fixture_venv_python):
-    ids = list(np.random.RandomState(1).randint(0, 256, size=80))
+    ids = [int(i) for i in np.random.RandomState(1).randint(0, 256, size=80)]
     folders = {}
     for name, cfg in CONFIGS.items():
         folders[name] = str(tmp_path / name)

@@ -33,7 +33,7 @@ def test_yarn_matches_transformers_formula():
     rs = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
     cfg = tiny_config(rope_scaling=rs, max_position_embeddings=256)
     model = random_model(cfg)
-    ids = list(np.random.RandomState(0).randint(0, 256, size=100))
+    ids = [int(i) for i in np.random.RandomState(0).randint(0, 256, size=100)]
     got = np.array(model(mx.array([ids]))[0])
     want = np_forward(cfg, np_weights(model), ids)
     np.testing.assert_allclose(got, want, atol=5e-3, rtol=1e-3)
