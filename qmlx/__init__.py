@@ -1,8 +1,31 @@
 """qmlx: a local runtime for Qwen2 / Qwen2.5 models on Apple's MLX."""
 
+import signal as _signal
+import threading as _threading
+
 from ._blas import preload as _preload_blas
 
-_preload_blas()  # must run before mlx.core is imported anywhere
+
+def _start_mlx() -> None:
+    """Load OpenBLAS, then start MLX's worker threads with SIGINT blocked in them.
+
+    A Ctrl-C delivered to one of MLX's (or OpenBLAS's) threads instead of Python's main
+    thread can wedge a pending evaluation; threads inherit the creator's signal mask, so
+    blocking SIGINT while they are created keeps every Ctrl-C on the main thread.
+    """
+    mask = hasattr(_signal, "pthread_sigmask") and _threading.current_thread() is _threading.main_thread()
+    old = _signal.pthread_sigmask(_signal.SIG_BLOCK, {_signal.SIGINT}) if mask else None
+    try:
+        _preload_blas()  # must run before mlx.core is imported anywhere
+        import mlx.core as mx
+
+        mx.eval(mx.ones((64, 64)) @ mx.ones((64, 64)))
+    finally:
+        if mask:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, old)
+
+
+_start_mlx()
 
 from .generate import GenerationEvent, generate, stream_generate  # noqa: E402
 from .loader import load  # noqa: E402
