@@ -41,6 +41,10 @@ def preload() -> str:
         if path is None:
             status = "not found: install libopenblas0-pthread for ~10x faster prompts"
         else:
+            # OpenBLAS 0.3.21's own thread pool can deadlock in its exit handler
+            # (blas_thread_shutdown_ joining a parked worker), hanging the process after
+            # its work is done; MLX calls BLAS from its own worker thread anyway.
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
             try:
                 ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
                 status = f"loaded {path}"
