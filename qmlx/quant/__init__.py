@@ -15,18 +15,18 @@ from .layers import QuantizedEmbedding, QuantizedLinear
 from .recipes import RECIPES, layer_params, plan
 
 __all__ = [
-    "quantize_model",
-    "QuantizedLinear",
-    "QuantizedEmbedding",
-    "QuantizationError",
+    "RECIPES",
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
-    "RECIPES",
+    "QuantizationError",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
     "bits_per_weight",
     "check_params",
     "dequantize",
     "layer_params",
     "plan",
     "quantize",
+    "quantize_model",
     "quantize_rows",
 ]

@@ -87,10 +87,14 @@ def bits_per_weight(bits: int, group_size: int, scale_bits: int = 16) -> float:
     return bits + 2 * scale_bits / group_size
 
 
-def group_error_bound(scales: mx.array) -> mx.array:
-    """The largest reconstruction error allowed per group: half a quantization step.
+def group_error_bound(scales: mx.array, biases: mx.array, bits: int) -> mx.array:
+    """The largest reconstruction error the format allows, per group.
 
-    Rounding to the nearest level is off by at most step/2; the scale *is* the step. The
-    scale may be stored in a low-precision dtype, so callers should allow a little slack.
+    One quantization step (the scale), not half of one: MLX shifts each group's grid so that
+    zero is exactly representable, which can move the nearest level up to a full step away.
+    Storing scale and bias in a 16-bit dtype adds their rounding: up to one unit in the last
+    place of the bias and of the largest level, scale·(2^bits − 1).
     """
-    return mx.abs(scales.astype(mx.float32)) / 2
+    s, b = mx.abs(scales.astype(mx.float32)), mx.abs(biases.astype(mx.float32))
+    ulp = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}[scales.dtype]
+    return s + ulp * (b + s * (2**bits - 1))

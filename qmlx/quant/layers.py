@@ -5,7 +5,7 @@ Parameter names (`weight` packed uint32, `scales`, `biases`, optional `bias`) ma
 
 Why not use MLX's layers directly: on MLX's CPU backend `mx.quantized_matmul` is fast for a
 few rows (decode) but slow for many (a 4864×896 4-bit layer with 128 tokens: ~400 ms, versus
-~16 ms to dequantize and run a dense matmul through OpenBLAS). These layers choose per call.
+~30 ms to dequantize and run a dense matmul through OpenBLAS). These layers choose per call.
 """
 
 from __future__ import annotations

@@ -1,0 +1,256 @@
+"""`convert()`: read a source tensor by tensor, quantize it, stream it into shards.
+
+Peak memory is one block of rows of one tensor (plus the interpreter), whatever the model size:
+tensors are read in row blocks at known file offsets, quantized (groups never span rows, so a
+block quantizes exactly as the whole would), and written straight into pre-planned shards.
+The output is built in a hidden folder beside DST and renamed into place only when complete,
+so an error or Ctrl-C never leaves a half-written DST.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+
+import mlx.core as mx
+
+from qmlx.config import ModelConfig
+from qmlx.quant import check_params, layer_params, plan, quantize
+
+from . import card
+from .errors import ConvertError
+from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantizable
+from .sources import Source, open_source
+from .writer import DTYPE_NAMES, OutTensor, ShardWriter, parse_size
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# Source rows are read, cast and quantized this many bytes (as float32) at a time.
+BLOCK_BYTES = 16 * 2**20
+
+
+def convert(
+    src: str,
+    dst: str,
+    bits: int = 4,
+    group_size: int = 64,
+    recipe: str | None = None,
+    shard_size: str | int = "5GB",
+    dtype: str | None = None,
+    force: bool = False,
+    dequantize: bool = False,
+    progress: bool = True,
+) -> str:
+    """Convert SRC (HF folder, hub id, quantized folder or .gguf) into a qmlx/MLX folder DST.
+
+    Quantizes to `bits` with `group_size` (per `recipe`), or with `dequantize=True` writes
+    unquantized weights in `dtype` (a quantized source is dequantized). `dtype` (float16,
+    bfloat16, float32) is that of unquantized tensors, scales and biases; default: the
+    source's `torch_dtype`. Returns DST's path.
+    """
+    if not dequantize:
+        check_params(bits, group_size, "--bits/--group-size")
+    elif recipe is not None:
+        raise ConvertError(
+            "--recipe chooses bits for quantized output; it has no use with --dequantize"
+        )
+    max_shard = parse_size(shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    dst = os.path.abspath(os.path.expanduser(str(dst)))
+    _check_destination(src, dst, force)
+
+    source = open_source(src)
+    if source.quantized and not dequantize:
+        raise ConvertError(
+            f"{src}: is already quantized; pass --dequantize to convert it back to unquantized "
+            "weights (then quantize that folder again if you want other settings)"
+        )
+    config = ModelConfig.from_dict(source.config, source=f"{src}: config.json")
+    tensors = _checked_tensors(source, config)
+    dtype_name = dtype or _default_dtype(source.config)
+    out_dtype = DTYPES[dtype_name]
+
+    layers = {
+        n.removesuffix(".weight"): t.shape[1] for n, t in tensors.items() if quantizable(n, t.shape)
+    }
+    quantization = None
+    if not dequantize:
+        quantization = plan(layers, config.num_hidden_layers, bits, group_size, recipe)
+    jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
+    n_params = sum(math.prod(t.shape) for t in tensors.values())
+
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    old_cache_limit = mx.set_cache_limit(0)  # freed blocks go back to the OS, not a cache
+    writer = None
+    try:
+        metadata = {"format": "mlx" if quantization else "pt"}
+        writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
+        _run(jobs, out_dtype, writer, progress)
+        weight_map = writer.close()
+        card.write_index(tmp, weight_map, writer.total_size, n_params)
+        card.write_config(tmp, source.config, quantization, dtype_name)
+        source.write_side_files(tmp)
+        _complete_side_files(tmp, source.config)
+        card.write_card(
+            tmp,
+            os.path.basename(dst),
+            source.description,
+            quantization,
+            recipe,
+            layers,
+            writer.total_size,
+            n_params,
+            dtype_name,
+        )
+        _replace(tmp, dst)
+    except BaseException:
+        # Any failure, including Ctrl-C, leaves no trace: DST is untouched or absent.
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        mx.set_cache_limit(old_cache_limit)
+    return dst
+
+
+def _check_destination(src: str, dst: str, force: bool) -> None:
+    src_path = os.path.abspath(os.path.expanduser(str(src)))
+    if os.path.exists(src_path) and (
+        dst == src_path or src_path.startswith(dst + os.sep) or dst.startswith(src_path + os.sep)
+    ):
+        raise ConvertError(f"{dst}: DST must be a new folder outside SRC ({src_path})")
+    if os.path.isfile(dst):
+        raise ConvertError(f"{dst}: exists and is a file; choose a folder name for DST")
+    if os.path.exists(dst) and not force:
+        raise ConvertError(f"{dst}: already exists; pass --force to replace it")
+
+
+def _default_dtype(config: dict) -> str:
+    d = config.get("torch_dtype") or config.get("dtype")
+    return d if d in DTYPES else "bfloat16"
+
+
+def _checked_tensors(source: Source, config: ModelConfig) -> dict:
+    """The source's tensors in model order, checked against what the config implies."""
+    expected = expected_tensors(config)
+    tensors = {}
+    for name, t in source.tensors.items():
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # a tied head is the embedding; some exporters save a copy anyway
+        if name not in expected:
+            raise ConvertError(f"{t.where}: unexpected tensor {name!r} (not part of a Qwen2 model)")
+        if tuple(t.shape) != expected[name]:
+            raise ConvertError(
+                f"{t.where}: tensor {name!r} has shape {list(t.shape)}, "
+                f"the config implies {list(expected[name])}"
+            )
+        tensors[name] = t
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConvertError(f"{source.description}: tensor {missing[0]!r} is missing{more}")
+    return dict(sorted(tensors.items(), key=lambda kv: layer_sort_key(kv[0])))
+
+
+def _job(t, quantization: dict | None, out_dtype):
+    """(source tensor, its output tensors, layer params or None)."""
+    path = t.name.removesuffix(".weight")
+    params = None
+    if quantization is not None and quantizable(t.name, t.shape):
+        params = layer_params(quantization, path)
+    dname = DTYPE_NAMES[out_dtype]
+    if params is None:
+        return t, [OutTensor(t.name, dname, tuple(t.shape))], None
+    rows, cols = t.shape
+    groups = cols // params["group_size"]
+    outs = [
+        OutTensor(f"{path}.weight", "U32", (rows, cols * params["bits"] // 32)),
+        OutTensor(f"{path}.scales", dname, (rows, groups)),
+        OutTensor(f"{path}.biases", dname, (rows, groups)),
+    ]
+    return t, outs, params
+
+
+def _run(jobs, out_dtype, writer: ShardWriter, show: bool) -> None:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    total = sum(t.nbytes for t, _, _ in jobs)
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    ]
+    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
+        task = bar.add_task("converting", total=total)
+        for i, (t, outs, params) in enumerate(jobs):
+            bar.update(task, description=f"tensor {i + 1}/{len(jobs)}")
+            _convert_tensor(t, outs, params, out_dtype, writer)
+            bar.advance(task, t.nbytes)
+
+
+def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter) -> None:
+    """Read, cast, (quantize) and write one tensor, a block of rows at a time.
+
+    Quantizing after the cast matches what loading in `out_dtype` and quantizing would give
+    (mlx-lm's order), so both tools produce the same bytes from the same source.
+    """
+    rows = t.shape[0]
+    row_elems = math.prod(t.shape[1:])
+    step = max(1, BLOCK_BYTES // (4 * row_elems)) if len(t.shape) > 1 else rows
+    for start in range(0, rows, step):
+        block = t.read(start, min(start + step, rows)).astype(out_dtype)
+        if params is None:
+            mx.eval(block)
+            writer.write(outs[0].name, start, block)
+            continue
+        parts = quantize(block, params["bits"], params["group_size"])
+        mx.eval(parts)
+        for spec, part in zip(outs, parts):
+            writer.write(spec.name, start, part)
+
+
+def _complete_side_files(folder: str, config: dict) -> None:
+    """Make sure DST has a chat_template.jinja and a generation_config.json."""
+    template = os.path.join(folder, "chat_template.jinja")
+    tok_config = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(template) and os.path.exists(tok_config):
+        with open(tok_config, encoding="utf-8") as f:
+            t = json.load(f).get("chat_template")
+        if isinstance(t, str):
+            with open(template, "w", encoding="utf-8") as f:
+                f.write(t)
+    gen = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(gen):
+        keys = ("bos_token_id", "eos_token_id")
+        with open(gen, "w", encoding="utf-8") as f:
+            json.dump({k: config[k] for k in keys if config.get(k) is not None}, f, indent=2)
+
+
+def _replace(tmp: str, dst: str) -> None:
+    """Move the finished folder to DST (replacing an old DST only once the new one is whole)."""
+    if os.path.exists(dst):
+        trash = f"{tmp}.old"
+        os.rename(dst, trash)
+        os.rename(tmp, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
