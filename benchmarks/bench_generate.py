@@ -1,6 +1,14 @@
 """Generation speed and memory: qmlx vs mlx-lm on the same model, in one run.
 
-    .venv/bin/python benchmarks/bench_generate.py [--model DIR] [--prompt-tokens 512] [--gen-tokens 64]
+    .venv/bin/python benchmarks/bench_generate.py [--model DIR] [--prompt-tokens 1024] [--gen-tokens 64]
+
+Sections:
+  1. a 1024-token prompt: time to first token, prompt and generation tok/s, peak memory
+  2. a 4K-token context: KV-cache bytes, memory held and peak while filling, with 16-bit,
+     8-bit and 4-bit KV (caches filled with bfloat16 keys/values of the model's shapes)
+  3. speculative decoding on a code-editing prompt: acceptance and speedup over plain
+     greedy decoding, drafting with the model quantized to 4 bits (made with `qmlx convert`;
+     skipped if that fails) and, qmlx only, with prompt lookup
 
 Each configuration runs in its own process (clean peak-memory counters, its own BLAS choice).
 Absolute times on a shared machine are noise; read the ratios.
@@ -10,18 +18,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import tempfile
 
 from common import fixture_dir, ratio, run_isolated
 
-QMLX = r"""
+# The prompt of sections 1 and 2: the shared texts, concatenated, cut to N tokens.
+PROMPT_IDS = r"""
+def prompt_ids(tok, files, n):
+    text = ""
+    while True:
+        for f in files:
+            text += open(f, encoding="utf-8").read() + "\n\n"
+        ids = tok.encode(text)
+        if len(ids) >= n:
+            return ids[:n]
+"""
+
+QMLX = PROMPT_IDS + r"""
 import json, time, resource
 t0 = time.perf_counter()
 import qmlx
 model, tok = qmlx.load({model!r})
 load_s = time.perf_counter() - t0
-text = open({text!r}, encoding="utf-8").read()
-ids = tok.encode(text)[:{n_prompt}]
+ids = prompt_ids(tok, {texts!r}, {n_prompt})
 last = None
+start = time.perf_counter()
 for ev in qmlx.stream_generate(model, tok, ids, max_tokens={n_gen}, temperature=0.0):
     last = ev
 print(json.dumps(dict(load_s=load_s, prompt_tps=last.prompt_tps, gen_tps=last.generation_tps,
@@ -30,53 +54,252 @@ print(json.dumps(dict(load_s=load_s, prompt_tps=last.prompt_tps, gen_tps=last.ge
                       blas=qmlx._blas.status)))
 """
 
-MLX_LM = r"""
+MLX_LM = PROMPT_IDS + r"""
 import json, time, resource
 t0 = time.perf_counter()
 import mlx.core as mx
 from mlx_lm import load, stream_generate
 model, tok = load({model!r})
 load_s = time.perf_counter() - t0
-text = open({text!r}, encoding="utf-8").read()
-ids = tok.encode(text)[:{n_prompt}]
-last = None
+ids = prompt_ids(tok, {texts!r}, {n_prompt})
+last, first = None, None
+start = time.perf_counter()
 for r in stream_generate(model, tok, ids, max_tokens={n_gen}):
+    first = first or time.perf_counter()
     last = r
 print(json.dumps(dict(load_s=load_s, prompt_tps=last.prompt_tps, gen_tps=last.generation_tps,
-                      ttft=None, peak_gb=last.peak_memory,
+                      ttft=first - start, peak_gb=last.peak_memory,
                       rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, blas="as shipped")))
 """
 
+# Section 2: the KV cache of a 4K-token context, per KV width. Bytes depend only on shapes,
+# so each layer's cache is filled through its own update_and_fetch with bfloat16 keys and values
+# of the model's shapes, 512 tokens at a time: no model compute (bfloat16 matmuls are very slow
+# on the CPU backend), the same work for both runtimes.
+KV_FILL = r"""
+import json
+import mlx.core as mx
+
+def fill(cache, n_ctx, n_kv, head_dim):
+    mx.clear_cache(); mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    for i in range(0, n_ctx, 512):
+        shape = (1, n_kv, min(512, n_ctx - i), head_dim)
+        k = mx.random.normal(shape).astype(mx.bfloat16)
+        v = mx.random.normal(shape).astype(mx.bfloat16)
+        for c in cache:
+            c.update_and_fetch(k, v)
+        mx.eval([c.state for c in cache])
+    return dict(active_mb=(mx.get_active_memory() - base) / 1e6, peak_mb=(mx.get_peak_memory() - base) / 1e6)
+"""
+
+QMLX_KV = KV_FILL + r"""
+from qmlx.cache import cache_nbytes, make_cache
+from qmlx.loader import load_config
+cfg = load_config({model!r})
+out = {{}}
+for bits in (None, 8, 4):
+    cache = make_cache(cfg.num_hidden_layers, kv_bits=bits)
+    out[str(bits or 16)] = dict(fill(cache, {n_ctx}, cfg.num_key_value_heads, cfg.head_dim),
+                                cache_mb=cache_nbytes(cache) / 1e6)
+    del cache
+print(json.dumps(out))
+"""
+
+MLX_LM_KV = KV_FILL + r"""
+import json as _json
+from mlx_lm.models.cache import KVCache, QuantizedKVCache
+cfg = _json.load(open({model!r} + "/config.json"))
+n_kv, head_dim = cfg["num_key_value_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
+out = {{}}
+for bits in (None, 8, 4):
+    cache = [KVCache() if bits is None else QuantizedKVCache(group_size=64, bits=bits)
+             for _ in range(cfg["num_hidden_layers"])]
+    out[str(bits or 16)] = dict(fill(cache, {n_ctx}, n_kv, head_dim),
+                                cache_mb=sum(c.nbytes for c in cache) / 1e6)
+    del cache
+print(json.dumps(out))
+"""
+
+# Section 3: a code edit, whose answer copies most of the prompt.
+EDIT_PROMPT = r"""
+def edit_prompt(tok, file, **template_kw):
+    code = open(file, encoding="utf-8").read()
+    start = code.index("    def _split(self, text):")
+    code = code[start:code.index("\n    def ", start + 10)]
+    msg = ("Rename the method _split to _split_chunks and the variable `chunks` to `pieces` in this "
+           "code, and print the whole changed code:\n```python\n" + code + "\n```")
+    # The answer starts with the code block, as chat front ends that prefill it do.
+    messages = [{{"role": "user", "content": msg}}]
+    return tok.apply_chat_template(messages, add_generation_prompt=True, **template_kw) + "```python\n"
+"""
+
+QMLX_SPEC = EDIT_PROMPT + r"""
+import json, time
+import mlx.core as mx
+import qmlx
+from qmlx.sample import make_distribution
+from qmlx.generate import generate_step
+from qmlx.speculative import SpeculativeStats, speculative_generate_step
+model, tok = qmlx.load({model!r})
+draft = qmlx.load({draft!r})[0] if {draft!r} else None
+ids = tok.encode(edit_prompt(tok, {code_file!r}))
+
+def timed(steps):
+    # decode speed: from the first token to the last, prefill excluded
+    n, first = 0, None
+    for _ in steps:
+        n += 1
+        first = first or time.perf_counter()
+    return (n - 1) / (time.perf_counter() - first)
+
+out = dict(prompt_tokens=len(ids))
+out["plain"] = dict(tps=timed(generate_step(model, mx.array(ids), max_tokens={n_gen})))
+kinds = [("lookup", dict(prompt_lookup=3, num_draft_tokens=4))]
+if draft is not None:
+    kinds.append(("draft", dict(draft_model=draft, num_draft_tokens=3)))
+for name, kw in kinds:
+    st = SpeculativeStats()
+    tps = timed(speculative_generate_step(model, ids, distribution=make_distribution(0.0),
+                                          max_tokens={n_gen}, stats=st, **kw))
+    out[name] = dict(tps=tps, acceptance=st.acceptance_rate, tokens_per_pass={n_gen} / st.passes)
+print(json.dumps(out))
+"""
+
+MLX_LM_SPEC = EDIT_PROMPT + r"""
+import json, time
+from mlx_lm import load, stream_generate
+model, tok = load({model!r})
+draft = load({draft!r})[0]
+ids = tok.encode(edit_prompt(tok, {code_file!r}, tokenize=False), add_special_tokens=False)
+out = {{}}
+for name, kw in (("plain", {{}}), ("draft", dict(draft_model=draft, num_draft_tokens=3))):
+    drafted, last = 0, None
+    for r in stream_generate(model, tok, ids, max_tokens={n_gen}, **kw):
+        drafted += bool(r.from_draft)
+        last = r
+    out[name] = dict(tps=last.generation_tps, drafted=drafted / last.generation_tokens)
+print(json.dumps(out))
+"""
+
+
+def make_4bit_draft(model: str, folder: str) -> str | None:
+    """The model quantized to 4 bits by `qmlx convert`, or None if that is not possible."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run(
+        [sys.executable, "-m", "qmlx.cli", "convert", model, folder, "--bits", "4"],
+        capture_output=True, text=True, cwd=os.path.join(here, ".."), check=False,
+    )  # fmt: skip
+    if res.returncode != 0:
+        print(f"(4-bit draft unavailable: {res.stderr.strip()[-300:]})")
+        return None
+    return folder
+
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default=None)
-    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument("--text", default=None, help="prompt text file (default: the shared Python text)")
+    ap.add_argument(
+        "--context-tokens", type=int, default=4096, help="context of the KV-memory section"
+    )
+    ap.add_argument(
+        "--spec-tokens", type=int, default=96, help="tokens generated per speculative run"
+    )
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,kv,spec")
     args = ap.parse_args()
-    import os
+    skip = set(args.skip.split(","))
 
     model = args.model or fixture_dir()
     here = os.path.dirname(os.path.abspath(__file__))
-    text = args.text or os.path.join(here, "..", "..", "shared", "fixtures", "texts", "python_textwrap.py.txt")
-    fmt = dict(model=model, text=text, n_prompt=args.prompt_tokens, n_gen=args.gen_tokens)
-    runs = {
-        "qmlx": run_isolated(QMLX.format(**fmt)),
-        "qmlx (reference BLAS)": run_isolated(QMLX.format(**fmt), env={"QMLX_OPENBLAS": "0"}),
-        "mlx-lm": run_isolated(MLX_LM.format(**fmt)),
-    }
-    peer = runs["mlx-lm"]
-    print(f"model: {model}\nprompt {args.prompt_tokens} tokens, {args.gen_tokens} generated\n")
-    print(f"{'':24} {'load s':>8} {'prompt tok/s':>13} {'gen tok/s':>10} {'peak GB':>8} {'RSS GB':>7}")
-    for name, r in runs.items():
-        print(f"{name:24} {r['load_s']:8.2f} {r['prompt_tps']:13.1f} {r['gen_tps']:10.1f} "
-              f"{r['peak_gb']:8.2f} {r['rss_gb']:7.2f}")
-    q = runs["qmlx"]
-    print(f"\nqmlx vs mlx-lm: prompt speed {ratio(q['prompt_tps'], peer['prompt_tps'])}, "
-          f"generation speed {ratio(q['gen_tps'], peer['gen_tps'])}, "
-          f"load time {ratio(q['load_s'], peer['load_s'])}, peak RSS {ratio(q['rss_gb'], peer['rss_gb'])}")
-    print(json.dumps(runs))
+    texts_dir = os.path.join(here, "..", "..", "shared", "fixtures", "texts")
+    code_file = os.path.join(texts_dir, "python_textwrap.py.txt")
+    texts = [code_file] + [
+        os.path.join(texts_dir, f)
+        for f in ("korean_qwen2_review.txt", "chinese_qwen25_release.txt")
+    ]
+    fmt = dict(model=model, texts=texts, n_prompt=args.prompt_tokens, n_gen=args.gen_tokens)
+    print(f"model: {model}\n")
+    results: dict = {}
+
+    if "speed" not in skip:
+        runs = {
+            "qmlx": run_isolated(QMLX.format(**fmt)),
+            "qmlx (reference BLAS)": run_isolated(QMLX.format(**fmt), env={"QMLX_OPENBLAS": "0"}),
+            "mlx-lm": run_isolated(MLX_LM.format(**fmt)),
+        }
+        results["speed"] = runs
+        peer, q = runs["mlx-lm"], runs["qmlx"]
+        print(f"1. prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated (greedy)")
+        print(f"{'':24} {'load s':>7} {'TTFT s':>7} {'prompt tok/s':>13} {'gen tok/s':>10} "
+              f"{'peak GB':>8} {'RSS GB':>7}")  # fmt: skip
+        for name, r in runs.items():
+            print(f"{name:24} {r['load_s']:7.2f} {r['ttft']:7.2f} {r['prompt_tps']:13.1f} "
+                  f"{r['gen_tps']:10.1f} {r['peak_gb']:8.2f} {r['rss_gb']:7.2f}")  # fmt: skip
+        print(f"qmlx vs mlx-lm: TTFT {ratio(q['ttft'], peer['ttft'])} (lower is better), "
+              f"prompt speed {ratio(q['prompt_tps'], peer['prompt_tps'])}, "
+              f"generation speed {ratio(q['gen_tps'], peer['gen_tps'])}, "
+              f"peak memory {ratio(q['peak_gb'], peer['peak_gb'])}, "
+              f"load time {ratio(q['load_s'], peer['load_s'])}\n")  # fmt: skip
+
+    if "kv" not in skip:
+        kv_fmt = dict(fmt, n_ctx=args.context_tokens)
+        kv = {
+            "qmlx": run_isolated(QMLX_KV.format(**kv_fmt)),
+            "mlx-lm": run_isolated(MLX_LM_KV.format(**kv_fmt)),
+        }
+        results["kv"] = kv
+        print(
+            f"2. a {args.context_tokens}-token context: bfloat16 KV cache of the model's shapes, by width"
+        )
+        print(f"{'':8} {'':8} {'KV MB':>8} {'held MB':>8} {'peak MB':>8}")
+        for name, r in kv.items():
+            for bits, m in r.items():
+                print(
+                    f"{name:8} {bits + '-bit':8} {m['cache_mb']:8.1f} {m['active_mb']:8.1f} {m['peak_mb']:8.1f}"
+                )
+        q, p = kv["qmlx"], kv["mlx-lm"]
+        print("qmlx vs mlx-lm KV bytes: " + ", ".join(
+            f"{b}-bit {ratio(q[b]['cache_mb'], p[b]['cache_mb'])}" for b in q
+        ) + f"; qmlx 8-bit / 16-bit {ratio(q['8']['cache_mb'], q['16']['cache_mb'])}, "
+            f"4-bit / 16-bit {ratio(q['4']['cache_mb'], q['16']['cache_mb'])}\n")  # fmt: skip
+
+    if "spec" not in skip:
+        tmp = tempfile.mkdtemp(prefix="qmlx-bench-")
+        draft = make_4bit_draft(model, os.path.join(tmp, "draft-4bit")) or ""
+        s_fmt = dict(model=model, draft=draft, code_file=code_file, n_gen=args.spec_tokens)
+        spec = {"qmlx": run_isolated(QMLX_SPEC.format(**s_fmt))}
+        if draft:
+            spec["mlx-lm"] = run_isolated(MLX_LM_SPEC.format(**s_fmt))
+        results["spec"] = spec
+        q = spec["qmlx"]
+        print(
+            f"3. speculative decoding, code edit ({q['prompt_tokens']}-token prompt, "
+            f"{args.spec_tokens} tokens, greedy)"
+        )
+        print(f"{'':28} {'gen tok/s':>10} {'speedup':>8} {'accepted':>9} {'tok/pass':>9}")
+        print(f"{'qmlx plain':28} {q['plain']['tps']:10.1f}")
+        for name, label in (
+            ("lookup", "qmlx prompt lookup (n=3,k=4)"),
+            ("draft", "qmlx 4-bit draft (k=3)"),
+        ):
+            if name in q:
+                r = q[name]
+                print(f"{label:28} {r['tps']:10.1f} {ratio(r['tps'], q['plain']['tps']):>8} "
+                      f"{r['acceptance']:9.0%} {r['tokens_per_pass']:9.2f}")  # fmt: skip
+        if "mlx-lm" in spec:
+            m = spec["mlx-lm"]
+            print(f"{'mlx-lm plain':28} {m['plain']['tps']:10.1f}")
+            print(f"{'mlx-lm 4-bit draft (k=3)':28} {m['draft']['tps']:10.1f} "
+                  f"{ratio(m['draft']['tps'], m['plain']['tps']):>8} {'':>9} {'':>9}"
+                  f"  ({m['draft']['drafted']:.0%} of tokens drafted)")  # fmt: skip
+            if "draft" in q:
+                print(f"qmlx vs mlx-lm, 4-bit draft: {ratio(q['draft']['tps'], m['draft']['tps'])}")
+        print("(accepted = drafted tokens the model kept; tok/pass = tokens per model pass)\n")
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

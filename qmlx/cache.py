@@ -354,19 +354,21 @@ class _QuantizedStorage:
     def _check_quantization(self) -> None:
         if self.group_size not in self._GROUP_SIZES:
             raise UserError(
-                f"KV cache group size must be one of {self._GROUP_SIZES}, got {self.group_size}"
+                f"KV cache group size (--kv-group-size) must be one of {self._GROUP_SIZES}, "
+                f"got {self.group_size}"
             )
         for name in ("key_bits", "value_bits"):
             if getattr(self, name) not in self._BITS:
                 raise UserError(
-                    f"KV cache {name} must be one of {self._BITS}, got {getattr(self, name)}"
+                    f"KV cache {name} (--kv-bits, --{name.replace('_', '-')}) must be one of "
+                    f"{self._BITS}, got {getattr(self, name)}"
                 )
 
     def _quantize(self, x: mx.array, bits: int) -> Parts:
         if x.shape[-1] % self.group_size:
             raise UserError(
                 f"head_dim {x.shape[-1]} is not a multiple of the KV cache group size "
-                f"{self.group_size}; choose a group size that divides it"
+                f"{self.group_size}; choose a --kv-group-size that divides it"
             )
         return tuple(mx.quantize(x, group_size=self.group_size, bits=bits))
 

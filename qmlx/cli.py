@@ -56,24 +56,74 @@ def add_generate(sub) -> None:
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
-    p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per model pass")
+    add_kv_cache_flags(p)
+    p.add_argument(
+        "--prompt-cache",
+        metavar="FILE",
+        help="start from a cache made by `qmlx cache-prompt`; " "--prompt continues its prompt",
+    )
+    g = p.add_argument_group("speculative decoding (same output, fewer model passes)")
+    g.add_argument("--draft-model", help="a smaller model with the same tokenizer that drafts tokens")
+    g.add_argument("--num-draft-tokens", type=int, default=3, help="tokens drafted per model pass")
+    g.add_argument(
+        "--prompt-lookup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="draft by matching the last N (or fewer) tokens earlier in the context",
+    )
     add_sampling_flags(p)
     p.set_defaults(run=run_generate)
 
 
+def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--max-kv-size", type=int, help="keep at most N tokens (the first 4 + the newest)")
+    g.add_argument("--kv-bits", type=int, help="quantize keys and values to B bits (2-8)")
+    g.add_argument("--kv-group-size", type=int, help="quantization group size (32, 64, 128)")
+    g.add_argument("--key-bits", type=int, help="bits for keys (overrides --kv-bits)")
+    g.add_argument("--value-bits", type=int, help="bits for values (overrides --kv-bits)")
+
+
+def kv_cache_kwargs(args) -> dict:
+    """make_cache arguments for the KV-cache flags that were given."""
+    names = ("max_kv_size", "kv_bits", "kv_group_size", "key_bits", "value_bits")
+    return {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+
+
 def run_generate(args) -> int:
+    from .cache import make_cache
     from .generate import stream_generate
     from .loader import load
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.prefill_step < 1:
+        raise UserError(f"--prefill-step must be at least 1, got {args.prefill_step}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, tokenizer = load(args.model, dtype=args.dtype)
-    if not args.raw:
-        messages = [{"role": "system", "content": args.system}] if args.system else []
+    cache_kwargs, prompt_cache, cache, draft = kv_cache_kwargs(args), None, None, None
+    system, raw = args.system, args.raw
+    if args.prompt_cache:
+        from .prompt_cache import load_prompt_cache
+
+        prompt_cache, extra = load_prompt_cache(args.prompt_cache, model, cache_kwargs or None)
+        # The cached prompt is the start of this one (see `qmlx cache-prompt`).
+        prompt = extra.get("prompt", "") + prompt
+        system = system if system is not None else extra.get("system") or None
+        raw = raw or extra.get("raw") == "1"
+    else:
+        cache = make_cache(len(model.layers), **cache_kwargs)
+    if args.draft_model:
+        from .speculative import load_draft_model
+
+        draft = load_draft_model(args.draft_model, tokenizer, dtype=args.dtype)
+    if not raw:
+        messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": prompt})
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    last = None
+    last, drafted = None, 0
     for ev in stream_generate(
         model,
         tokenizer,
@@ -81,12 +131,21 @@ def run_generate(args) -> int:
         args.max_tokens,
         stop=args.stop,
         prefill_step=args.prefill_step,
+        cache=cache,
+        prompt_cache=prompt_cache,
+        draft_model=draft,
+        num_draft_tokens=args.num_draft_tokens,
+        prompt_lookup=args.prompt_lookup,
         **sampling_kwargs(args),
     ):
         sys.stdout.write(ev.text)
         sys.stdout.flush()
-        last = ev
+        last, drafted = ev, drafted + ev.from_draft
     sys.stdout.write("\n")
+    if last is not None and (draft is not None or args.prompt_lookup):
+        print(f"speculative: {drafted} of {last.generation_tokens} tokens were drafted", file=sys.stderr)
+    if prompt_cache is not None:
+        print(f"prompt cache: reused {prompt_cache.reused} tokens", file=sys.stderr)
     if last is not None:
         print(
             f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s "
@@ -95,6 +154,182 @@ def run_generate(args) -> int:
             f"[{last.finish_reason}]\npeak memory: {last.peak_memory_gb:.2f} GB",
             file=sys.stderr,
         )
+    return 0
+
+
+@command
+def add_cache_prompt(sub) -> None:
+    p = sub.add_parser(
+        "cache-prompt",
+        help="compute a prompt's KV cache once and save it (see generate --prompt-cache)",
+    )
+    p.add_argument("--model", "-m", required=True, help="model folder or hub repo id")
+    p.add_argument("--prompt", "-p", required=True, help="the prompt to cache; '-' reads standard input")
+    p.add_argument("--system", "-s", help="system prompt (chat template)")
+    p.add_argument("--raw", action="store_true", help="cache the prompt as is, no chat template")
+    p.add_argument("--out", "-o", required=True, help="the .safetensors file to write")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per model pass")
+    add_kv_cache_flags(p)
+    p.set_defaults(run=run_cache_prompt)
+
+
+def run_cache_prompt(args) -> int:
+    from .loader import load
+    from .prompt_cache import cache_prompt
+
+    if args.prefill_step < 1:
+        raise UserError(f"--prefill-step must be at least 1, got {args.prefill_step}")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    n = cache_prompt(
+        model, tokenizer, prompt, args.out, system=args.system, raw=args.raw,
+        prefill_step=args.prefill_step, **kv_cache_kwargs(args),
+    )  # fmt: skip
+    print(f"{args.out}: {n} prompt tokens cached", file=sys.stderr)
+    return 0
+
+
+@command
+def add_convert(sub) -> None:
+    from .quant.groups import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+    from .quant.recipes import RECIPES
+
+    p = sub.add_parser(
+        "convert", help="convert Hugging Face / GGUF / MLX weights into a quantized model folder"
+    )
+    p.add_argument("src", help="HF model folder, hub repo id, quantized folder, or .gguf file")
+    p.add_argument("dst", help="new output folder")
+    p.add_argument("--bits", "-q", type=int, default=4, choices=SUPPORTED_BITS)
+    p.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES)
+    p.add_argument(
+        "--recipe", help="which layers get which bits: " + ", ".join(RECIPES) + " (or mixed-L-H)"
+    )
+    p.add_argument("--shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="dtype of unquantized tensors, scales and biases (default: the source's)",
+    )
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument(
+        "--dequantize", action="store_true", help="write unquantized weights (e.g. from a quantized SRC)"
+    )
+    p.set_defaults(run=run_convert)
+
+
+def run_convert(args) -> int:
+    from convert import convert
+
+    out = convert(
+        args.src,
+        args.dst,
+        bits=args.bits,
+        group_size=args.group_size,
+        recipe=args.recipe,
+        shard_size=args.shard_size,
+        dtype=args.dtype,
+        force=args.force,
+        dequantize=args.dequantize,
+        progress=sys.stderr.isatty(),
+    )
+    print(out)
+    return 0
+
+
+@command
+def add_perplexity(sub) -> None:
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file")
+    p.add_argument("--model", "-m", required=True, help="model folder or hub repo id")
+    p.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
+    p.add_argument("--ctx", type=int, default=1024, help="tokens per evaluation window")
+    p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    p.set_defaults(run=run_perplexity)
+
+
+def run_perplexity(args) -> int:
+    from .evaluate import perplexity
+    from .loader import load
+
+    if args.ctx < 2:
+        raise UserError(f"--ctx must be at least 2, got {args.ctx}")
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{args.file}: not a UTF-8 text file") from None
+    model, tokenizer = load(args.model, dtype=args.dtype)
+    ids = tokenizer.encode(text)
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    if len(ids) < 2:
+        raise UserError(f"{args.file}: needs at least 2 tokens to score, has {len(ids)}")
+    ppl, nll, n = perplexity(model, ids, ctx=args.ctx)
+    print(f"{n} predictions, mean NLL {nll:.4f} nats", file=sys.stderr)
+    print(f"perplexity: {ppl:.4f}")
+    return 0
+
+
+@command
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    p.add_argument("--model", "-m", help="model folder, hub repo id or .gguf file "
+                   "(default: Qwen/Qwen2.5-0.5B-Instruct, converted to 4-bit once)")
+    p.add_argument("--system", "-s", help="system prompt")
+    p.add_argument("--max-tokens", "-n", type=int, default=1024, help="longest answer, in tokens")
+    p.add_argument("--max-kv-size", type=int, help="keep at most N tokens of context in the cache")
+    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache")
+    p.add_argument("--dtype", default="auto")
+    add_sampling_flags(p)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args) -> int:
+    from .chat import ChatSession, resolve_chat_model, run_plain, run_terminal
+    from .loader import load
+
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    folder = resolve_chat_model(args.model)
+    model, tokenizer = load(folder, dtype=args.dtype)
+    cache_kwargs = {"max_kv_size": args.max_kv_size, "kv_bits": args.kv_bits}
+    session = ChatSession(
+        model, tokenizer, system=args.system, sampling=sampling_kwargs(args), max_tokens=args.max_tokens,
+        cache_kwargs={k: v for k, v in cache_kwargs.items() if v is not None},
+    )  # fmt: skip
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        return run_terminal(session, banner=f"qmlx chat · {os.path.basename(folder.rstrip('/'))}")
+    return run_plain(session)
+
+
+@command
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    p.add_argument("--model", "-m", required=True, help="model folder or hub repo id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("QMLX_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every request (default: $QMLX_API_KEY)",
+    )
+    p.add_argument("--max-concurrency", type=int, default=4, help="requests generated at once")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args) -> int:
+    from .server import serve
+
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_concurrency=args.max_concurrency,
+        dtype=args.dtype,
+    )
     return 0
 
 

@@ -10,13 +10,14 @@ Nothing here prints; front ends render the events.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
 from .cache import can_trim_cache, make_cache, trim_cache
-from .sample import make_logits_processors, make_sampler
+from .sample import make_distribution, make_logits_processors, make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -101,7 +102,9 @@ class PromptCache:
             common += 1
         common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
         drop = len(self.tokens) - common
-        if self.caches is None or (drop and not (can_trim_cache(self.caches) and trim_cache(self.caches, drop) == drop)):
+        if self.caches is None or (
+            drop and not (can_trim_cache(self.caches) and trim_cache(self.caches, drop) == drop)
+        ):
             self.caches = make_cache(len(model.layers), **self.cache_kwargs)
             common = 0
         self.reused = common
@@ -110,7 +113,13 @@ class PromptCache:
 
     def commit(self, ids: list[int]) -> None:
         """Record what the caches hold after a generation: the first `offset` of `ids`."""
-        self.tokens = list(ids[: self.caches[0].offset]) if self.caches else []
+        if not self.caches:
+            self.tokens = []
+        elif len({c.offset for c in self.caches}) > 1:
+            # Interrupted halfway through a forward pass: layers disagree, start afresh.
+            self.reset()
+        else:
+            self.tokens = list(ids[: self.caches[0].offset])
 
     def reset(self) -> None:
         self.caches, self.tokens, self.reused = None, [], 0
@@ -128,6 +137,7 @@ class GenerationEvent:
     text: str
     token: int | None
     finish_reason: str | None = None
+    from_draft: bool = False  # speculative decoding: a drafted token the model accepted
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     prompt_tokens: int = 0
@@ -149,6 +159,15 @@ def sampling_settings(defaults: dict[str, Any], **given) -> dict[str, Any]:
     }
     out.update({k: v for k, v in given.items() if v is not None})
     return out
+
+
+def _not_drafted(steps: Iterator[tuple[int, mx.array]]) -> Iterator[tuple[int, mx.array, bool]]:
+    """generate_step's (token, logprobs) as speculative decoding's (token, logprobs, False)."""
+    try:
+        for token, logprobs in steps:
+            yield token, logprobs, False
+    finally:
+        steps.close()
 
 
 def _stop_holdback(text: str, stops: Sequence[str]) -> int:
@@ -183,6 +202,9 @@ def stream_generate(
     cache: list | None = None,
     prompt_cache: PromptCache | None = None,
     prefill_step: int = 512,
+    draft_model=None,
+    num_draft_tokens: int = 3,
+    prompt_lookup: int = 0,
 ) -> Iterator[GenerationEvent]:
     """Stream a completion of `prompt` (text, or token ids) as GenerationEvents.
 
@@ -190,6 +212,9 @@ def stream_generate(
     With a `prompt_cache`, the longest prefix it already holds is not computed again.
     Generation stops at any EOS id (finish_reason "stop"), at a stop string (which is never
     shown, not even in part), or after max_tokens ("length").
+    A `draft_model` (same tokenizer) or `prompt_lookup` = n (match up to n-grams in the
+    context) turns on speculative decoding (qmlx/speculative.py): same output distribution,
+    up to `num_draft_tokens` tokens per model pass.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
@@ -222,7 +247,7 @@ def stream_generate(
     pending = ""  # text held back because it may be the start of a stop string
     n = 0
 
-    def event(text, token, finish=None, lp=None, tops=None) -> GenerationEvent:
+    def event(text, token, finish=None, lp=None, tops=None, drafted=False) -> GenerationEvent:
         now = time.perf_counter()
         ttft = (first or now) - start
         gen_time = now - (first or now)
@@ -230,6 +255,7 @@ def stream_generate(
             text=text,
             token=token,
             finish_reason=finish,
+            from_draft=drafted,
             logprob=lp,
             top_logprobs=tops,
             prompt_tokens=len(ids),
@@ -244,18 +270,35 @@ def stream_generate(
     if prompt_cache is not None:
         cache, todo = prompt_cache.prepare(model, ids)
     generated: list[int] = []
-    steps = generate_step(
-        model,
-        mx.array(todo),
-        cache=cache,
-        sampler=sampler,
-        logits_processors=processors,
-        max_tokens=max_tokens,
-        prefill_step=prefill_step,
-    )
+    if draft_model is not None or prompt_lookup:
+        from .speculative import speculative_generate_step
+
+        steps = speculative_generate_step(
+            model,
+            ids,
+            cache=cache,
+            distribution=make_distribution(s["temperature"], s["top_p"], s["top_k"], s["min_p"]),
+            logits_processors=processors,
+            draft_model=draft_model,
+            num_draft_tokens=num_draft_tokens,
+            prompt_lookup=prompt_lookup,
+            max_tokens=max_tokens,
+            prefill_step=prefill_step,
+        )
+    else:
+        plain = generate_step(
+            model,
+            mx.array(todo),
+            cache=cache,
+            sampler=sampler,
+            logits_processors=processors,
+            max_tokens=max_tokens,
+            prefill_step=prefill_step,
+        )
+        steps = _not_drafted(plain)
     finish, hit_stop = "length", False
     try:
-        for token, logprobs in steps:
+        for token, logprobs, drafted in steps:
             if first is None:
                 first = time.perf_counter()
             n += 1
@@ -273,14 +316,14 @@ def stream_generate(
             if stops:
                 hit = min((i for i in (pending.find(x) for x in stops) if i >= 0), default=-1)
                 if hit >= 0:
-                    yield event(pending[:hit], token, None, lp, tops)
+                    yield event(pending[:hit], token, None, lp, tops, drafted)
                     pending, finish, hit_stop = "", "stop", True
                     break
                 keep = _stop_holdback(pending, stops)
                 out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
             else:
                 out, pending = pending, ""
-            yield event(out, token, None, lp, tops)
+            yield event(out, token, None, lp, tops, drafted)
     finally:
         # Also on early exit (a client gone, Ctrl-C): the cache must know what it holds.
         steps.close()
@@ -292,4 +335,6 @@ def stream_generate(
 
 def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> str:
     """The whole completion of `prompt` as one string (see stream_generate for arguments)."""
-    return "".join(ev.text for ev in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))
+    return "".join(
+        ev.text for ev in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs)
+    )

@@ -48,12 +48,60 @@ def make_sampler(
     if temperature == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
 
-    log_min_p = math.log(min_p) if min_p > 0 else None
+    narrow = _make_filter(temperature, top_p, top_k, min_p)
 
     def sample(logprobs: mx.array) -> mx.array:
+        logits, ids = narrow(logprobs)
+        choice = mx.random.categorical(logits, axis=-1)
+        if ids is None:
+            return choice
+        return mx.take_along_axis(ids, choice[..., None], axis=-1).squeeze(-1)
+
+    return sample
+
+
+def make_distribution(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> Callable[[mx.array], mx.array]:
+    """A callable mapping log-probabilities (B, V) to the probabilities (B, V) that
+    `make_sampler` with the same arguments draws from; greedy gives a one-hot row.
+
+    Speculative sampling needs these explicitly: it accepts a drafted token with probability
+    min(1, p/q), which only keeps the model's distribution if p is what would be sampled.
+    """
+    make_sampler(temperature, top_p, top_k, min_p)  # the same argument checks
+    if temperature == 0:
+
+        def one_hot(logprobs: mx.array) -> mx.array:
+            best = mx.argmax(logprobs, axis=-1, keepdims=True)
+            return (mx.arange(logprobs.shape[-1]) == best).astype(mx.float32)
+
+        return one_hot
+
+    narrow = _make_filter(temperature, top_p, top_k, min_p)
+
+    def distribution(logprobs: mx.array) -> mx.array:
+        logits, ids = narrow(logprobs)
+        probs = mx.softmax(logits, axis=-1)
+        if ids is None:
+            return probs
+        # Scatter the kept columns back to their vocabulary ids; the rest get 0.
+        full = mx.zeros(logprobs.shape, dtype=mx.float32)
+        return mx.put_along_axis(full, ids, probs, axis=-1)
+
+    return distribution
+
+
+def _make_filter(temperature: float, top_p: float, top_k: int, min_p: float):
+    """Steps 1-4 of make_sampler: logprobs (B, V) -> (logits, ids).
+
+    `logits` are the surviving candidates' scaled logits (-inf for removed ones); `ids` maps
+    their columns back to vocabulary ids, or is None when the columns are the vocabulary.
+    """
+    log_min_p = math.log(min_p) if min_p > 0 else None
+
+    def narrow(logprobs: mx.array) -> tuple[mx.array, mx.array | None]:
         logits = logprobs.astype(mx.float32) / temperature
-        # `ids` maps the columns of `logits` back to vocabulary ids once we narrow or reorder
-        # them; None means the columns are the vocabulary itself.
         ids = None
         if 0 < top_k < logits.shape[-1]:
             # A partial sort: with Qwen's top_k=20 the later filters then sort 20, not 150k.
@@ -71,12 +119,9 @@ def make_sampler(
             # p_i >= min_p * p_max, compared as log-probabilities (normalisation cancels).
             threshold = logits.max(axis=-1, keepdims=True) + log_min_p
             logits = mx.where(logits >= threshold, logits, -math.inf)
-        choice = mx.random.categorical(logits, axis=-1)
-        if ids is None:
-            return choice
-        return mx.take_along_axis(ids, choice[..., None], axis=-1).squeeze(-1)
+        return logits, ids
 
-    return sample
+    return narrow
 
 
 def make_logits_processors(

@@ -1,0 +1,113 @@
+"""Prompt caches saved to disk: identical continuation, refusal of foreign caches, and the
+`qmlx cache-prompt` / `qmlx generate --prompt-cache` commands (tiny models)."""
+
+import pytest
+from tiny import tiny_config, write_folder
+
+import qmlx
+from qmlx.cache import make_cache, save_cache
+from qmlx.cli import main
+from qmlx.errors import UserError
+from qmlx.generate import PromptCache
+from qmlx.prompt_cache import (
+    fill_prompt_cache,
+    load_prompt_cache,
+    model_identity,
+    save_prompt_cache,
+)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    a, b = str(tmp_path_factory.mktemp("a")), str(tmp_path_factory.mktemp("b"))
+    cfg = tiny_config(hidden_size=128)  # head_dim 32: room for a quantized KV cache
+    write_folder(a, cfg, seed=0)
+    write_folder(b, cfg, seed=1)
+    return a, b
+
+
+@pytest.fixture(scope="module")
+def tiny(folders):
+    return qmlx.load(folders[0])
+
+
+def tokens(events):
+    return [e.token for e in events if e.token is not None]
+
+
+@pytest.mark.parametrize("kv", [{}, {"kv_bits": 8, "kv_group_size": 32}, {"max_kv_size": 256}])
+def test_saved_and_reloaded_cache_continues_identically(tiny, tmp_path, kv):
+    model, tok = tiny
+    doc = tok.encode("a long document that many questions will share")
+    question = doc + tok.encode(" -- and now the question?")
+    path = str(tmp_path / "doc.safetensors")
+    save_prompt_cache(path, fill_prompt_cache(model, doc, prefill_step=16, **kv), model)
+    pc, _ = load_prompt_cache(path, model, kv)
+    warm = list(qmlx.stream_generate(model, tok, question, 16, temperature=0.0, prompt_cache=pc))
+    assert pc.reused == len(doc)
+    cold = qmlx.stream_generate(
+        model, tok, question, 16, temperature=0.0, prompt_cache=PromptCache(**kv)
+    )
+    assert tokens(warm) == tokens(cold)
+
+
+def test_model_identity_ignores_dtype_but_not_weights(folders):
+    a32, _ = qmlx.load(folders[0], dtype="float32")
+    a16, _ = qmlx.load(folders[0], dtype="bfloat16")
+    b32, _ = qmlx.load(folders[1], dtype="float32")
+    # the tiny folder is float32 on disk, so only a bf16-stored checkpoint is dtype-exact;
+    # what matters is that different weights never collide
+    assert model_identity(a32) != model_identity(b32)
+    assert model_identity(a32) == model_identity(qmlx.load(folders[0], dtype="float32")[0])
+    assert len(model_identity(a16)) == 32
+
+
+def test_foreign_caches_are_refused(folders, tiny, tmp_path):
+    model, tok = tiny
+    path = str(tmp_path / "c.safetensors")
+    save_prompt_cache(path, fill_prompt_cache(model, tok.encode("some prompt")), model)
+    other, _ = qmlx.load(folders[1])
+    with pytest.raises(UserError, match="another model"):
+        load_prompt_cache(path, other)
+    with pytest.raises(UserError, match="--kv-bits"):
+        load_prompt_cache(path, model, {"kv_bits": 4, "kv_group_size": 32})
+    half, _ = qmlx.load(folders[0], dtype="bfloat16")
+    with pytest.raises(UserError, match="another model|--dtype"):
+        load_prompt_cache(path, half)
+    plain = str(tmp_path / "plain.safetensors")
+    save_cache(plain, make_cache(2))
+    with pytest.raises(UserError, match="not a prompt cache"):
+        load_prompt_cache(plain, model)
+
+
+def test_cli_cache_prompt_then_generate(folders, tmp_path, capsys):
+    a, b = folders
+    out = str(tmp_path / "p.safetensors")
+    assert main(["cache-prompt", "-m", a, "-p", "Read this document first. ", "--out", out]) == 0
+    assert "prompt tokens cached" in capsys.readouterr().err
+    common = ["generate", "-m", a, "-n", "12", "--temp", "0"]
+    assert main(common + ["--prompt-cache", out, "-p", "Now answer."]) == 0
+    warm = capsys.readouterr()
+    assert "reused" in warm.err and "reused 0 " not in warm.err
+    assert main(common + ["-p", "Read this document first. Now answer."]) == 0
+    assert capsys.readouterr().out == warm.out
+    assert main(["generate", "-m", b, "-n", "4", "--prompt-cache", out, "-p", "x"]) == 2
+    assert "another model" in capsys.readouterr().err
+
+
+def test_cli_generate_cache_and_speculative_flags(folders, capsys):
+    a, _ = folders
+    base = ["generate", "-m", a, "-n", "10", "--temp", "0", "-p", "def f(x): return f(x"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--prompt-lookup", "2"], ["--draft-model", a, "--num-draft-tokens", "2"]):
+        assert main(base + extra) == 0
+        got = capsys.readouterr()
+        assert got.out == plain and "drafted" in got.err
+    assert main(base + ["--kv-bits", "8", "--kv-group-size", "32", "--max-kv-size", "64"]) == 0
+    assert main(base + ["--key-bits", "8", "--value-bits", "4", "--kv-group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(base + ["--kv-bits", "7", "--kv-group-size", "32"]) == 2
+    assert "--kv-bits" in capsys.readouterr().err
+    assert main(base + ["--prompt-lookup", "2", "--max-kv-size", "64"]) == 2
+    assert "--max-kv-size" in capsys.readouterr().err
