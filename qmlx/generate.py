@@ -32,8 +32,13 @@ def generate_step(
     logits_processors: Sequence[LogitsProcessor] = (),
     max_tokens: int = -1,
     prefill_step: int = 512,
+    context: Sequence[int] = (),
 ) -> Iterator[tuple[int, mx.array]]:
     """Yield (token, logprobs over the vocabulary) for each new token, forever or max_tokens.
+
+    `context` is the token ids `cache` already holds before `prompt` (a reused prompt cache):
+    the logits processors see context + prompt + generated tokens, so a repetition penalty
+    acts the same whether or not part of the prompt came from a cache.
 
     The prompt is prefilled in chunks of `prefill_step` tokens so a long prompt's peak memory
     is bounded by the chunk. Decoding is pipelined: step n+1 is queued for evaluation before
@@ -43,7 +48,9 @@ def generate_step(
         raise ValueError("generate_step needs a non-empty 1-D array of prompt token ids")
     cache = cache if cache is not None else make_cache(len(model.layers))
     sampler = sampler or make_sampler(0.0)
-    history = prompt if logits_processors else None
+    history = None
+    if logits_processors:
+        history = mx.concatenate([mx.array(list(context), dtype=prompt.dtype), prompt]) if len(context) else prompt
 
     def step(y: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
@@ -205,6 +212,7 @@ def stream_generate(
     draft_model=None,
     num_draft_tokens: int = 3,
     prompt_lookup: int = 0,
+    logits_processors: Sequence[LogitsProcessor] = (),
 ) -> Iterator[GenerationEvent]:
     """Stream a completion of `prompt` (text, or token ids) as GenerationEvents.
 
@@ -215,6 +223,8 @@ def stream_generate(
     A `draft_model` (same tokenizer) or `prompt_lookup` = n (match up to n-grams in the
     context) turns on speculative decoding (qmlx/speculative.py): same output distribution,
     up to `num_draft_tokens` tokens per model pass.
+    Extra `logits_processors` ((history, logits) -> logits, e.g. a grammar constraint) run
+    after the penalty processors built from the arguments above.
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
@@ -236,7 +246,7 @@ def stream_generate(
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
         logit_bias=logit_bias,
-    )
+    ) + list(logits_processors)
     stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
     eos = set(tokenizer.eos_token_ids)
     detok = tokenizer.detokenizer()
@@ -294,6 +304,7 @@ def stream_generate(
             logits_processors=processors,
             max_tokens=max_tokens,
             prefill_step=prefill_step,
+            context=ids[: len(ids) - len(todo)],
         )
         steps = _not_drafted(plain)
     finish, hit_stop = "length", False

@@ -384,8 +384,11 @@ class Engine:
         """The one place a request's generation starts (and where its slot's cache is used)."""
         from .generate import stream_generate
 
+        # A grammar (JSON output, forced tool calls) masks the logits after the penalties;
+        # stop strings do not apply to it: the output ends when the JSON value is complete.
+        constraint = []
         if job.grammar is not None:
-            return constrained_generate(self.model, self.tokenizer, job, slot.prompt_cache)
+            constraint = [JsonLogitsProcessor(job.grammar, self.tokenizer, job.max_tokens)]
         return stream_generate(
             self.model,
             self.tokenizer,
@@ -393,71 +396,9 @@ class Engine:
             job.max_tokens,
             top_logprobs=job.top_logprobs,
             prompt_cache=slot.prompt_cache,
+            logits_processors=constraint,
             **job.sampling,
         )
-
-
-def constrained_generate(model, tokenizer, job: Job, prompt_cache=None) -> Iterator:
-    """Like `stream_generate`, with a `JsonLogitsProcessor` after the penalty processors.
-
-    Stop strings do not apply: the output ends when the JSON value is complete. This loop exists
-    only because `stream_generate` takes no extra logits processors; it is the one thing to
-    delete once it does.
-    """
-    import mlx.core as mx
-
-    from .generate import GenerationEvent, generate_step, sampling_settings
-    from .sample import make_logits_processors, make_sampler
-
-    sp = dict(job.sampling)
-    s = sampling_settings(
-        tokenizer.generation_defaults,
-        **{k: sp.get(k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")},
-    )
-    if sp.get("seed") is not None:
-        mx.random.seed(sp["seed"])
-    processors = list(
-        make_logits_processors(
-            repetition_penalty=s["repetition_penalty"],
-            presence_penalty=sp.get("presence_penalty", 0.0),
-            frequency_penalty=sp.get("frequency_penalty", 0.0),
-            logit_bias=sp.get("logit_bias"),
-        )
-    )
-    processors.append(JsonLogitsProcessor(job.grammar, tokenizer, job.max_tokens))
-    sampler = make_sampler(s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
-    eos, detok, n, finish = set(tokenizer.eos_token_ids), tokenizer.detokenizer(), 0, "length"
-    cache, todo = (None, job.ids) if prompt_cache is None else prompt_cache.prepare(model, job.ids)
-    generated: list[int] = []
-    steps = generate_step(
-        model,
-        mx.array(todo),
-        cache=cache,
-        sampler=sampler,
-        logits_processors=processors,
-        max_tokens=job.max_tokens,
-    )
-    try:
-        for token, logprobs in steps:
-            n += 1
-            generated.append(token)
-            if token in eos:
-                finish = "stop"
-                break
-            lp = tops = None
-            if job.top_logprobs:
-                lp = logprobs[token].item()
-                k = job.top_logprobs
-                order = mx.argpartition(-logprobs, k - 1)[:k]
-                tops = sorted(zip(order.tolist(), logprobs[order].tolist()), key=lambda t: -t[1])
-            yield GenerationEvent(detok.add(token), token, None, lp, tops, len(job.ids), n)
-    finally:
-        steps.close()
-        if prompt_cache is not None:
-            prompt_cache.commit(job.ids + generated)
-    yield GenerationEvent(
-        detok.finalize(), None, finish, prompt_tokens=len(job.ids), generation_tokens=n
-    )
 
 
 # ---------------------------------------------------------------------- request preparation

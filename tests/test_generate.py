@@ -66,6 +66,28 @@ def test_prompt_cache_divergent_prompt_trims_back_to_the_common_prefix(tiny):
     assert tokens(warm) == tokens(run(model, tok, other, 8))
 
 
+def test_logits_processors_see_the_whole_prompt_when_part_of_it_is_cached(tiny):
+    """A repetition penalty must act the same on a reused prompt cache as on a cold run."""
+    model, tok = tiny
+    seen = []
+
+    def record(history, logits):
+        seen.append(history.tolist())
+        return logits
+
+    pc = PromptCache()
+    first = tok.encode("the same words, the same words, again")
+    run(model, tok, first, 3, prompt_cache=pc)
+    second = first + tok.encode(" and again the same words")
+    seen.clear()
+    warm = run(model, tok, second, 6, prompt_cache=pc, logits_processors=[record],
+               repetition_penalty=1.5, repetition_context_size=1000)
+    assert pc.reused > 0
+    assert seen[0] == second  # the processors saw the cached prefix too
+    cold = run(model, tok, second, 6, repetition_penalty=1.5, repetition_context_size=1000)
+    assert tokens(warm) == tokens(cold)
+
+
 # --------------------------------------------------------------------------- chunked prefill
 
 
