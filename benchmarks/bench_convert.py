@@ -18,17 +18,15 @@ import shutil
 import sys
 import tempfile
 
-from common import fixture_dir, ratio, run_isolated
+from common import PEAK_RSS_SOURCE, fixture_dir, ratio, run_isolated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("QMLX_SHARED", os.path.join(HERE, "..", "..", "shared"))
 CONFIG_7B = os.path.join(SHARED, "fixtures", "configs", "qwen2.5-7b-instruct.json")
 
-PEAK = (
-    "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)"
-)
+PEAK = "peak_rss()"
 
-QMLX = f"""
+QMLX = PEAK_RSS_SOURCE + f"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import qmlx
@@ -37,7 +35,7 @@ convert({{src!r}}, {{dst!r}}, bits={{bits}}, group_size={{group_size}}, progress
 print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_bytes={PEAK})))
 """
 
-MLX_LM = f"""
+MLX_LM = PEAK_RSS_SOURCE + f"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from mlx_lm import convert

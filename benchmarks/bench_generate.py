@@ -23,10 +23,10 @@ import subprocess
 import sys
 import tempfile
 
-from common import fixture_dir, ratio, run_isolated
+from common import PEAK_RSS_SOURCE, fixture_dir, ratio, run_isolated
 
 # The prompt of sections 1 and 2: the shared texts, concatenated, cut to N tokens.
-PROMPT_IDS = r"""
+PROMPT_IDS = PEAK_RSS_SOURCE + r"""
 def prompt_ids(tok, files, n):
     text = ""
     while True:
@@ -50,7 +50,7 @@ for ev in qmlx.stream_generate(model, tok, ids, max_tokens={n_gen}, temperature=
     last = ev
 print(json.dumps(dict(load_s=load_s, prompt_tps=last.prompt_tps, gen_tps=last.generation_tps,
                       ttft=last.time_to_first_token, peak_gb=last.peak_memory_gb,
-                      rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+                      rss_gb=peak_rss() / 1e9,
                       blas=qmlx._blas.status)))
 """
 
@@ -69,7 +69,7 @@ for r in stream_generate(model, tok, ids, max_tokens={n_gen}):
     last = r
 print(json.dumps(dict(load_s=load_s, prompt_tps=last.prompt_tps, gen_tps=last.generation_tps,
                       ttft=first - start, peak_gb=last.peak_memory,
-                      rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, blas="as shipped")))
+                      rss_gb=peak_rss() / 1e9, blas="as shipped")))
 """
 
 # Section 2: the KV cache of a 4K-token context, per KV width. Bytes depend only on shapes,

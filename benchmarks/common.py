@@ -8,6 +8,19 @@ import subprocess
 import sys
 
 
+# Source for scripts run in a child process: `peak_rss()` is that process's peak resident
+# memory in bytes. On Linux it reads VmHWM, which starts afresh at exec; ru_maxrss would also
+# count the memory of the (possibly large) process the child was forked from.
+PEAK_RSS_SOURCE = """
+def peak_rss():
+    import resource, sys
+    if sys.platform.startswith("linux"):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
+"""
+
+
 def fixture_dir() -> str:
     if os.environ.get("QMLX_FIXTURE_DIR"):
         return os.environ["QMLX_FIXTURE_DIR"]
