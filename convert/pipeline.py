@@ -84,7 +84,8 @@ def convert(
 
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(dst)}.partial-{uuid.uuid4().hex[:8]}")
+    _sweep_stale_partials(dst)
+    tmp = os.path.join(parent, f"{_partial_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     old_cache_limit = mx.set_cache_limit(0)  # freed blocks go back to the OS, not a cache
     writer = None
@@ -243,6 +244,36 @@ def _complete_side_files(folder: str, config: dict) -> None:
         keys = ("bos_token_id", "eos_token_id")
         with open(gen, "w", encoding="utf-8") as f:
             json.dump({k: config[k] for k in keys if config.get(k) is not None}, f, indent=2)
+
+
+def _partial_prefix(dst: str) -> str:
+    return f".{os.path.basename(dst)}.partial-"
+
+
+def _sweep_stale_partials(dst: str) -> None:
+    """Remove work folders of earlier conversions to DST whose process is gone.
+
+    A conversion cleans up after itself on any exception or Ctrl-C; only a SIGKILL (or power
+    loss) leaves its hidden `.DST.partial-PID-…` folder behind. Folders of a live PID (another
+    conversion running now) are left alone.
+    """
+    parent, prefix = os.path.dirname(dst), _partial_prefix(dst)
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def _replace(tmp: str, dst: str) -> None:

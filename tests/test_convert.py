@@ -337,6 +337,36 @@ def test_failure_while_writing_side_files_leaves_no_destination(src, tmp_path, m
     assert sorted(os.listdir(tmp_path)) == ["src"]
 
 
+KILLED_MIDWAY = """
+import sys, time
+import qmlx, convert.writer
+from convert import convert as run
+def write(self, *args):
+    print("writing", flush=True)
+    time.sleep(600)  # killed here
+convert.writer.ShardWriter.write = write
+run(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def test_a_killed_conversion_leaves_only_a_hidden_folder_that_the_next_run_removes(src, tmp_path):
+    dst = str(tmp_path / "q")
+    p = subprocess.Popen([sys.executable, "-c", KILLED_MIDWAY, src, dst], stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout.readline().strip() == "writing"
+    finally:
+        p.kill()  # SIGKILL: no cleanup code can run
+        p.wait()
+    left = sorted(os.listdir(tmp_path))
+    assert left[0].startswith(f".q.partial-{p.pid}-") and left[1:] == ["src"]
+    # Another conversion's live work folder is not touched.
+    live = tmp_path / f".q.partial-{os.getpid()}-0000"
+    live.mkdir()
+    run_convert(src, dst, progress=False)
+    assert sorted(os.listdir(tmp_path)) == [live.name, "q", "src"]
+
+
 # ---------------------------------------------------------------- command line
 
 
