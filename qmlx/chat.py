@@ -8,6 +8,7 @@ template, and the prompt cache makes the model compute only the tokens that are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -267,6 +268,27 @@ def split_settled(text: str) -> int:
     return cut
 
 
+@contextlib.contextmanager
+def _no_echo():
+    """Keep the terminal from echoing keys (a Ctrl-C's "^C", typed-ahead text) while an answer
+    streams: an echo moves the cursor under rich's live area, which then redraws a line twice."""
+    try:
+        import termios
+
+        fd = sys.stdin.fileno()
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError):  # not a terminal (or not POSIX)
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+    termios.tcsetattr(fd, termios.TCSADRAIN, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
 def run_terminal(session: ChatSession, banner: str) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import FileHistory
@@ -316,7 +338,7 @@ def run_terminal(session: ChatSession, banner: str) -> int:
         stop = threading.Event()
         previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
         try:
-            with Live(console=console, refresh_per_second=12, transient=False) as live:
+            with _no_echo(), Live(console=console, refresh_per_second=12, transient=False) as live:
                 for ev in events:
                     text += ev.text
                     cut = split_settled(text)
