@@ -168,9 +168,15 @@ print(json.dumps(out))
 
 MLX_LM_SPEC = EDIT_PROMPT + r"""
 import json, time
+import mlx.core as mx
 from mlx_lm import load, stream_generate
 model, tok = load({model!r})
 draft = load({draft!r})[0]
+# float32 like qmlx on the CPU: mlx-lm's bfloat16 is ~8x slower here and would time the dtype,
+# not the speculation (session 1's run with bf16 did not finish in 16 minutes).
+if not mx.metal.is_available():
+    model.set_dtype(mx.float32)
+    draft.set_dtype(mx.float32)
 ids = tok.encode(edit_prompt(tok, {code_file!r}, tokenize=False), add_special_tokens=False)
 out = {{}}
 for name, kw in (("plain", {{}}), ("draft", dict(draft_model=draft, num_draft_tokens=3))):
@@ -209,6 +215,9 @@ def main() -> None:
     ap.add_argument(
         "--spec-tokens", type=int, default=96, help="tokens generated per speculative run"
     )
+    ap.add_argument(
+        "--reference-blas", action="store_true", help="also time qmlx without OpenBLAS (slow)"
+    )
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,kv,spec")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -226,11 +235,12 @@ def main() -> None:
     results: dict = {}
 
     if "speed" not in skip:
-        runs = {
-            "qmlx": run_isolated(QMLX.format(**fmt)),
-            "qmlx (reference BLAS)": run_isolated(QMLX.format(**fmt), env={"QMLX_OPENBLAS": "0"}),
-            "mlx-lm": run_isolated(MLX_LM.format(**fmt)),
-        }
+        runs = {"qmlx": run_isolated(QMLX.format(**fmt))}
+        if args.reference_blas:  # ~20x slower prompts: 10 minutes for this row alone on 2 cores
+            runs["qmlx (reference BLAS)"] = run_isolated(
+                QMLX.format(**fmt), env={"QMLX_OPENBLAS": "0"}
+            )
+        runs["mlx-lm"] = run_isolated(MLX_LM.format(**fmt))
         results["speed"] = runs
         peer, q = runs["mlx-lm"], runs["qmlx"]
         print(f"1. prompt {args.prompt_tokens} tokens, {args.gen_tokens} generated (greedy)")
@@ -272,8 +282,6 @@ def main() -> None:
         draft = make_4bit_draft(model, os.path.join(tmp, "draft-4bit")) or ""
         s_fmt = dict(model=model, draft=draft, code_file=code_file, n_gen=args.spec_tokens)
         spec = {"qmlx": run_isolated(QMLX_SPEC.format(**s_fmt))}
-        if draft:
-            spec["mlx-lm"] = run_isolated(MLX_LM_SPEC.format(**s_fmt))
         results["spec"] = spec
         q = spec["qmlx"]
         print(
@@ -289,10 +297,10 @@ def main() -> None:
             if name in q:
                 r = q[name]
                 print(f"{label:28} {r['tps']:10.1f} {ratio(r['tps'], q['plain']['tps']):>8} "
-                      f"{r['acceptance']:9.0%} {r['tokens_per_pass']:9.2f}")  # fmt: skip
-        if "mlx-lm" in spec:
-            m = spec["mlx-lm"]
-            print(f"{'mlx-lm plain':28} {m['plain']['tps']:10.1f}")
+                      f"{r['acceptance']:9.0%} {r['tokens_per_pass']:9.2f}", flush=True)  # fmt: skip
+        if draft:  # printed above first: the peer's run is the long one
+            spec["mlx-lm"] = m = run_isolated(MLX_LM_SPEC.format(**s_fmt))
+            print(f"{'mlx-lm plain (float32)':28} {m['plain']['tps']:10.1f}")
             print(f"{'mlx-lm 4-bit draft (k=3)':28} {m['draft']['tps']:10.1f} "
                   f"{ratio(m['draft']['tps'], m['plain']['tps']):>8} {'':>9} {'':>9}"
                   f"  ({m['draft']['drafted']:.0%} of tokens drafted)")  # fmt: skip
