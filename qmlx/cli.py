@@ -374,6 +374,35 @@ def run_serve(args) -> int:
     return 0
 
 
+@command
+def add_shard_plan(sub) -> None:
+    p = sub.add_parser(
+        "shard-plan", help="show how a pipeline (mlx.launch) would split a model's layers across hosts"
+    )
+    p.add_argument("--model", "-m", required=True, help="model folder, hub repo id, or a config.json")
+    p.add_argument(
+        "--hosts",
+        required=True,
+        help="NAME:GB per rank in mlx.launch order, GB = memory the model may use, e.g. a:24,b:24,c:16",
+    )
+    p.add_argument("--bits", type=int, help="size the weights as if quantized to B bits (unquantized config)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size with --bits")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of the runs (default: bfloat16, Metal's)")
+    p.add_argument("--layers", metavar="RANGES", help="check this split instead, e.g. 0-39,40-79")
+    p.set_defaults(run=run_shard_plan)
+
+
+def run_shard_plan(args) -> int:
+    from .shard_plan import plan_for
+
+    report, problem = plan_for(args.model, args.hosts, bits=args.bits, group_size=args.group_size,
+                               dtype=args.dtype, layers=args.layers)  # fmt: skip
+    print(report)
+    if problem is not None:
+        raise problem
+    return 0
+
+
 def version_text() -> str:
     from . import __version__, _blas
     import mlx.core as mx

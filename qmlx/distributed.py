@@ -134,10 +134,10 @@ class Pipeline:
     `make_cache(len(model.layers))` gives rank 0's caches, and followers mirror them.
     """
 
-    def __init__(self, stage, group, ranges: list[range], rank_bytes: list[int], hosts: list[str]):
+    def __init__(self, stage, group, ranges: list[range], hosts: list[str]):
         self.stage, self.group = stage, group
         self.config = stage.config
-        self.ranges, self.rank_bytes, self.hosts = ranges, rank_bytes, hosts
+        self.ranges, self.hosts = ranges, hosts
         self._next_slot = 0
         self._freed: list[int] = []
         self.closed = False
@@ -263,6 +263,8 @@ def start(path: str, dtype=None, layers: str | None = None, cache_kwargs: dict |
         follow(stage, group, cache_kwargs or {})
         return None
     print(f"pipeline over {n} ranks:\n{format_plan(sizes, ranges, memory, hosts)}", file=sys.stderr)
-    pipe = Pipeline(stage, group, ranges, [k * 1024 for k in loaded], hosts)
+    held = ", ".join(f"rank {r} {k * 1024 / 2**30:.3f} GB" for r, k in enumerate(loaded))
+    print(f"weights loaded: {held}", file=sys.stderr)
+    pipe = Pipeline(stage, group, ranges, hosts)
     atexit.register(pipe.close)
     return pipe, tokenizer_for(folder, config)

@@ -164,3 +164,51 @@ def format_plan(sizes: Sizes, ranges: list[range], memory: list[int], names: lis
         )
     lines.append(f"total weights {sizes.total / GB:.2f} GB of {sum(memory) / GB:.1f} GB")
     return "\n".join(lines)
+
+
+def plan_for(
+    model: str, hosts: str, bits: int | None = None, group_size: int = 64, dtype="bfloat16",
+    layers: str | None = None,
+) -> tuple[str, PlanError | None]:
+    """The `qmlx shard-plan` report for a model folder, hub id or bare config.json.
+
+    Also returns the PlanError for a rank short of memory, so the table can be shown first.
+    """
+    import os
+
+    from .device import parse_dtype
+    from .safetensors import folder_index
+
+    names, memory = parse_hosts(hosts)
+    weight_names = None
+    if model.endswith(".json") and os.path.isfile(model):
+        config = ModelConfig.from_file(model)
+    else:
+        from .loader import load_config, resolve
+
+        folder = resolve(model)
+        config = load_config(folder)
+        if bits is None:
+            weight_names = set(folder_index(folder))
+    if bits is not None:
+        if config.quantization is not None:
+            raise PlanError(f"--bits: {model} is already quantized ({config.quantization.get('bits')}-bit)")
+        from .quant.groups import check_params
+
+        check_params(bits, group_size, "--bits/--group-size")
+        config.quantization = {"bits": bits, "group_size": group_size}
+    sizes = weight_sizes(config, parse_dtype(dtype), weight_names)
+    n_layers = len(sizes.layers)
+    ranges = parse_layers(layers, n_layers, len(memory)) if layers else split_layers(sizes, memory)
+    quant = config.quantization
+    what = f"{quant['bits']}-bit (group {quant['group_size']})" if quant else "unquantized"
+    head = (
+        f"{model}: {n_layers} layers, {what}, {str(parse_dtype(dtype)).split('.')[-1]} compute: "
+        f"{sizes.total / GB:.2f} GB of weights"
+    )
+    try:
+        check_fits(sizes, ranges, memory, names)
+        problem = None
+    except PlanError as e:
+        problem = e
+    return f"{head}\n{format_plan(sizes, ranges, memory, names)}", problem
