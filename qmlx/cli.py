@@ -389,6 +389,9 @@ def add_shard_plan(sub) -> None:
     p.add_argument("--group-size", type=int, default=64, help="quantization group size with --bits")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the runs (default: bfloat16, Metal's)")
     p.add_argument("--layers", metavar="RANGES", help="check this split instead, e.g. 0-39,40-79")
+    p.add_argument(
+        "--context", type=int, default=0, help="also reserve an unquantized KV cache for N tokens"
+    )
     p.set_defaults(run=run_shard_plan)
 
 
@@ -396,7 +399,7 @@ def run_shard_plan(args) -> int:
     from .shard_plan import plan_for
 
     report, problem = plan_for(args.model, args.hosts, bits=args.bits, group_size=args.group_size,
-                               dtype=args.dtype, layers=args.layers)  # fmt: skip
+                               dtype=args.dtype, layers=args.layers, context=args.context)  # fmt: skip
     print(report)
     if problem is not None:
         raise problem

@@ -24,14 +24,24 @@ class PlanError(UserError):
 
 @dataclass(frozen=True)
 class Sizes:
-    """Bytes of the weights once loaded: per decoder block, and the "ends" rank 0 holds."""
+    """Bytes once loaded: per decoder block, the "ends" rank 0 holds, and KV cache per block."""
 
     layers: list[int]
     ends: int  # embedding + final norm + output head (rank 0 both embeds and projects)
+    kv: int = 0  # KV-cache bytes per block for the planned context (0: weights only)
+
+    @property
+    def per_layer(self) -> list[int]:
+        return [b + self.kv for b in self.layers]
 
     @property
     def total(self) -> int:
-        return self.ends + sum(self.layers)
+        return self.ends + sum(self.per_layer)
+
+
+def kv_bytes_per_layer(config: ModelConfig, context: int, dtype: mx.Dtype) -> int:
+    """Keys and values of `context` tokens in one block, unquantized."""
+    return 2 * context * config.num_key_value_heads * config.head_dim * dtype.size
 
 
 def weight_sizes(config: ModelConfig, dtype: mx.Dtype, weight_names: set[str] | None = None) -> Sizes:
@@ -89,7 +99,7 @@ def split_layers(sizes: Sizes, memory: list[int]) -> list[range]:
     Minimises the largest fraction of its memory any rank must fill (so the split moves away
     from rank 0 by the size of the embedding and head it also holds). Every rank gets a layer.
     """
-    n, n_layers = len(memory), len(sizes.layers)
+    n, n_layers, per_layer = len(memory), len(sizes.layers), sizes.per_layer
     if n > n_layers:
         raise PlanError(f"{n} ranks but the model has only {n_layers} layers: use at most {n_layers}")
     if min(memory) <= 0:
@@ -100,8 +110,8 @@ def split_layers(sizes: Sizes, memory: list[int]) -> list[range]:
         for r, mem in enumerate(memory):
             load, stop = (sizes.ends if r == 0 else 0), start
             last_allowed = n_layers - (n - r - 1)  # leave one layer for each later rank
-            while stop < last_allowed and (stop == start or load + sizes.layers[stop] <= limit * mem):
-                load += sizes.layers[stop]
+            while stop < last_allowed and (stop == start or load + per_layer[stop] <= limit * mem):
+                load += per_layer[stop]
                 stop += 1
             if load > limit * mem:
                 return None
@@ -117,7 +127,9 @@ def split_layers(sizes: Sizes, memory: list[int]) -> list[range]:
 
 
 def rank_bytes(sizes: Sizes, ranges: list[range]) -> list[int]:
-    return [sum(sizes.layers[i] for i in r) + (sizes.ends if k == 0 else 0) for k, r in enumerate(ranges)]
+    """Bytes each rank holds: its blocks (with their KV cache), plus the ends on rank 0."""
+    per_layer = sizes.per_layer
+    return [sum(per_layer[i] for i in r) + (sizes.ends if k == 0 else 0) for k, r in enumerate(ranges)]
 
 
 def check_fits(sizes: Sizes, ranges: list[range], memory: list[int], names: list[str]) -> None:
@@ -154,21 +166,25 @@ def format_plan(sizes: Sizes, ranges: list[range], memory: list[int], names: lis
     """The table `qmlx shard-plan` prints (and rank 0 logs when a pipeline starts)."""
     need = rank_bytes(sizes, ranges)
     width = max(4, *(len(n) for n in names))
-    lines = [f"{'rank':<5}{'host':<{width + 2}}{'layers':<14}{'weights':>10}{'memory':>10}{'use':>6}"]
+    kv = [sizes.kv * len(r) for r in ranges]
+    lines = [
+        f"{'rank':<5}{'host':<{width + 2}}{'layers':<14}{'weights':>10}{'KV cache':>10}"
+        f"{'memory':>10}{'use':>6}"
+    ]
     for k, r in enumerate(ranges):
         span = f"{r.start}-{r.stop - 1} ({len(r)})"
         extra = "  + embedding, norm, head" if k == 0 else ""
         lines.append(
-            f"{k:<5}{names[k]:<{width + 2}}{span:<14}{need[k] / GB:>7.2f} GB{memory[k] / GB:>7.1f} GB"
-            f"{100 * need[k] / memory[k]:>5.0f}%{extra}"
+            f"{k:<5}{names[k]:<{width + 2}}{span:<14}{(need[k] - kv[k]) / GB:>7.2f} GB{kv[k] / GB:>7.2f} GB"
+            f"{memory[k] / GB:>7.1f} GB{100 * need[k] / memory[k]:>5.0f}%{extra}"
         )
-    lines.append(f"total weights {sizes.total / GB:.2f} GB of {sum(memory) / GB:.1f} GB")
+    lines.append(f"total {sizes.total / GB:.2f} GB of {sum(memory) / GB:.1f} GB")
     return "\n".join(lines)
 
 
 def plan_for(
     model: str, hosts: str, bits: int | None = None, group_size: int = 64, dtype="bfloat16",
-    layers: str | None = None,
+    layers: str | None = None, context: int = 0,
 ) -> tuple[str, PlanError | None]:
     """The `qmlx shard-plan` report for a model folder, hub id or bare config.json.
 
@@ -197,14 +213,18 @@ def plan_for(
 
         check_params(bits, group_size, "--bits/--group-size")
         config.quantization = {"bits": bits, "group_size": group_size}
+    if context < 0:
+        raise PlanError(f"--context must be at least 0, got {context}")
     sizes = weight_sizes(config, parse_dtype(dtype), weight_names)
+    sizes = Sizes(sizes.layers, sizes.ends, kv_bytes_per_layer(config, context, parse_dtype(dtype)))
     n_layers = len(sizes.layers)
     ranges = parse_layers(layers, n_layers, len(memory)) if layers else split_layers(sizes, memory)
     quant = config.quantization
     what = f"{quant['bits']}-bit (group {quant['group_size']})" if quant else "unquantized"
     head = (
         f"{model}: {n_layers} layers, {what}, {str(parse_dtype(dtype)).split('.')[-1]} compute: "
-        f"{sizes.total / GB:.2f} GB of weights"
+        f"{(sizes.total - sizes.kv * n_layers) / GB:.2f} GB of weights"
+        + (f", KV cache for {context} tokens {sizes.kv * n_layers / GB:.2f} GB" if context else "")
     )
     try:
         check_fits(sizes, ranges, memory, names)

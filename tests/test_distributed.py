@@ -113,6 +113,18 @@ def test_weight_sizes_of_a_quantized_config():
     assert sizes.total == sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def test_kv_reservation_matches_a_filled_cache():
+    from qmlx.cache import cache_nbytes
+    from qmlx.shard_plan import kv_bytes_per_layer
+
+    config = ModelConfig.from_dict(tiny_config())
+    cache = make_cache(1)
+    kv = mx.zeros((1, config.num_key_value_heads, 512, config.head_dim))
+    cache[0].update_and_fetch(kv, kv)
+    mx.eval(cache[0].state)
+    assert kv_bytes_per_layer(config, 512, mx.float32) == cache_nbytes(cache)
+
+
 def test_stages_compose_to_the_full_model(tiny_folder):
     """Rank 0 (ends + blocks 0-0), a middle stage (1-2) and a last (3) give the full logits."""
     full = load_model(tiny_folder, dtype="float32")
@@ -196,6 +208,37 @@ def test_unreachable_neighbour_times_out(tmp_path):
     out = run_qmlx("generate", "-m", "unused", "-p", "hi", timeout=60, env=env)
     assert out.returncode != 0
     assert "rank 0" in out.stderr and "could not connect to its neighbours within 2 s" in out.stderr
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_ranks_that_disagree_on_the_model_stop_with_one_line(tiny_folder, tmp_path):
+    other = str(tmp_path / "other")
+    write_folder(other, tiny_config(num_hidden_layers=4, tie_word_embeddings=False, rope_theta=5e5))
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "qmlx", "generate", "-m", folder, "-p", "hi", "--raw"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
+        )  # fmt: skip
+        for rank, folder in enumerate((tiny_folder, other))
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2, err
+        assert err.count("\n") == 1 and "ranks disagree on the model: rank 1" in err
 
 
 def test_two_ranks_on_loopback_match_one_process(tiny_folder):
