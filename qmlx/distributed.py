@@ -203,7 +203,7 @@ def follow(stage, group, cache_kwargs: dict) -> None:
     """A follower rank's loop: run its blocks on whatever arrives, until rank 0 says stop."""
     rank, n = group.rank(), group.size()
     prev, nxt = rank - 1, (rank + 1) % n
-    dim, dtype = stage.config.hidden_size, _dtype_of(stage)
+    dim, dtype = stage.config.hidden_size, stage.layers[0].input_layernorm.weight.dtype
     caches: dict[int, list] = {}
     make = lambda: make_cache(len(stage.layers), **cache_kwargs)  # noqa: E731
     while True:
@@ -222,11 +222,6 @@ def follow(stage, group, cache_kwargs: dict) -> None:
         mx.eval(mx.distributed.send(stage.model.blocks(h, c), nxt, group=group))
 
 
-def _dtype_of(stage) -> mx.Dtype:
-    norm = stage.layers[0].input_layernorm.weight
-    return norm.dtype
-
-
 def start(path: str, dtype=None, layers: str | None = None, cache_kwargs: dict | None = None):
     """Join the pipeline: (Pipeline, tokenizer) on rank 0; on a follower, serve and return None.
 
@@ -239,10 +234,20 @@ def start(path: str, dtype=None, layers: str | None = None, cache_kwargs: dict |
     if n == 1:
         return load(path, dtype=dtype)
     host = socket.gethostname()
-    dtype = parse_dtype(dtype)
-    folder = resolve(path)
-    config, infos = load_config(folder), folder_index(folder)
-    digests = _gather_ints(model_digest(folder, infos, dtype), group)
+    try:
+        dtype = parse_dtype(dtype)
+        folder = resolve(path)
+        config, infos = load_config(folder), folder_index(folder)
+        digest, problem = model_digest(folder, infos, dtype), None
+    except UserError as e:
+        # Still take part in the exchange, so the other ranks stop too instead of waiting.
+        digest, problem = [-1] * 8, e
+    digests = _gather_ints(digest, group)
+    if problem is not None:
+        raise problem
+    failed = [r for r, d in enumerate(digests) if d[0] == -1]
+    if failed:
+        raise DistributedError(f"rank {failed[0]} could not open the model (its own error says why)")
     bad = [r for r, d in enumerate(digests) if d != digests[0]]
     if bad:
         raise DistributedError(

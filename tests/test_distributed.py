@@ -222,9 +222,15 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def test_ranks_that_disagree_on_the_model_stop_with_one_line(tiny_folder, tmp_path):
+@pytest.mark.parametrize("case", ["different", "missing"])
+def test_ranks_that_disagree_on_the_model_stop_with_one_line(tiny_folder, tmp_path, case):
     other = str(tmp_path / "other")
-    write_folder(other, tiny_config(num_hidden_layers=4, tie_word_embeddings=False, rope_theta=5e5))
+    if case == "different":
+        write_folder(other, tiny_config(num_hidden_layers=4, tie_word_embeddings=False, rope_theta=5e5))
+    expect = {
+        "different": ["ranks disagree on the model: rank 1"] * 2,
+        "missing": ["rank 1 could not open the model", f"{other}: no such folder"],
+    }[case]
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(2)]))
     procs = [
@@ -235,10 +241,10 @@ def test_ranks_that_disagree_on_the_model_stop_with_one_line(tiny_folder, tmp_pa
         )  # fmt: skip
         for rank, folder in enumerate((tiny_folder, other))
     ]
-    for p in procs:
+    for p, message in zip(procs, expect):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 2, err
-        assert err.count("\n") == 1 and "ranks disagree on the model: rank 1" in err
+        assert err.count("\n") == 1 and message in err
 
 
 def test_two_ranks_on_loopback_match_one_process(tiny_folder):
