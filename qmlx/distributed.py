@@ -205,7 +205,7 @@ def follow(stage, group, cache_kwargs: dict) -> None:
     prev, nxt = rank - 1, (rank + 1) % n
     dim, dtype = stage.config.hidden_size, stage.layers[0].input_layernorm.weight.dtype
     caches: dict[int, list] = {}
-    make = lambda: make_cache(len(stage.layers), **cache_kwargs)  # noqa: E731
+    make = lambda: make_cache(len(stage.layers), **cache_kwargs)
     while True:
         header = mx.distributed.recv((4,), mx.int32, prev, group=group)
         mx.eval(header)

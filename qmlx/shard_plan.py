@@ -89,7 +89,9 @@ def parse_layers(text: str, n_layers: int, n_ranks: int) -> list[range]:
             )
         expect = r.stop
     if expect != n_layers:
-        raise PlanError(f"--layers {text}: the model has layers 0-{n_layers - 1}, the ranges end at {expect - 1}")
+        raise PlanError(
+            f"--layers {text}: the model has layers 0-{n_layers - 1}, the ranges end at {expect - 1}"
+        )
     return ranges
 
 
@@ -168,8 +170,8 @@ def format_plan(sizes: Sizes, ranges: list[range], memory: list[int], names: lis
     width = max(4, *(len(n) for n in names))
     kv = [sizes.kv * len(r) for r in ranges]
     lines = [
-        f"{'rank':<5}{'host':<{width + 2}}{'layers':<14}{'weights':>10}{'KV cache':>10}"
-        f"{'memory':>10}{'use':>6}"
+        (f"{'rank':<5}{'host':<{width + 2}}{'layers':<14}{'weights':>10}{'KV cache':>10}"
+        f"{'memory':>10}{'use':>6}")
     ]
     for k, r in enumerate(ranges):
         span = f"{r.start}-{r.stop - 1} ({len(r)})"
@@ -183,8 +185,13 @@ def format_plan(sizes: Sizes, ranges: list[range], memory: list[int], names: lis
 
 
 def plan_for(
-    model: str, hosts: str, bits: int | None = None, group_size: int = 64, dtype="bfloat16",
-    layers: str | None = None, context: int = 0,
+    model: str,
+    hosts: str,
+    bits: int | None = None,
+    group_size: int = 64,
+    dtype="bfloat16",
+    layers: str | None = None,
+    context: int = 0,
 ) -> tuple[str, PlanError | None]:
     """The `qmlx shard-plan` report for a model folder, hub id or bare config.json.
 

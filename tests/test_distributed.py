@@ -12,6 +12,7 @@ import sys
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
+from tiny import tiny_config, write_folder
 
 from qmlx.cache import make_cache
 from qmlx.config import ModelConfig
@@ -29,7 +30,6 @@ from qmlx.shard_plan import (
     split_layers,
     weight_sizes,
 )
-from tiny import tiny_config, write_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
@@ -42,7 +42,7 @@ def brute_force(sizes: Sizes, memory: list[int]) -> float:
     best = float("inf")
     for cuts in itertools.combinations(range(1, L), n - 1):
         bounds = (0, *cuts, L)
-        ranges = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+        ranges = [range(a, b) for a, b in itertools.pairwise(bounds)]
         best = min(best, max(b / m for b, m in zip(rank_bytes(sizes, ranges), memory)))
     return best
 
@@ -76,12 +76,12 @@ def test_plan_errors_name_the_flag():
         parse_layers("0-10,12-23", 24, 2)
     with pytest.raises(PlanError, match="layers 0-23"):
         parse_layers("0-10,11-22", 24, 2)
-    assert parse_layers("0-10, 11-23", 24, 2) == [range(0, 11), range(11, 24)]
+    assert parse_layers("0-10, 11-23", 24, 2) == [range(11), range(11, 24)]
     with pytest.raises(PlanError, match="--hosts: 'a' is not NAME:GB"):
         parse_hosts("a")
     assert parse_hosts("a:24,b:1.5") == (["a", "b"], [24 * GB, int(1.5 * GB)])
     with pytest.raises(PlanError, match=r"rank 1 \(b\) needs"):
-        check_fits(Sizes([10, 10, 10], 0), [range(0, 1), range(1, 3)], [100, 15], ["a", "b"])
+        check_fits(Sizes([10, 10, 10], 0), [range(1), range(1, 3)], [100, 15], ["a", "b"])
     with pytest.raises(PlanError, match="only 2 layers"):
         split_layers(Sizes([1, 1], 0), [1, 1, 1])
 
@@ -102,8 +102,9 @@ def test_weight_sizes_match_loaded_arrays(tiny_folder):
 
 
 def test_weight_sizes_of_a_quantized_config():
-    from qmlx.quant import quantize_model
     from tiny import random_model
+
+    from qmlx.quant import quantize_model
 
     cfg = tiny_config(num_hidden_layers=3)
     model = quantize_model(random_model(cfg), {"bits": 4, "group_size": 32})
@@ -128,11 +129,11 @@ def test_kv_reservation_matches_a_filled_cache():
 def test_stages_compose_to_the_full_model(tiny_folder):
     """Rank 0 (ends + blocks 0-0), a middle stage (1-2) and a last (3) give the full logits."""
     full = load_model(tiny_folder, dtype="float32")
-    first = load_model(tiny_folder, dtype="float32", layers=range(0, 1), ends=True)
+    first = load_model(tiny_folder, dtype="float32", layers=range(1), ends=True)
     middle = load_model(tiny_folder, dtype="float32", layers=range(1, 3), ends=False)
     last = load_model(tiny_folder, dtype="float32", layers=range(3, 4), ends=False)
     assert "embed_tokens" not in middle.model and "lm_head" not in middle and "norm" not in last.model
-    held = lambda m: sum(v.nbytes for _, v in tree_flatten(m.parameters()))  # noqa: E731
+    held = lambda m: sum(v.nbytes for _, v in tree_flatten(m.parameters()))
     assert held(first) + held(middle) + held(last) == held(full)
     ids = mx.array([[1, 5, 9, 200, 7, 3]])
     caches = [make_cache(len(m.layers)) for m in (first, middle, last)]
@@ -145,7 +146,7 @@ def test_stages_compose_to_the_full_model(tiny_folder):
 
 def test_follower_caches_follow_rank0_offsets():
     slots: dict = {}
-    make = lambda: make_cache(2)  # noqa: E731
+    make = lambda: make_cache(2)
     assert _caches_for(slots, -1, 0, make) is None
     c = _caches_for(slots, 0, 0, make)
     k = mx.zeros((1, 2, 5, 4))
@@ -170,7 +171,7 @@ def test_digest_changes_with_config_or_dtype(tiny_folder, tmp_path):
 
 def run_qmlx(*args, timeout=120, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "qmlx", *args], cwd=ROOT, capture_output=True, text=True,
+        [sys.executable, "-m", "qmlx", *args], cwd=ROOT, capture_output=True, text=True, check=False,
         timeout=timeout, env={**os.environ, **(env or {})},
     )  # fmt: skip
 
@@ -178,7 +179,7 @@ def run_qmlx(*args, timeout=120, env=None):
 def launch(*args, timeout=300):
     return subprocess.run(
         [LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "qmlx", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
 
 
@@ -190,7 +191,7 @@ def test_shard_plan_command_on_a_72b_config():
     assert [r[1] for r in rows] == ["a", "b", "c"]
     spans = [tuple(map(int, r[2].split("-"))) for r in rows]
     assert spans[0][0] == 0 and spans[-1][1] == 79
-    assert all(b[0] == a[1] + 1 for a, b in zip(spans, spans[1:]))
+    assert all(b[0] == a[1] + 1 for a, b in itertools.pairwise(spans))
     short = run_qmlx("shard-plan", "-m", cfg, "--hosts", "a:24,b:24,c:16", "--bits", "8")
     assert short.returncode == 2
     assert short.stderr.count("\n") == 1 and "rank 0 (a) needs" in short.stderr
@@ -236,9 +237,12 @@ def test_ranks_that_disagree_on_the_model_stop_with_one_line(tiny_folder, tmp_pa
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "qmlx", "generate", "-m", folder, "-p", "hi", "--raw"],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": str(rank)},
-        )  # fmt: skip
+        )
         for rank, folder in enumerate((tiny_folder, other))
     ]
     for p, message in zip(procs, expect):
@@ -264,9 +268,7 @@ def test_real_fixture_pipeline_is_greedy_identical_and_halves_weights(fixture_di
 
     model, tokenizer = real_model
     prompt = "Write a Python function that reverses a string."
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True
-    )
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     expected = qmlx.generate(model, tokenizer, text, max_tokens=8, temperature=0.0)
     pipe = launch("generate", "-m", fixture_dir, "-p", prompt, "-n", "8", "--temp", "0",
                   "--dtype", "float32")  # fmt: skip
