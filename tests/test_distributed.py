@@ -278,3 +278,19 @@ def test_real_fixture_pipeline_is_greedy_identical_and_halves_weights(fixture_di
     total = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     assert len(held) == 2 and sum(held) == pytest.approx(total, rel=1e-3)  # nothing held twice
     assert all(0.4 < h / total < 0.6 for h in held), [h / total for h in held]
+
+
+def test_chat_turns_in_a_pipeline_match_one_process(tiny_folder):
+    """Turn 2 reuses turn 1's prompt cache: the followers' caches must follow rank 0's."""
+    args = ["chat", "-m", tiny_folder, "--temp", "0", "-n", "8"]
+    lines = "hello\nand again\n/reset\nhello\n/exit\n"
+    single = subprocess.run(
+        [sys.executable, "-m", "qmlx", *args], input=lines, cwd=ROOT, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    pipe = subprocess.run(
+        [LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "qmlx", *args],
+        input=lines, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert single.returncode == 0 and pipe.returncode == 0, pipe.stderr
+    assert pipe.stdout == single.stdout and single.stdout.count("\n") >= 3
