@@ -251,8 +251,20 @@ def test_ranks_that_disagree_on_the_model_stop_with_one_line(tiny_folder, tmp_pa
         assert err.count("\n") == 1 and message in err
 
 
-def test_two_ranks_on_loopback_match_one_process(tiny_folder):
-    args = ["generate", "-m", tiny_folder, "-p", "hello there", "--raw", "-n", "12", "--temp", "0"]
+@pytest.fixture(scope="module")
+def tied_4bit_folder(tmp_path_factory):
+    """A tied-embedding model converted to 4 bits: rank 0's head is the quantized embedding."""
+    root = tmp_path_factory.mktemp("dist4")
+    write_folder(str(root / "src"), tiny_config(num_hidden_layers=4, tie_word_embeddings=True))
+    out = run_qmlx("convert", str(root / "src"), str(root / "q4"), "--bits", "4", "--group-size", "32")
+    assert out.returncode == 0, out.stderr
+    return str(root / "q4")
+
+
+@pytest.mark.parametrize("which", ["dense", "tied_4bit"])
+def test_two_ranks_on_loopback_match_one_process(which, request):
+    folder = request.getfixturevalue({"dense": "tiny_folder", "tied_4bit": "tied_4bit_folder"}[which])
+    args = ["generate", "-m", folder, "-p", "hello there", "--raw", "-n", "12", "--temp", "0"]
     single = run_qmlx(*args)
     assert single.returncode == 0, single.stderr
     pipe = launch(*args, "--layers", "0-1,2-3")
