@@ -95,7 +95,10 @@ def _check_weights(model: nn.Module, weights: dict, infos: dict, folder: str) ->
             raise WeightsError(f"{where(name)}: tensor {name!r} has dtype {w.dtype}, expected {expected[name].dtype}")
 
 
-def stage_names(names, layers: range, ends: bool) -> dict[str, str]:
+_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _stage_names(names, layers: range, ends: bool) -> dict[str, str]:
     """{name in a stage model: checkpoint name} for the tensors a pipeline stage holds.
 
     A stage holds the blocks in `layers`, renumbered from 0, plus (with `ends`) everything
@@ -110,9 +113,6 @@ def stage_names(names, layers: range, ends: bool) -> dict[str, str]:
         elif int(m[1]) in layers:
             out[f"model.layers.{int(m[1]) - layers.start}.{m[2]}"] = name
     return out
-
-
-_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 def _keep_stage(model: Model, layers: range, ends: bool) -> None:
@@ -140,7 +140,7 @@ def load_model(
         if not (0 <= layers.start < layers.stop <= config.num_hidden_layers):
             raise ValueError(f"layers {layers} is not within the model's {config.num_hidden_layers}")
         _keep_stage(model, layers, ends)
-        names = stage_names(infos, layers, ends)
+        names = _stage_names(infos, layers, ends)
         raw = load_folder(folder, {old: infos[old] for old in names.values()})
         weights = model.sanitize({new: raw[old] for new, old in names.items()})
         infos = {new: infos[old] for new, old in names.items()}
