@@ -306,3 +306,23 @@ def test_chat_turns_in_a_pipeline_match_one_process(tiny_folder):
     )  # fmt: skip
     assert single.returncode == 0 and pipe.returncode == 0, pipe.stderr
     assert pipe.stdout == single.stdout and single.stdout.count("\n") >= 3
+
+
+def test_a_stage_reads_only_its_own_tensors(tiny_folder, monkeypatch):
+    from qmlx import loader
+
+    seen = {}
+    real = loader.load_folder
+
+    def spy(folder, infos=None):
+        seen.update(infos)
+        return real(folder, infos)
+
+    monkeypatch.setattr(loader, "load_folder", spy)
+    stage = load_model(tiny_folder, dtype="float32", layers=range(2, 4), ends=False)
+    assert seen and all(re.match(r"model\.layers\.[23]\.", name) for name in seen)
+    all_infos = folder_index(tiny_folder)
+    assert {i.file for i in seen.values()} == {
+        all_infos[n].file for n in all_infos if re.match(r"model\.layers\.[23]\.", n)
+    }
+    assert len(stage.layers) == 2
