@@ -140,17 +140,20 @@ class Pipeline:
         self.ranges, self.hosts = ranges, hosts
         self._next_slot = 0
         self._freed: list[int] = []
+        self._pending: mx.array | None = None  # the last hidden states received, maybe unevaluated
         self.closed = False
 
     @property
     def layers(self):
         return self.stage.layers
 
-    def _send(self, x: mx.array, dst: int) -> None:
-        mx.eval(mx.distributed.send(x, dst, group=self.group))
-
-    def _header(self, cmd: int, L: int = 0, offset: int = 0, slot: int = -1) -> None:
-        self._send(mx.array([cmd, L, offset, slot], dtype=mx.int32), 1)
+    def _header(self, cmd: int, L: int = 0, offset: int = 0, slot: int = -1) -> mx.array:
+        """A lazy send of one header, ordered after the previous call's receive."""
+        header = mx.array([cmd, L, offset, slot], dtype=mx.int32)
+        if self._pending is not None:
+            # Whether or not the caller used the last logits, that receive must run first.
+            header, self._pending = mx.depends(header, self._pending), None
+        return mx.distributed.send(header, 1, group=self.group)
 
     def _slot(self, cache: list) -> int:
         """A number for this cache list; followers drop theirs when rank 0's is collected."""
@@ -165,23 +168,25 @@ class Pipeline:
         if input_embeddings is not None or inputs.shape[0] != 1:
             raise ValueError("a pipeline runs one sequence of token ids at a time")
         while self._freed:
-            self._header(FREE, slot=self._freed.pop())
+            mx.eval(self._header(FREE, slot=self._freed.pop()))
         L = inputs.shape[1]
         if cache is None:
-            self._header(FORWARD, L, 0, -1)
+            sent = self._header(FORWARD, L, 0, -1)
         else:
-            self._header(FORWARD, L, cache[0].offset, self._slot(cache))
+            sent = self._header(FORWARD, L, cache[0].offset, self._slot(cache))
         h = self.stage.model.blocks(self.stage.model.embed_tokens(inputs), cache)
-        self._send(h, 1)
+        # One evaluation sends the header, then the hidden states (the receive must not be in
+        # it: MLX could schedule it before the sends, and both ranks would wait).
+        mx.eval(mx.distributed.send(mx.depends(h, sent), 1, group=self.group))
         h = mx.distributed.recv(h.shape, h.dtype, self.group.size() - 1, group=self.group)
-        mx.eval(h)  # always received, even when the caller drops the logits (prefill)
+        self._pending = h
         return self.stage.head(self.stage.model.norm(h))
 
     def close(self) -> None:
         """Tell the followers to exit (once; also at interpreter exit)."""
         if not self.closed:
             self.closed = True
-            self._header(STOP)
+            mx.eval(self._header(STOP))
 
 
 def _caches_for(caches: dict, slot: int, offset: int, make) -> list | None:
