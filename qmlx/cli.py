@@ -358,7 +358,7 @@ def run_serve(args) -> int:
     from .server import serve
 
     loaded = None
-    if launched():
+    if launched() or args.layers:  # else serve() loads after binding the port
         loaded = load_or_join(args, {})
         if loaded is None:
             return 0
