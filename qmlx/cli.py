@@ -74,7 +74,32 @@ def add_generate(sub) -> None:
         help="draft by matching the last N (or fewer) tokens earlier in the context",
     )
     add_sampling_flags(p)
+    add_pipeline_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pipeline across machines (run under mlx.launch; see qmlx shard-plan)")
+    g.add_argument(
+        "--layers",
+        metavar="RANGES",
+        help="layers per rank, e.g. 0-13,14-23 (default: in proportion to each rank's free memory)",
+    )
+
+
+def load_or_join(args, cache_kwargs: dict):
+    """`load`, or under mlx.launch this rank's pipeline stage.
+
+    Returns None on a follower rank, after rank 0 has finished with it.
+    """
+    from .distributed import launched, start
+    from .loader import load
+
+    if launched():
+        return start(args.model, dtype=args.dtype, layers=args.layers, cache_kwargs=cache_kwargs)
+    if args.layers:
+        raise UserError("--layers applies only to a pipeline started with mlx.launch")
+    return load(args.model, dtype=args.dtype)
 
 
 def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
@@ -94,15 +119,20 @@ def kv_cache_kwargs(args) -> dict:
 
 def run_generate(args) -> int:
     from .cache import make_cache
+    from .distributed import launched
     from .generate import stream_generate
-    from .loader import load
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if args.prefill_step < 1:
         raise UserError(f"--prefill-step must be at least 1, got {args.prefill_step}")
+    if launched() and (args.prompt_cache or args.draft_model or args.prompt_lookup):
+        raise UserError("--prompt-cache, --draft-model and --prompt-lookup do not work in a pipeline")
+    loaded = load_or_join(args, kv_cache_kwargs(args))
+    if loaded is None:
+        return 0
+    model, tokenizer = loaded
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer = load(args.model, dtype=args.dtype)
     cache_kwargs, prompt_cache, cache, draft = kv_cache_kwargs(args), None, None, None
     system, raw = args.system, args.raw
     if args.prompt_cache:
@@ -282,18 +312,21 @@ def add_chat(sub) -> None:
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache")
     p.add_argument("--dtype", default="auto")
     add_sampling_flags(p)
+    add_pipeline_flags(p)
     p.set_defaults(run=run_chat)
 
 
 def run_chat(args) -> int:
     from .chat import ChatSession, resolve_chat_model, run_plain, run_terminal
-    from .loader import load
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-    folder = resolve_chat_model(args.model)
-    model, tokenizer = load(folder, dtype=args.dtype)
+    folder = args.model = resolve_chat_model(args.model)
     cache_kwargs = {"max_kv_size": args.max_kv_size, "kv_bits": args.kv_bits}
+    loaded = load_or_join(args, {k: v for k, v in cache_kwargs.items() if v is not None})
+    if loaded is None:
+        return 0
+    model, tokenizer = loaded
     session = ChatSession(
         model, tokenizer, system=args.system, sampling=sampling_kwargs(args), max_tokens=args.max_tokens,
         cache_kwargs={k: v for k, v in cache_kwargs.items() if v is not None},
@@ -316,12 +349,19 @@ def add_serve(sub) -> None:
     )
     p.add_argument("--max-concurrency", type=int, default=4, help="requests generated at once")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    add_pipeline_flags(p)
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args) -> int:
+    from .distributed import launched
     from .server import serve
 
+    loaded = None
+    if launched() or args.layers:  # else serve() loads after binding the port
+        loaded = load_or_join(args, {})
+        if loaded is None:
+            return 0
     serve(
         args.model,
         host=args.host,
@@ -329,7 +369,40 @@ def run_serve(args) -> int:
         api_key=args.api_key,
         max_concurrency=args.max_concurrency,
         dtype=args.dtype,
+        loaded=loaded,
     )
+    return 0
+
+
+@command
+def add_shard_plan(sub) -> None:
+    p = sub.add_parser(
+        "shard-plan", help="show how a pipeline (mlx.launch) would split a model's layers across hosts"
+    )
+    p.add_argument("--model", "-m", required=True, help="model folder, hub repo id, or a config.json")
+    p.add_argument(
+        "--hosts",
+        required=True,
+        help="NAME:GB per rank in mlx.launch order, GB = memory the model may use, e.g. a:24,b:24,c:16",
+    )
+    p.add_argument("--bits", type=int, help="size the weights as if quantized to B bits (unquantized config)")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size with --bits")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype of the runs (default: bfloat16, Metal's)")
+    p.add_argument("--layers", metavar="RANGES", help="check this split instead, e.g. 0-39,40-79")
+    p.add_argument(
+        "--context", type=int, default=0, help="also reserve an unquantized KV cache for N tokens"
+    )
+    p.set_defaults(run=run_shard_plan)
+
+
+def run_shard_plan(args) -> int:
+    from .shard_plan import plan_for
+
+    report, problem = plan_for(args.model, args.hosts, bits=args.bits, group_size=args.group_size,
+                               dtype=args.dtype, layers=args.layers, context=args.context)  # fmt: skip
+    print(report)
+    if problem is not None:
+        raise problem
     return 0
 
 

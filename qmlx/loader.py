@@ -10,6 +10,7 @@ from .errors import UserError
 
 import json
 import os
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -94,13 +95,57 @@ def _check_weights(model: nn.Module, weights: dict, infos: dict, folder: str) ->
             raise WeightsError(f"{where(name)}: tensor {name!r} has dtype {w.dtype}, expected {expected[name].dtype}")
 
 
-def load_model(folder: str, dtype=None, lazy: bool = False) -> Model:
-    """Build the model of a folder and load its weights (cast to `dtype`, default per device)."""
+_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _stage_names(names, layers: range, ends: bool) -> dict[str, str]:
+    """{name in a stage model: checkpoint name} for the tensors a pipeline stage holds.
+
+    A stage holds the blocks in `layers`, renumbered from 0, plus (with `ends`) everything
+    outside the blocks: the embedding, the final norm and the head.
+    """
+    out = {}
+    for name in names:
+        m = _BLOCK.match(name)
+        if m is None:
+            if ends:
+                out[name] = name
+        elif int(m[1]) in layers:
+            out[f"model.layers.{int(m[1]) - layers.start}.{m[2]}"] = name
+    return out
+
+
+def _keep_stage(model: Model, layers: range, ends: bool) -> None:
+    """Drop the modules a pipeline stage does not hold, before any weight is materialised."""
+    model.model.layers = model.model.layers[layers.start : layers.stop]
+    if not ends:
+        for owner, name in ((model.model, "embed_tokens"), (model.model, "norm"), (model, "lm_head")):
+            owner.pop(name, None)
+
+
+def load_model(
+    folder: str, dtype=None, lazy: bool = False, layers: range | None = None, ends: bool = True
+) -> Model:
+    """Build the model of a folder and load its weights (cast to `dtype`, default per device).
+
+    With `layers`, build one pipeline stage instead (see qmlx/distributed.py): only the blocks
+    in `layers` (numbered from 0 in the stage) and, with `ends`, the embedding, norm and head.
+    Only the shards holding those tensors are opened, and only those tensors are read.
+    """
     config = load_config(folder)
     dtype = parse_dtype(dtype)
     model = Model(config)
     infos = folder_index(folder)
-    weights = model.sanitize(load_folder(folder, infos))
+    if layers is not None:
+        if not (0 <= layers.start < layers.stop <= config.num_hidden_layers):
+            raise ValueError(f"layers {layers} is not within the model's {config.num_hidden_layers}")
+        _keep_stage(model, layers, ends)
+        names = _stage_names(infos, layers, ends)
+        raw = load_folder(folder, {old: infos[old] for old in names.values()})
+        weights = model.sanitize({new: raw[old] for new, old in names.items()})
+        infos = {new: infos[old] for new, old in names.items()}
+    else:
+        weights = model.sanitize(load_folder(folder, infos))
     if config.quantization is not None:
         from .quant import quantize_model
 
@@ -113,7 +158,8 @@ def load_model(folder: str, dtype=None, lazy: bool = False) -> Model:
     model.load_weights(list(weights.items()), strict=False)
     if not lazy:
         # One layer at a time, so at most one layer's source-dtype copy is alive at once.
-        mx.eval(model.model.embed_tokens.parameters())
+        if "embed_tokens" in model.model:
+            mx.eval(model.model.embed_tokens.parameters())
         for layer in model.layers:
             mx.eval(layer.parameters())
         mx.eval(model.parameters())
@@ -129,10 +175,12 @@ def load(path_or_repo: str, dtype=None, lazy: bool = False) -> tuple[Model, Toke
     """
     folder = resolve(path_or_repo)
     model = load_model(folder, dtype=dtype, lazy=lazy)
+    return model, tokenizer_for(folder, model.config)
+
+
+def tokenizer_for(folder: str, config: ModelConfig) -> Tokenizer:
+    """The folder's tokenizer, stopping at the config's and generation_config.json's EOS ids."""
     gen = generation_config(folder)
     gen_eos = gen.get("eos_token_id")
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
-    tokenizer = Tokenizer.from_folder(
-        folder, eos_token_ids=model.config.eos_ids + gen_eos, generation_defaults=gen
-    )
-    return model, tokenizer
+    return Tokenizer.from_folder(folder, eos_token_ids=config.eos_ids + gen_eos, generation_defaults=gen)

@@ -111,6 +111,10 @@ class Qwen2Model(nn.Module):
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        return self.norm(self.blocks(h, cache))
+
+    def blocks(self, h: mx.array, cache=None) -> mx.array:
+        """Run the decoder blocks this module holds: all of them, or a pipeline stage's share."""
         L = h.shape[1]
         if cache is None:
             cache = [None] * len(self.layers)
@@ -119,7 +123,7 @@ class Qwen2Model(nn.Module):
             mask = cache[0].make_mask(L)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
-        return self.norm(h)
+        return h
 
 
 class Model(nn.Module):

@@ -1052,8 +1052,12 @@ def serve(
     max_concurrency: int = 4,
     dtype=None,
     max_body: int = DEFAULT_MAX_BODY,
+    loaded: tuple | None = None,
 ) -> None:
-    """Load `model` and serve it until interrupted (the `qmlx serve` command)."""
+    """Load `model` and serve it until interrupted (the `qmlx serve` command).
+
+    `loaded` is an already loaded (model, tokenizer), e.g. rank 0 of a pipeline.
+    """
     import uvicorn
 
     from .loader import load
@@ -1066,7 +1070,7 @@ def serve(
             f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    m, tokenizer = load(model, dtype=dtype)
+    m, tokenizer = loaded or load(model, dtype=dtype)
     model_id = os.path.basename(model.rstrip("/")) if os.path.isdir(model) else model
     engine = Engine(m, tokenizer, model_id=model_id, max_concurrency=max_concurrency)
     engine.start()
