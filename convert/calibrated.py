@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from qmlx.config import ModelConfig
 from qmlx.model import Block
 from qmlx.quant import layer_params
-from qmlx.quant.calibrate import LINEARS, quantize_block
+from qmlx.quant.calibrate import LINEARS, layer_damage, quantize_block
 
 from .layout import quantizable
 
@@ -97,3 +97,26 @@ def convert_block(
             mx.eval(a)
             writer.write(prefix + local, 0, a)
     return h_next
+
+
+def measure(tensors: dict, config: ModelConfig, tokens: mx.array, bits: int, group_size: int,
+            out_dtype, samples: int = 8) -> dict:
+    """{block layer path: {"damage", "numel"}}: each layer alone rounded to `bits`, measured on
+    the first `samples` calibration samples, block by block (unquantized blocks between)."""
+    h = embed(tensors[EMBED], tokens[:samples], out_dtype)
+    out = {}
+    for index in range(config.num_hidden_layers):
+        prefix = f"model.layers.{index}."
+        block = Block(config)
+        block.load_weights(
+            [
+                (n.removeprefix(prefix), _read(t).astype(out_dtype).astype(mx.float32))
+                for n, t in tensors.items()
+                if n.startswith(prefix)
+            ]
+        )
+        damage, h = layer_damage(block, h, bits, group_size)
+        for path, d in damage.items():
+            w = tensors[f"{prefix}{path}.weight"]
+            out[prefix + path] = {"damage": d, "numel": w.shape[0] * w.shape[1]}
+    return out

@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from qmlx.config import ModelConfig
 from qmlx.quant import check_params, layer_params, plan, quantize
-from qmlx.quant.recipes import layer_index
+from qmlx.quant.recipes import choose_by_sensitivity, layer_index, measured_recipe
 from qmlx.quant.calibrate import CALIBRATED, METHODS
 from qmlx.quant.search import quantize_searched
 from qmlx.tokenizer import Tokenizer
@@ -92,10 +92,15 @@ def convert(
     layers = {
         n.removesuffix(".weight"): t.shape[1] for n, t in tensors.items() if quantizable(n, t.shape)
     }
+    measured = None if dequantize else measured_recipe(recipe)
+    if measured and method not in CALIBRATED:
+        raise ConvertError(
+            f"--recipe {recipe} measures layers on calibration text; use it with --method "
+            f"{' or '.join(CALIBRATED)}"
+        )
     quantization = None
-    if not dequantize:
+    if not dequantize and not measured:
         quantization = plan(layers, config.num_hidden_layers, bits, group_size, recipe)
-    jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
     n_params = sum(math.prod(t.shape) for t in tensors.values())
 
     parent = os.path.dirname(dst)
@@ -105,16 +110,23 @@ def convert(
     old_cache_limit = mx.set_cache_limit(0)  # freed blocks go back to the OS, not a cache
     writer = None
     try:
-        metadata = {"format": "mlx" if quantization else "pt"}
-        writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
         source.write_side_files(tmp)
         _complete_side_files(tmp, source.config)
-        calib_state = None
-        if method in CALIBRATED and quantization is not None:
+        tokens = None
+        if method in CALIBRATED and not dequantize:
             tokens = calibration_tokens(
                 Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len
             )
-            calib_state = (config, tokens, quantization, method)
+        if measured:
+            low, high = measured
+            damage = calibrated.measure(tensors, config, tokens, low, group_size, out_dtype)
+            quantization = choose_by_sensitivity(
+                layers, config.num_hidden_layers, low, high, group_size, damage
+            )
+        jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
+        metadata = {"format": "mlx" if quantization else "pt"}
+        writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
+        calib_state = None if tokens is None else (config, tokens, quantization, method)
         _run(jobs, out_dtype, writer, progress, method, calib_state, tensors)
         weight_map = writer.close()
         card.write_index(tmp, weight_map, writer.total_size, n_params)

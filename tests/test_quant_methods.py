@@ -209,3 +209,59 @@ def test_cli_quality_table_and_one_line_refusal(src, tmp_path):
     r = _cli("quality", "-m", src, "-r", src, "--files", str(tmp_path / "missing.txt"))
     assert r.returncode == 2 and "missing.txt" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_auto_recipe_spends_mixed_budget_on_the_most_damaged_layers():
+    from qmlx.quant.recipes import choose_by_sensitivity, plan
+
+    n_layers, d, h = 8, 128, 256
+    layers = {"model.embed_tokens": d}
+    for i in range(n_layers):
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
+            layers[f"model.layers.{i}.{p}"] = d
+        layers[f"model.layers.{i}.mlp.down_proj"] = h
+    numel = {p: d * (h if p.endswith(("gate_proj", "up_proj")) else d) for p in layers}
+    numel.update({p: d * h for p in layers if p.endswith("down_proj")})
+    rng = np.random.default_rng(0)
+    damage = {p: {"damage": float(rng.random()), "numel": numel[p]} for p in layers
+              if p.startswith("model.layers.")}  # fmt: skip
+    damage["model.layers.3.mlp.gate_proj"]["damage"] = 1e6  # far the worst
+    fixed = plan(layers, n_layers, 4, 64, "mixed-4-6")
+    auto = choose_by_sensitivity(layers, n_layers, 4, 6, 64, damage)
+
+    def high(cfg):
+        return {p for p, v in cfg.items() if isinstance(v, dict) and v["bits"] == 6}
+
+    assert "model.layers.3.mlp.gate_proj" in high(auto)
+    assert "model.embed_tokens" in high(auto)
+    blocks = lambda cfg: sum(numel[p] for p in high(cfg) if p.startswith("model.layers."))  # noqa: E731
+    assert 0 < blocks(auto) <= blocks(fixed)
+    # Nothing left out could still have fit and has more damage per weight than a chosen one.
+    chosen = [p for p in high(auto) if p in damage]
+    worst_kept = min(damage[p]["damage"] / numel[p] for p in chosen)
+    left = blocks(fixed) - blocks(auto)
+    assert all(
+        damage[p]["damage"] / numel[p] <= worst_kept or numel[p] > left
+        for p in damage if p not in chosen
+    )  # fmt: skip
+
+
+def test_auto_recipe_converts_and_loads_in_mlx_lm(calib_file, tmp_path):
+    import mlx_lm
+
+    src = str(tmp_path / "src3")  # with 3 blocks, mixed-3-6 gives block 2 high bits: a budget
+    write_folder(src, tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3))
+    dst = convert(
+        src, str(tmp_path / "auto"), bits=3, recipe="auto-3-6", method="gptq", calib=calib_file,
+        calib_samples=4, calib_seq_len=64, progress=False,
+    )  # fmt: skip
+    with open(os.path.join(dst, "config.json")) as f:
+        q = json.load(f)["quantization"]
+    assert any(isinstance(v, dict) and v["bits"] == 6 and ".layers." in k for k, v in q.items())
+    theirs, _ = mlx_lm.load(dst)
+    theirs.set_dtype(mx.float32)
+    ours = np.array(load_model(dst, dtype="float32")(IDS))
+    np.testing.assert_allclose(ours, np.array(theirs(IDS).astype(mx.float32)), atol=1e-4)
+    with pytest.raises(ConvertError, match="--recipe auto-3-6 measures"):
+        convert(src, str(tmp_path / "x"), bits=3, recipe="auto-3-6", method="rtn", progress=False)

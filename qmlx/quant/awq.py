@@ -20,7 +20,8 @@ import mlx.nn as nn
 GRID = 20
 
 
-def _fake_quantize(w: mx.array, bits: int, group_size: int) -> mx.array:
+def fake_quantize(w: mx.array, bits: int, group_size: int) -> mx.array:
+    """w rounded to the nearest affine group grid, back in float (for measuring errors)."""
     return mx.dequantize(*mx.quantize(w, group_size=group_size, bits=bits), group_size=group_size, bits=bits)
 
 
@@ -47,7 +48,7 @@ def search_scales(
         s = mag**alpha
         s = s / mx.sqrt(s.max() * s.min())
         err = sum(
-            ((x @ (_fake_quantize(w * s, bits, group_size) / s).T - r) ** 2).mean()
+            mx.square(x @ (fake_quantize(w * s, bits, group_size) / s).T - r).mean()
             for w, r in zip(weights, ref)
         )
         mx.eval(err)

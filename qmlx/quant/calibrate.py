@@ -191,3 +191,20 @@ def quantize_block(
     for path, w in originals.items():
         _module(block, path).weight = w
     return out, h_next
+
+
+def layer_damage(block: nn.Module, h: mx.array, bits: int, group_size: int):
+    """({path: damage}, the block's output): how much rounding each linear layer alone to
+    `bits` changes the block's output, relative to how much the block changes its input."""
+    y = run_block(block, h)
+    base = mx.square(y - h).mean()
+    damage = {}
+    for path in LINEARS:
+        lin = _module(block, path)
+        if lin.weight.shape[-1] % group_size:
+            continue
+        w = lin.weight
+        lin.weight = awq.fake_quantize(w, bits, group_size)
+        damage[path] = (mx.square(run_block(block, h) - y).mean() / base).item()
+        lin.weight = w
+    return damage, y
