@@ -47,7 +47,7 @@ def convert(
     force: bool = False,
     dequantize: bool = False,
     progress: bool = True,
-    method: str = "clip",
+    method: str = "rtn",
     calib: str | None = None,
     calib_samples: int = 32,
     calib_seq_len: int = 512,
@@ -241,8 +241,9 @@ def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, 
             bar.update(task, description=f"tensor {i + 1}/{len(jobs)}")
             index = layer_index(t.name)
             if calib_state is None or index is None:
-                # Embeddings and head: data-free (calibration only sees the blocks).
-                rounding = "clip" if method in CALIBRATED else method
+                # Embeddings and head are rounded to nearest: calibration only sees the blocks,
+                # and on the fixture the data-free range search made the tied head worse.
+                rounding = "rtn" if method in CALIBRATED else method
                 _convert_tensor(t, outs, params, out_dtype, writer, rounding)
             elif index not in done:
                 config, tokens, quantization, method = calib_state

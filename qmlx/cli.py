@@ -218,7 +218,7 @@ def add_convert(sub) -> None:
     )
     p.add_argument(
         "--method",
-        default="clip",
+        default="rtn",
         choices=list(METHODS),
         help="how weights are rounded: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()),
     )

@@ -16,10 +16,10 @@ from .gptq import gptq
 from .search import quantize_searched
 
 METHODS = {
-    "rtn": "round to nearest over each group's full range (mlx-lm's convert)",
-    "clip": "data-free: per-group range searched for the smallest weight error (default)",
+    "rtn": "round to nearest over each group's full range, as mlx-lm's convert (default)",
+    "clip": "data-free: per-group range searched for the smallest weight error",
     "awq": "activation-aware channel scales folded into the previous norm/linear, then "
-    "activation-weighted range search (calibrated)",
+    "per layer rtn or an activation-weighted range search, whichever errs less (calibrated)",
     "gptq": "layer-wise Hessian-based rounding with error propagation (calibrated)",
     "awq-gptq": "AWQ scales, then GPTQ rounding (calibrated)",
 }
@@ -145,6 +145,23 @@ def scale_block(block: nn.Module, taps: dict[str, Tap], params: dict, n_heads: i
     mx.eval(block.parameters())
 
 
+def best_rounding(w: mx.array, tap: Tap, bits: int, group_size: int, dtype):
+    """Round-to-nearest or the activation-weighted range search, whichever gives the smaller
+    output error on the calibration sample (weight error alone can mislead: see clip)."""
+    x = tap.sample
+    ref = x @ w.T
+    best, best_err = None, None
+    for triple in (
+        mx.quantize(w.astype(dtype), group_size=group_size, bits=bits),
+        quantize_searched(w, bits, group_size, tap.sq_sum / tap.n, dtype),
+    ):
+        wq = mx.dequantize(*triple, group_size=group_size, bits=bits).astype(mx.float32)
+        err = mx.square(x @ wq.T - ref).mean().item()
+        if best_err is None or err < best_err:
+            best, best_err = triple, err
+    return best
+
+
 def quantize_block(
     block: nn.Module,
     h: mx.array,
@@ -176,9 +193,7 @@ def quantize_block(
         if use_gptq:
             packed, s, b = gptq(lin.weight, tap.xtx, p["bits"], p["group_size"], dtype)
         else:
-            packed, s, b = quantize_searched(
-                lin.weight, p["bits"], p["group_size"], tap.sq_sum / tap.n, dtype
-            )
+            packed, s, b = best_rounding(lin.weight, tap, p["bits"], p["group_size"], dtype)
         mx.eval(packed, s, b)
         out[path] = (packed, s, b)
         w = mx.dequantize(packed, s, b, group_size=p["group_size"], bits=p["bits"])
