@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import awq
-from .gptq import gptq
+from .gptq import Hessian, gptq
 from .search import quantize_searched
 
 METHODS = {
@@ -184,6 +184,7 @@ def quantize_block(
     taps = collect(block, h, hessian=use_gptq)
     out: dict[str, tuple] = {}
     dense = []
+    hessians: dict[int, Hessian] = {}  # q/k/v and gate/up share their inputs, so their H⁻¹
     for path in LINEARS:
         lin, p = _module(block, path), params[path]
         if p is None:
@@ -191,7 +192,9 @@ def quantize_block(
             continue
         tap = taps[path]
         if use_gptq:
-            packed, s, b = gptq(lin.weight, tap.xtx, p["bits"], p["group_size"], dtype)
+            if id(tap) not in hessians:
+                hessians[id(tap)] = Hessian(tap.xtx)
+            packed, s, b = gptq(lin.weight, hessians[id(tap)], p["bits"], p["group_size"], dtype)
         else:
             packed, s, b = best_rounding(lin.weight, tap, p["bits"], p["group_size"], dtype)
         mx.eval(packed, s, b)

@@ -29,16 +29,25 @@ def inverse_cholesky(h: np.ndarray, damp: float = 0.01) -> np.ndarray:
     return np.linalg.cholesky(hinv).T.astype(np.float32)
 
 
+class Hessian:
+    """What GPTQ needs from H = XᵀX, computed once for all the layers fed the same inputs."""
+
+    def __init__(self, hessian: mx.array, damp: float = 0.01):
+        h = np.array(hessian.astype(mx.float32), dtype=np.float32)
+        self.diag = np.diag(h).copy()
+        self.u = inverse_cholesky(h, damp)
+        self.importance = mx.array(np.maximum(self.diag, 0) + 1e-8)
+
+
 def gptq(
-    w: mx.array, hessian: mx.array, bits: int, group_size: int, dtype=mx.bfloat16, damp: float = 0.01
+    w: mx.array, hessian: mx.array | Hessian, bits: int, group_size: int, dtype=mx.bfloat16
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(packed uint32, scales, biases) of W (rows, cols) given H = XᵀX (cols, cols)."""
+    hs = hessian if isinstance(hessian, Hessian) else Hessian(hessian)
     W = np.array(w.astype(mx.float32), dtype=np.float32, copy=True)
-    H = np.array(hessian.astype(mx.float32), dtype=np.float32)
     rows, cols = W.shape
-    W[:, np.diag(H) <= 0] = 0.0
-    U = inverse_cholesky(H, damp)
-    importance = mx.array(np.maximum(np.diag(H), 0) + 1e-8)
+    W[:, hs.diag <= 0] = 0.0
+    U, importance = hs.u, hs.importance
     top = 2**bits - 1
     Q = np.zeros((rows, cols), dtype=np.uint8)
     S = np.zeros((rows, cols // group_size), dtype=np.float32)
