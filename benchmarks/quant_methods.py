@@ -1,12 +1,13 @@
 """Quantization methods side by side: qmlx (rtn, clip, awq, gptq) and mlx-lm's own tools.
 
-    flock /tmp/qmlx-heavy.lock .venv/bin/python benchmarks/quant_methods.py [--bits 4,3]
-        [--only LABEL,...] [--results FILE] [--write-docs]
+    .venv/bin/python benchmarks/quant_methods.py [--bits 4,3] [--only LABEL,...]
+        [--results FILE] [--write-docs]
 
 For each bit width (group size 64) the fixture is quantized by every method, then each result is
 scored against the bf16 fixture on the first 1024 tokens of each shared text (model and
 reference in float32): perplexity per text, mean per-token KL(bf16 ‖ quantized), top-1
-agreement, size on disk, conversion wall time. mlx-lm's AWQ and GPTQ run through their own
+agreement, size on disk. Nothing is timed (quality does not depend on load, so the rows can run
+beside other work); conversion speed is bench_convert.py's business. mlx-lm's AWQ and GPTQ run through their own
 command-line entry points, fed the same calibration tokens as qmlx (its default calibration
 file is a download, and this machine is offline): 32 samples × 512 tokens of Python's standard
 library, which excludes textwrap.py, the code text scored here. Their fallback/embedding bits
@@ -25,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 
 from common import fixture_dir
 
@@ -110,16 +110,14 @@ def rows_for(bits: int) -> list[tuple[str, str, list[str]]]:
     return rows
 
 
-def run(args: list[str], timeout: int = STEP_TIMEOUT) -> float:
-    """Run a child python; returns its wall time. Raises with the child's stderr on failure."""
-    t = time.perf_counter()
+def run(args: list[str], timeout: int = STEP_TIMEOUT) -> None:
+    """Run a child python; raises with the child's stderr on failure."""
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
-    return time.perf_counter() - t
 
 
-def produce(label, tool, extra, bits, src, dst) -> float:
+def produce(label, tool, extra, bits, src, dst) -> None:
     if tool == "qmlx":
         return run(["-c", QMLX_CONVERT, ROOT, src, dst, str(bits), str(GROUP), extra[0],
                     str(SAMPLES), str(SEQ_LEN)])  # fmt: skip
@@ -150,13 +148,13 @@ def safetensors_bytes(folder: str) -> int:
 def table(rows: list[dict], params: int) -> str:
     names = sorted(next(iter(rows))["scores"]) if rows else []
     short = [n.split("_")[0].split(".")[0] for n in names]
-    head = "| setting | size | bits/weight | convert | " + " | ".join(f"ppl {s}" for s in short)
+    head = "| setting | size | bits/weight | " + " | ".join(f"ppl {s}" for s in short)
     head += " | mean Δppl | KL mean | top-1 |"
-    lines = [head, "|---" * (7 + len(names)) + "|"]
+    lines = [head, "|---" * (6 + len(names)) + "|"]
     if rows:
         ref = rows[0]["scores"]
         lines.append(
-            "| bf16 | " + f"{rows[0]['ref_bytes'] / 1e6:.0f} MB | 16.00 | — | "
+            "| bf16 | " + f"{rows[0]['ref_bytes'] / 1e6:.0f} MB | 16.00 | "
             + " | ".join(f"{ref[n]['ref']:.3f}" for n in names) + " | — | 0 | 100% |"
         )
     for r in rows:
@@ -168,7 +166,7 @@ def table(rows: list[dict], params: int) -> str:
         cells = [f"{s[n]['ppl']:.3f} ({d:+.1%})" for n, d in zip(names, deltas)]
         lines.append(
             f"| {r['label']} | {r['bytes'] / 1e6:.0f} MB | {8 * r['bytes'] / params:.2f} | "
-            f"{r['seconds']:.0f} s | " + " | ".join(cells)
+            + " | ".join(cells)
             + f" | {sum(deltas) / len(deltas):+.2%} | {kl:.4f} | {top1:.1%} |"
         )
     return "\n".join(lines)
@@ -214,8 +212,8 @@ def main() -> None:
             bits = int(label.split("-")[0])
             dst = os.path.join(work, label.replace(" ", "_"))
             try:
-                seconds = produce(label, tool, extra, bits, src, dst)
-                row = {"label": label, "seconds": seconds, "bytes": safetensors_bytes(dst),
+                produce(label, tool, extra, bits, src, dst)
+                row = {"label": label, "bytes": safetensors_bytes(dst),
                        "ref_bytes": safetensors_bytes(src), "scores": score(dst, src, texts)}  # fmt: skip
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"{label}: failed: {str(e)[-1500:]}", file=sys.stderr, flush=True)
@@ -223,7 +221,7 @@ def main() -> None:
             finally:
                 shutil.rmtree(dst, ignore_errors=True)
             done[label] = row
-            print(f"{label}: {row['seconds']:.0f} s, {row['scores']}", file=sys.stderr, flush=True)
+            print(f"{label}: {row['scores']}", file=sys.stderr, flush=True)
             with open(args.results, "w") as f:
                 json.dump(list(done.values()), f, indent=1)
     finally:
