@@ -44,7 +44,7 @@ sys.path.insert(0, sys.argv[1])
 from convert import convert
 convert(sys.argv[2], sys.argv[3], bits=int(sys.argv[4]), group_size=int(sys.argv[5]),
         method=sys.argv[6], calib_samples=int(sys.argv[7]), calib_seq_len=int(sys.argv[8]),
-        progress=False)
+        recipe=sys.argv[9] if len(sys.argv) > 9 else None, progress=False)
 """
 
 # mlx-lm's entry point, with its calibration loader swapped for the same tokens qmlx uses.
@@ -94,6 +94,9 @@ def rows_for(bits: int) -> list[tuple[str, str, list[str]]]:
     """(label, tool, arguments) of every method at `bits`."""
     b, g = str(bits), str(GROUP)
     rows = [(f"{bits}-bit qmlx {m}", "qmlx", [m]) for m in ("rtn", "clip", "awq", "gptq")]
+    # Mixed bits (larger files): the fixed rule against the measured choice at the same size.
+    rows += [(f"{bits}-bit qmlx gptq {r}-{bits}-6", "qmlx", ["gptq", f"{r}-{bits}-6"])
+             for r in ("mixed", "auto")]  # fmt: skip
     rows.append((f"{bits}-bit mlx-lm convert", "mlx_lm.convert", []))
     rows.append(
         (f"{bits}-bit mlx-lm awq", "awq",
@@ -120,7 +123,7 @@ def run(args: list[str], timeout: int = STEP_TIMEOUT) -> None:
 def produce(label, tool, extra, bits, src, dst) -> None:
     if tool == "qmlx":
         return run(["-c", QMLX_CONVERT, ROOT, src, dst, str(bits), str(GROUP), extra[0],
-                    str(SAMPLES), str(SEQ_LEN)])  # fmt: skip
+                    str(SAMPLES), str(SEQ_LEN), *extra[1:]])  # fmt: skip
     if tool == "mlx_lm.convert":
         return run(["-c", MLX_LM_CONVERT, src, dst, str(bits), str(GROUP)])
     return run(["-c", MLX_LM_TOOL, ROOT, tool, str(SAMPLES), "--model", src, "--mlx-path", dst,

@@ -162,6 +162,33 @@ def best_rounding(w: mx.array, tap: Tap, bits: int, group_size: int, dtype):
     return best
 
 
+def _gptq_layers(block: nn.Module, taps: dict[str, Tap], params: dict, dtype) -> dict:
+    """{path: (packed, scales, biases)} by GPTQ for every quantized layer.
+
+    Layers fed the same inputs and quantized alike (q/k/v, gate/up) share H and are run as one
+    stacked matrix: GPTQ treats rows independently, so the result is the same as one by one,
+    in a third of the column steps.
+    """
+    groups: dict[tuple, list[str]] = {}
+    for path in LINEARS:
+        p = params[path]
+        if p is not None:
+            groups.setdefault((id(taps[path]), p["bits"], p["group_size"]), []).append(path)
+    hessians: dict[int, Hessian] = {}
+    out = {}
+    for (tap_id, bits, group_size), paths in groups.items():
+        if tap_id not in hessians:
+            hessians[tap_id] = Hessian(taps[paths[0]].xtx)
+        weights = [_module(block, p).weight for p in paths]
+        packed, s, b = gptq(mx.concatenate(weights), hessians[tap_id], bits, group_size, dtype)
+        start = 0
+        for path, w in zip(paths, weights):
+            end = start + w.shape[0]
+            out[path] = (packed[start:end], s[start:end], b[start:end])
+            start = end
+    return out
+
+
 def quantize_block(
     block: nn.Module,
     h: mx.array,
@@ -184,19 +211,16 @@ def quantize_block(
     taps = collect(block, h, hessian=use_gptq)
     out: dict[str, tuple] = {}
     dense = []
-    hessians: dict[int, Hessian] = {}  # q/k/v and gate/up share their inputs, so their H⁻¹
+    by_gptq = _gptq_layers(block, taps, params, dtype) if use_gptq else {}
     for path in LINEARS:
         lin, p = _module(block, path), params[path]
         if p is None:
             out[path] = (lin.weight.astype(dtype),)
             continue
-        tap = taps[path]
         if use_gptq:
-            if id(tap) not in hessians:
-                hessians[id(tap)] = Hessian(tap.xtx)
-            packed, s, b = gptq(lin.weight, hessians[id(tap)], p["bits"], p["group_size"], dtype)
+            packed, s, b = by_gptq[path]
         else:
-            packed, s, b = best_rounding(lin.weight, tap, p["bits"], p["group_size"], dtype)
+            packed, s, b = best_rounding(lin.weight, taps[path], p["bits"], p["group_size"], dtype)
         mx.eval(packed, s, b)
         out[path] = (packed, s, b)
         w = mx.dequantize(packed, s, b, group_size=p["group_size"], bits=p["bits"])
