@@ -9,6 +9,7 @@ so memory stays bounded like the plain conversion's, whatever the number of bloc
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from qmlx.config import ModelConfig
@@ -36,8 +37,9 @@ def embed(table, tokens: mx.array, out_dtype, block_rows: int = 8192) -> mx.arra
             mx.eval(picked)
             rows.update({i: picked[k] for k, i in enumerate(ids)})
         start = end
-    out = mx.stack([rows[i] for i in flat.tolist()])
-    return out.reshape(*tokens.shape, -1)
+    found = mx.stack([rows[i] for i in wanted])  # (unique ids, hidden)
+    where = np.searchsorted(np.array(wanted), np.array(flat))
+    return found[mx.array(where)].reshape(*tokens.shape, -1)
 
 
 def _read(t) -> mx.array:
