@@ -34,7 +34,7 @@ LINEARS = (
     "mlp.down_proj",
 )
 # Token rows kept per input site for AWQ's scale search (statistics use every token).
-SEARCH_ROWS = 2048
+SEARCH_ROWS = 512
 # Calibration samples run through a block at once.
 CHUNK = 4
 
