@@ -9,7 +9,7 @@ reference in float32): perplexity per text, mean per-token KL(bf16 ‖ quantized
 agreement, size on disk. Nothing is timed (quality does not depend on load, so the rows can run
 beside other work); conversion speed is bench_convert.py's business. mlx-lm's AWQ and GPTQ run through their own
 command-line entry points, fed the same calibration tokens as qmlx (its default calibration
-file is a download, and this machine is offline): 32 samples × 512 tokens of Python's standard
+file is a download, and this machine is offline): 8 samples × 512 tokens of Python's standard
 library, which excludes textwrap.py, the code text scored here. Their fallback/embedding bits
 are set to the same bits, so every row of a bit width has the same bits per weight (except
 where noted by the size column). Each step runs in its own process with a time limit; rows are
@@ -35,7 +35,9 @@ SHARED = os.environ.get("QMLX_SHARED", os.path.join(ROOT, "..", "shared"))
 TEXTS = os.path.join(SHARED, "fixtures", "texts")
 DOCS = os.path.join(ROOT, "docs", "quantization.md")
 BEGIN, END = "<!-- quant-methods:begin -->", "<!-- quant-methods:end -->"
-SAMPLES, SEQ_LEN, GROUP = 32, 512, 64
+# 8 samples, not qmlx's default 32: each calibrated conversion runs the samples through every
+# block two or three times, which on the shared 2-core CPU took ~40 minutes with 32.
+SAMPLES, SEQ_LEN, GROUP = 8, 512, 64
 STEP_TIMEOUT = 1500
 
 QMLX_CONVERT = r"""
