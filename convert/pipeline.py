@@ -19,8 +19,13 @@ import mlx.core as mx
 
 from qmlx.config import ModelConfig
 from qmlx.quant import check_params, layer_params, plan, quantize
+from qmlx.quant.recipes import choose_by_sensitivity, layer_index, measured_recipe
+from qmlx.quant.calibrate import CALIBRATED, METHODS
+from qmlx.quant.search import quantize_searched
+from qmlx.tokenizer import Tokenizer
 
-from . import card
+from . import calibrated, card
+from .calib import calibration_tokens
 from .errors import ConvertError
 from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantizable
 from .sources import Source, open_source
@@ -42,14 +47,25 @@ def convert(
     force: bool = False,
     dequantize: bool = False,
     progress: bool = True,
+    method: str = "rtn",
+    calib: str | None = None,
+    calib_samples: int = 32,
+    calib_seq_len: int = 512,
 ) -> str:
     """Convert SRC (HF folder, hub id, quantized folder or .gguf) into a qmlx/MLX folder DST.
 
     Quantizes to `bits` with `group_size` (per `recipe`), or with `dequantize=True` writes
     unquantized weights in `dtype` (a quantized source is dequantized). `dtype` (float16,
     bfloat16, float32) is that of unquantized tensors, scales and biases; default: the
-    source's `torch_dtype`. Returns DST's path.
+    source's `torch_dtype`. `method` picks how weights are rounded (see
+    `qmlx.quant.calibrate.METHODS`); calibrated methods run `calib_samples` samples of
+    `calib_seq_len` tokens from `calib` (a text/JSONL file or folder; default: Python's
+    standard library) through the model block by block. Returns DST's path.
     """
+    if method not in METHODS:
+        raise ConvertError(f"--method {method!r} is not one of {', '.join(METHODS)}")
+    if dequantize and method in CALIBRATED:
+        raise ConvertError(f"--method {method} quantizes; it has no use with --dequantize")
     if not dequantize:
         check_params(bits, group_size, "--bits/--group-size")
     elif recipe is not None:
@@ -76,10 +92,15 @@ def convert(
     layers = {
         n.removesuffix(".weight"): t.shape[1] for n, t in tensors.items() if quantizable(n, t.shape)
     }
+    measured = None if dequantize else measured_recipe(recipe)
+    if measured and method not in CALIBRATED:
+        raise ConvertError(
+            f"--recipe {recipe} measures layers on calibration text; use it with --method "
+            f"{' or '.join(CALIBRATED)}"
+        )
     quantization = None
-    if not dequantize:
+    if not dequantize and not measured:
         quantization = plan(layers, config.num_hidden_layers, bits, group_size, recipe)
-    jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
     n_params = sum(math.prod(t.shape) for t in tensors.values())
 
     parent = os.path.dirname(dst)
@@ -90,14 +111,27 @@ def convert(
     old_cache_limit = mx.set_cache_limit(0)  # freed blocks go back to the OS, not a cache
     writer = None
     try:
+        source.write_side_files(tmp)
+        _complete_side_files(tmp, source.config)
+        tokens = None
+        if method in CALIBRATED and not dequantize:
+            tokens = calibration_tokens(
+                Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len
+            )
+        if measured:
+            low, high = measured
+            damage = calibrated.measure(tensors, config, tokens, low, group_size, out_dtype)
+            quantization = choose_by_sensitivity(
+                layers, config.num_hidden_layers, low, high, group_size, damage
+            )
+        jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
         metadata = {"format": "mlx" if quantization else "pt"}
         writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
-        _run(jobs, out_dtype, writer, progress)
+        calib_state = None if tokens is None else (config, tokens, quantization, method)
+        _run(jobs, out_dtype, writer, progress, method, calib_state, tensors)
         weight_map = writer.close()
         card.write_index(tmp, weight_map, writer.total_size, n_params)
         card.write_config(tmp, source.config, quantization, dtype_name)
-        source.write_side_files(tmp)
-        _complete_side_files(tmp, source.config)
         card.write_card(
             tmp,
             os.path.basename(dst),
@@ -181,7 +215,8 @@ def _job(t, quantization: dict | None, out_dtype):
     return t, outs, params
 
 
-def _run(jobs, out_dtype, writer: ShardWriter, show: bool) -> None:
+def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, tensors) -> None:
+    """Write every job's outputs; with `calib_state`, decoder blocks go through calibration."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -202,17 +237,33 @@ def _run(jobs, out_dtype, writer: ShardWriter, show: bool) -> None:
     ]
     with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
         task = bar.add_task("converting", total=total)
+        h, done = None, set()
         for i, (t, outs, params) in enumerate(jobs):
             bar.update(task, description=f"tensor {i + 1}/{len(jobs)}")
-            _convert_tensor(t, outs, params, out_dtype, writer)
+            index = layer_index(t.name)
+            if calib_state is None or index is None:
+                # Embeddings and head are rounded to nearest: calibration only sees the blocks,
+                # and on the fixture the data-free range search made the tied head worse.
+                rounding = "rtn" if method in CALIBRATED else method
+                _convert_tensor(t, outs, params, out_dtype, writer, rounding)
+            elif index not in done:
+                config, tokens, quantization, method = calib_state
+                if h is None:
+                    h = calibrated.embed(tensors[calibrated.EMBED], tokens, out_dtype)
+                bar.update(task, description=f"calibrating block {index + 1}")
+                h = calibrated.convert_block(
+                    index, tensors, config, h, quantization, method, out_dtype, writer
+                )
+                done.add(index)
             bar.advance(task, t.nbytes)
 
 
-def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter) -> None:
+def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter, method="rtn") -> None:
     """Read, cast, (quantize) and write one tensor, a block of rows at a time.
 
     Quantizing after the cast matches what loading in `out_dtype` and quantizing would give
-    (mlx-lm's order), so both tools produce the same bytes from the same source.
+    (mlx-lm's order), so `rtn` produces the same bytes as mlx-lm from the same source; `clip`
+    searches each group's range (row-local too, so blocks still quantize as the whole would).
     """
     rows = t.shape[0]
     row_elems = math.prod(t.shape[1:])
@@ -223,7 +274,10 @@ def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter) -> None:
             mx.eval(block)
             writer.write(outs[0].name, start, block)
             continue
-        parts = quantize(block, params["bits"], params["group_size"])
+        if method == "rtn":
+            parts = quantize(block, params["bits"], params["group_size"])
+        else:
+            parts = quantize_searched(block, params["bits"], params["group_size"], dtype=out_dtype)
         mx.eval(parts)
         for spec, part in zip(outs, parts):
             writer.write(spec.name, start, part)

@@ -223,6 +223,7 @@ def run_cache_prompt(args) -> int:
 @command
 def add_convert(sub) -> None:
     from .quant.groups import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+    from .quant.calibrate import METHODS
     from .quant.recipes import RECIPES
 
     p = sub.add_parser(
@@ -245,6 +246,22 @@ def add_convert(sub) -> None:
     p.add_argument(
         "--dequantize", action="store_true", help="write unquantized weights (e.g. from a quantized SRC)"
     )
+    p.add_argument(
+        "--method",
+        default="rtn",
+        choices=list(METHODS),
+        help="how weights are rounded: " + "; ".join(f"{k}: {v}" for k, v in METHODS.items()),
+    )
+    p.add_argument(
+        "--calib",
+        metavar="FILE|DIR",
+        help="calibration text (text files or JSONL with a \"text\" field) for awq/gptq "
+        "(default: Python's standard library source)",
+    )
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default 32)")
+    p.add_argument(
+        "--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)"
+    )
     p.set_defaults(run=run_convert)
 
 
@@ -262,8 +279,38 @@ def run_convert(args) -> int:
         force=args.force,
         dequantize=args.dequantize,
         progress=sys.stderr.isatty(),
+        method=args.method,
+        calib=args.calib,
+        calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len,
     )
     print(out)
+    return 0
+
+
+@command
+def add_quality(sub) -> None:
+    p = sub.add_parser(
+        "quality", help="compare a (quantized) model with its reference: perplexity, KL, top-1"
+    )
+    p.add_argument("--model", "-m", required=True, help="the model to judge (folder or hub id)")
+    p.add_argument("--reference", "-r", required=True, help="the reference, e.g. the bf16 source")
+    p.add_argument(
+        "--files",
+        "-f",
+        nargs="+",
+        help="UTF-8 texts to score (default: textwrap.py of Python's standard library)",
+    )
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens scored per file")
+    p.add_argument("--ctx", type=int, default=1024, help="tokens per evaluation window")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    p.set_defaults(run=run_quality)
+
+
+def run_quality(args) -> int:
+    from .quality import report
+
+    report(args.model, args.reference, args.files, args.max_tokens, args.ctx, args.dtype)
     return 0
 
 

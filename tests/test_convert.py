@@ -105,9 +105,9 @@ def test_mlx_lm_output_loads_in_qmlx_with_same_logits(src, tmp_path):
     np.testing.assert_allclose(logits(dst), mlx_lm_logits(dst), atol=1e-4)
 
 
-def test_same_bytes_as_mlx_lm_convert(tied_src, tmp_path):
+def test_rtn_gives_the_same_bytes_as_mlx_lm_convert(tied_src, tmp_path):
     ours, theirs = str(tmp_path / "ours"), str(tmp_path / "theirs")
-    run_convert(tied_src, ours, bits=8, group_size=32, progress=False)
+    run_convert(tied_src, ours, bits=8, group_size=32, progress=False, method="rtn")
     _mlx_lm_convert(tied_src, theirs, q_bits=8, q_group_size=32)
     a, b = _tensors(ours), _tensors(theirs)
     assert set(a) == set(b)

@@ -26,8 +26,11 @@ RECIPES = {
     "mixed-3-6": "3 bits; sensitive layers, embeddings and head at 6",
     "mixed-4-6": "4 bits; sensitive layers, embeddings and head at 6",
     "mixed-4-8": "4 bits; sensitive layers, embeddings and head at 8",
+    "auto-L-H": "like mixed-L-H and the same size, but the block layers that get H bits are "
+    "the ones whose quantization error was measured to hurt most (calibrated)",
 }
 _MIXED = re.compile(r"^mixed-(\d)-(\d)$")
+_AUTO = re.compile(r"^auto-(\d)-(\d)$")
 # Projections whose errors hurt most: v_proj feeds every attention output unchanged by RoPE
 # or softmax, down_proj sums the widest activations of the block.
 SENSITIVE_PROJECTIONS = ("self_attn.v_proj", "mlp.down_proj")
@@ -52,6 +55,46 @@ def is_sensitive_layer(index: int, n_layers: int) -> bool:
     return index < eighth or index >= n_layers - eighth or (index - eighth) % 3 == 2
 
 
+def measured_recipe(recipe: str | None) -> tuple[int, int] | None:
+    """(low, high) bits of an `auto-L-H` recipe (which needs measured sensitivities), else None."""
+    m = _AUTO.match(recipe or "")
+    if not m:
+        return None
+    low, high = int(m.group(1)), int(m.group(2))
+    check_params(low, 64, f"--recipe {recipe}")
+    check_params(high, 64, f"--recipe {recipe}")
+    if low >= high:
+        raise QuantizationError(f"--recipe {recipe!r}: the first bits must be lower (auto-L-H)")
+    return low, high
+
+
+def choose_by_sensitivity(
+    layers: dict[str, int], n_layers: int, low: int, high: int, group_size: int, sensitivity: dict
+) -> dict:
+    """The `auto-L-H` plan: mixed-L-H's extra bits moved onto the measured-worst block layers.
+
+    `sensitivity` maps block-layer paths to the damage measured with that layer alone at `low`
+    bits; `layers` maps paths to input dims. The high-bit budget is the number of block weights
+    mixed-L-H would give high bits (so both recipes have the same size), spent greedily on the
+    layers with the most damage per weight.
+    """
+    fixed = plan(layers, n_layers, low, group_size, f"mixed-{low}-{high}")
+    budget = sum(
+        sensitivity.get(p, {}).get("numel", 0) for p in fixed if p in sensitivity and fixed[p]
+    )
+    config = {k: v for k, v in fixed.items() if k in GLOBAL_KEYS or layer_index(k) is None}
+    ranked = sorted(sensitivity, key=lambda p: -sensitivity[p]["damage"] / sensitivity[p]["numel"])
+    for path in ranked:
+        numel = sensitivity[path]["numel"]
+        if numel <= budget and layers.get(path, 1) % group_size == 0:
+            config[path] = {"group_size": group_size, "bits": high}
+            budget -= numel
+    for path, in_dims in layers.items():
+        if in_dims % group_size:
+            config[path] = False
+    return config
+
+
 def parse_recipe(recipe: str | None, bits: int) -> tuple[int, int | None, bool]:
     """(low bits, high bits or None, whether sensitive blocks get the high bits)."""
     if recipe in (None, "uniform"):
@@ -66,7 +109,8 @@ def parse_recipe(recipe: str | None, bits: int) -> tuple[int, int | None, bool]:
         if low < high:
             return low, high, True
     raise QuantizationError(
-        f"--recipe {recipe!r} is unknown; choose from {', '.join(RECIPES)} (or mixed-L-H, L < H)"
+        f"--recipe {recipe!r} is unknown; choose from {', '.join(RECIPES)} "
+        "(mixed-L-H and auto-L-H with L < H)"
     )
 
 

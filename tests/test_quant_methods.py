@@ -1,0 +1,267 @@
+"""Searched ranges, AWQ folding, GPTQ, calibration text, and the quality report (fast tier)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tiny import random_model, tiny_config, write_folder
+
+from convert import convert
+from convert.calib import calibration_tokens, read_texts, stdlib_files
+from convert.errors import ConvertError
+from qmlx.loader import load_model
+from qmlx.quality import compare
+from qmlx.quant import awq
+from qmlx.quant.calibrate import METHODS, collect, scale_block
+from qmlx.quant.gptq import gptq
+from qmlx.quant.search import pack, quantize_searched
+from qmlx.tokenizer import Tokenizer
+
+IDS = mx.array([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42, 43, 200]])
+
+
+def _dequant(triple, bits, gs=64):
+    return mx.dequantize(*triple, group_size=gs, bits=bits).astype(mx.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_pack_is_mlx_layout(bits):
+    w = mx.random.normal((16, 128), key=mx.random.key(bits))
+    packed, s, b = mx.quantize(w, group_size=64, bits=bits)
+    codes = (_dequant((packed, s, b), bits) - mx.repeat(b, 64, axis=1)) / mx.repeat(s, 64, axis=1)
+    q = np.rint(np.array(codes)).astype(np.uint8)
+    np.testing.assert_array_equal(pack(q, bits), np.array(packed))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_searched_ranges_beat_round_to_nearest(bits):
+    rng = np.random.default_rng(bits)
+    w = rng.standard_t(3, size=(256, 512)).astype(np.float32) * 0.02  # heavy tails: outliers
+    w = mx.array(w)
+    rtn = ((_dequant(mx.quantize(w, group_size=64, bits=bits), bits) - w) ** 2).mean().item()
+    searched = ((_dequant(quantize_searched(w, bits, 64, dtype=mx.float32), bits) - w) ** 2).mean()
+    assert searched.item() < 0.9 * rtn
+
+
+def _correlated(n, cols, seed=0):
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(cols, cols)) / np.sqrt(cols)
+    x = rng.normal(size=(n, cols)) @ mix + 0.1 * rng.normal(size=(n, cols))
+    return mx.array((x * rng.lognormal(0, 1, size=cols)).astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_reduces_layer_output_error_vs_rtn(bits):
+    x = _correlated(1024, 256)
+    w = mx.array(np.random.default_rng(1).normal(size=(96, 256)).astype(np.float32) * 0.02)
+    ref = x @ w.T
+
+    def err(triple):
+        return ((x @ _dequant(triple, bits).T - ref) ** 2).mean().item()
+
+    rtn = err(mx.quantize(w, group_size=64, bits=bits))
+    assert err(gptq(w, x.T @ x, bits, 64, dtype=mx.float32)) < 0.6 * rtn
+
+
+def test_awq_folds_leave_unquantized_logits_unchanged():
+    """Random positive scales, folded at all four sites (with GQA heads tied)."""
+    cfg = tiny_config()  # 4 query heads share 2 kv heads
+    model = random_model(cfg)
+    before = np.array(model(IDS))
+    key = mx.random.key(7)
+    for block in model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        d, h = cfg["hidden_size"], cfg["intermediate_size"]
+        s = mx.exp(mx.random.normal((d,), key=key))
+        awq.fold_into_norm(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], s)
+        s = mx.exp(mx.random.normal((d,), key=key))
+        awq.fold_into_norm(block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], s)
+        o_in = attn.n_heads * attn.head_dim
+        s_v, s_o = awq.tie_heads(mx.exp(mx.random.normal((o_in,), key=key)), 4, 2)
+        awq.fold_into_linear(attn.v_proj, attn.o_proj, s_v, s_o)
+        s = mx.exp(mx.random.normal((h,), key=key))
+        awq.fold_into_linear(mlp.up_proj, mlp.down_proj, s, s)
+    np.testing.assert_allclose(np.array(model(IDS)), before, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_searched_scales_leave_unquantized_logits_unchanged():
+    model = random_model(tiny_config(hidden_size=128, intermediate_size=256))
+    before = np.array(model(IDS))
+    h = model.model.embed_tokens(mx.random.randint(0, 256, (2, 32), key=mx.random.key(3)))
+    params = dict.fromkeys(
+        ["self_attn." + p for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        + ["mlp." + p for p in ("gate_proj", "up_proj", "down_proj")],
+        {"bits": 3, "group_size": 64},
+    )
+    changed = False
+    for block in model.layers:
+        norm_before = np.array(block.input_layernorm.weight)
+        scale_block(block, collect(block, h, hessian=False), params, 4, 2)
+        changed |= not np.allclose(np.array(block.input_layernorm.weight), norm_before)
+        h = block(h, "causal")
+    assert changed, "the search chose no scaling at all; the test would prove nothing"
+    np.testing.assert_allclose(np.array(model(IDS)), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("methods") / "src")
+    cfg = tiny_config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, torch_dtype="bfloat16",
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    write_folder(path, cfg, shards=2, dtype=mx.bfloat16)
+    return path
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("calib") / "calib.jsonl")
+    with open(path, "w") as f:
+        for name in ("json", "os", "random"):
+            f.write(json.dumps({"text": open(sys.modules[name].__file__).read()[:3000]}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_loads_in_mlx_lm_and_qmlx_with_same_logits(src, calib_file, method, tmp_path):
+    import mlx_lm
+
+    dst = convert(
+        src, str(tmp_path / method), bits=3, method=method, calib=calib_file,
+        calib_samples=4, calib_seq_len=64, progress=False,
+    )  # fmt: skip
+    ours = np.array(load_model(dst, dtype="float32")(IDS))
+    theirs, _ = mlx_lm.load(dst)
+    theirs.set_dtype(mx.float32)
+    np.testing.assert_allclose(ours, np.array(theirs(IDS).astype(mx.float32)), atol=1e-4)
+    with open(os.path.join(dst, "config.json")) as f:
+        assert json.load(f)["quantization"]["bits"] == 3
+
+
+def test_default_calibration_is_the_standard_library_without_the_evaluation_text(src):
+    files = stdlib_files()
+    assert len(files) > 100 and not any(f.endswith(os.sep + "textwrap.py") for f in files)
+    tokens = calibration_tokens(Tokenizer.from_folder(src), None, 3, 50)
+    assert tokens.shape == (3, 50)
+
+
+def test_calibration_refusals_name_the_file(src, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(ConvertError, match=r"bad.jsonl:2: expected an object"):
+        read_texts(str(bad))
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    with pytest.raises(ConvertError, match="short.txt: has 4 tokens"):
+        calibration_tokens(Tokenizer.from_folder(src), str(short), 4, 64)
+    with pytest.raises(ConvertError, match="--method"):
+        convert(src, str(tmp_path / "x"), method="nope", progress=False)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def _log_softmax(a):
+    a = a - a.max(-1, keepdims=True)
+    return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+
+def test_quality_matches_numpy_on_full_logits():
+    cfg = tiny_config()
+    ref, other = random_model(cfg, seed=0), random_model(cfg, seed=1)
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, 256, 40)]
+    q = compare(other, ref, ids, ctx=16)  # windows of 16, 16 and 8 tokens
+    kl, agree, nq, nr, n = 0.0, 0, 0.0, 0.0, 0
+    for start in range(0, len(ids), 16):
+        w = ids[start : start + 16]
+        lq = _log_softmax(np.array(other(mx.array([w[:-1]]))[0], dtype=np.float64))
+        lr = _log_softmax(np.array(ref(mx.array([w[:-1]]))[0], dtype=np.float64))
+        kl += (np.exp(lr) * (lr - lq)).sum()
+        agree += (lq.argmax(-1) == lr.argmax(-1)).sum()
+        t = np.array(w[1:])
+        nq -= lq[np.arange(len(t)), t].sum()
+        nr -= lr[np.arange(len(t)), t].sum()
+        n += len(t)
+    assert q.n == n == 37
+    np.testing.assert_allclose([q.kl, q.top1, q.nll_model, q.nll_reference],
+                               [kl / n, agree / n, nq / n, nr / n], rtol=1e-4)  # fmt: skip
+    same = compare(ref, ref, ids)
+    assert same.kl == pytest.approx(0, abs=1e-5) and same.top1 == 1.0
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "qmlx", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_quality_table_and_one_line_refusal(src, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(open(sys.modules["json"].__file__).read()[:2000])
+    r = _cli("quality", "-m", src, "-r", src, "--files", str(text), "--max-tokens", "100")
+    assert r.returncode == 0, r.stderr
+    assert "top-1" in r.stdout and "100.00%" in r.stdout and "+0.00%" in r.stdout
+    r = _cli("quality", "-m", src, "-r", src, "--files", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and "missing.txt" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_auto_recipe_spends_mixed_budget_on_the_most_damaged_layers():
+    from qmlx.quant.recipes import choose_by_sensitivity, plan
+
+    n_layers, d, h = 8, 128, 256
+    layers = {"model.embed_tokens": d}
+    for i in range(n_layers):
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj"):  # fmt: skip
+            layers[f"model.layers.{i}.{p}"] = d
+        layers[f"model.layers.{i}.mlp.down_proj"] = h
+    numel = {p: d * (h if p.endswith(("gate_proj", "up_proj")) else d) for p in layers}
+    numel.update({p: d * h for p in layers if p.endswith("down_proj")})
+    rng = np.random.default_rng(0)
+    damage = {p: {"damage": float(rng.random()), "numel": numel[p]} for p in layers
+              if p.startswith("model.layers.")}  # fmt: skip
+    damage["model.layers.3.mlp.gate_proj"]["damage"] = 1e6  # far the worst
+    fixed = plan(layers, n_layers, 4, 64, "mixed-4-6")
+    auto = choose_by_sensitivity(layers, n_layers, 4, 6, 64, damage)
+
+    def high(cfg):
+        return {p for p, v in cfg.items() if isinstance(v, dict) and v["bits"] == 6}
+
+    assert "model.layers.3.mlp.gate_proj" in high(auto)
+    assert "model.embed_tokens" in high(auto)
+    blocks = lambda cfg: sum(numel[p] for p in high(cfg) if p.startswith("model.layers."))  # noqa: E731
+    assert 0 < blocks(auto) <= blocks(fixed)
+    # Nothing left out could still have fit and has more damage per weight than a chosen one.
+    chosen = [p for p in high(auto) if p in damage]
+    worst_kept = min(damage[p]["damage"] / numel[p] for p in chosen)
+    left = blocks(fixed) - blocks(auto)
+    assert all(
+        damage[p]["damage"] / numel[p] <= worst_kept or numel[p] > left
+        for p in damage if p not in chosen
+    )  # fmt: skip
+
+
+def test_auto_recipe_converts_and_loads_in_mlx_lm(calib_file, tmp_path):
+    import mlx_lm
+
+    src = str(tmp_path / "src3")  # with 3 blocks, mixed-3-6 gives block 2 high bits: a budget
+    write_folder(src, tiny_config(hidden_size=128, intermediate_size=256, num_hidden_layers=3))
+    dst = convert(
+        src, str(tmp_path / "auto"), bits=3, recipe="auto-3-6", method="gptq", calib=calib_file,
+        calib_samples=4, calib_seq_len=64, progress=False,
+    )  # fmt: skip
+    with open(os.path.join(dst, "config.json")) as f:
+        q = json.load(f)["quantization"]
+    assert any(isinstance(v, dict) and v["bits"] == 6 and ".layers." in k for k, v in q.items())
+    theirs, _ = mlx_lm.load(dst)
+    theirs.set_dtype(mx.float32)
+    ours = np.array(load_model(dst, dtype="float32")(IDS))
+    np.testing.assert_allclose(ours, np.array(theirs(IDS).astype(mx.float32)), atol=1e-4)
+    with pytest.raises(ConvertError, match="--recipe auto-3-6 measures"):
+        convert(src, str(tmp_path / "x"), bits=3, recipe="auto-3-6", method="rtn", progress=False)
