@@ -1111,8 +1111,9 @@ def serve(
     max_concurrency: int = 4,
     dtype=None,
     max_body: int = DEFAULT_MAX_BODY,
+    adapter: str | None = None,
 ) -> None:
-    """Load `model` and serve it until interrupted (the `qmlx serve` command)."""
+    """Load `model` (with a LoRA `adapter`) and serve it until interrupted (`qmlx serve`)."""
     import uvicorn
 
     from .loader import load
@@ -1125,7 +1126,7 @@ def serve(
             f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    m, tokenizer = load(model, dtype=dtype)
+    m, tokenizer = load(model, dtype=dtype, adapter=adapter)
     model_id = os.path.basename(model.rstrip("/")) if os.path.isdir(model) else model
     engine = Engine(m, tokenizer, model_id=model_id, max_concurrency=max_concurrency)
     engine.start()

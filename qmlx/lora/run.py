@@ -6,6 +6,7 @@ ordering and the trainer together, and prints. The pieces it calls never print.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -111,3 +112,12 @@ def check_out(out: str, resume: str | None, force: bool) -> None:
     for name in ("train_config.json", "metrics.jsonl", WEIGHTS, CONFIG):
         if os.path.exists(os.path.join(out, name)):
             os.remove(os.path.join(out, name))
+
+
+def report_test(trainer: Trainer, log=print) -> None:
+    """The final adapter's loss on test.jsonl (if present)."""
+    if "test" not in trainer.data:
+        log("no test.jsonl: nothing to test")
+        return
+    loss = trainer.evaluate(trainer.data["test"])
+    log(f"test loss {loss:.4f}, perplexity {math.exp(loss):.3f}")

@@ -4,10 +4,10 @@ A run writes into its output folder:
   adapters.safetensors, adapter_config.json   the final adapter (also the latest checkpoint's)
   train_config.json                           every setting, so `--resume` needs nothing else
   metrics.jsonl                               one JSON object per report / validation, for plots
-  checkpoints/step-NNNNNN/                    adapter + optimizer state + RNG + order state
-Resuming restores the adapter, the optimizer's moments and step, MLX's random state (dropout)
-and the ordering's state; batches are a pure function of the step, so the resumed losses equal
-an uninterrupted run's.
+  checkpoints/step-NNNNNN/                    adapter + optimizer state + order state
+Resuming restores the adapter, the optimizer's moments and step, and the ordering's state;
+batches and dropout masks are pure functions of (seed, step), so the resumed losses equal an
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -138,7 +138,11 @@ class Trainer:
         """One optimizer step over `grad_accum` micro-batches; (mean loss, target tokens)."""
         cfg, grads, losses, ntoks = self.cfg, None, [], 0
         for micro in range(cfg.grad_accum):
-            idx = self.order.batch(self.step * cfg.grad_accum + micro)
+            k = self.step * cfg.grad_accum + micro
+            # Dropout's randomness is a function of (seed, micro-batch), so a resumed run
+            # draws the same masks without saving the generator.
+            mx.random.seed(cfg.seed * 1_000_003 + k)
+            idx = self.order.batch(k)
             (loss, n), g = self._value_and_grad(self.model, *make_batch(self.train_set, idx))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             mx.eval(grads, loss, n)
@@ -154,13 +158,15 @@ class Trainer:
         return float(np.mean(losses)), ntoks
 
     def validate(self) -> float:
-        """Target-token-weighted mean loss on the valid set (in a fixed, length-sorted order)."""
-        valid = self.data["valid"]
+        return self.evaluate(self.data["valid"], self.cfg.val_batches)
+
+    def evaluate(self, valid: Dataset, max_batches: int = 0) -> float:
+        """Target-token-weighted mean loss on a split (in a fixed, length-sorted order)."""
         idx = np.argsort(valid.lengths, kind="stable")
         total, count = 0.0, 0.0
         self.model.train(False)
         for b, start in enumerate(range(0, len(idx), self.cfg.batch_size)):
-            if self.cfg.val_batches and b >= self.cfg.val_batches:
+            if max_batches and b >= max_batches:
                 break
             loss, n = loss_fn(self.model, *make_batch(valid, idx[start : start + self.cfg.batch_size]))
             mx.eval(loss, n)
@@ -219,14 +225,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:
-        """Adapter + optimizer + RNG + order state at this step, written to a temp dir then renamed."""
+        """Adapter + optimizer + order state at this step, written to a temp dir then renamed."""
         root = os.path.join(self.out, CHECKPOINTS)
         final = os.path.join(root, f"step-{self.step:06d}")
         tmp = final + f".tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         save_adapter(self.model, tmp, self.cfg.adapter_config())
         state = dict(tree_flatten(self.optimizer.state))
-        state["__rng__"] = mx.random.state[0]
         if self.order.scores is not None:
             state["__order_scores__"] = mx.array(self.order.scores.astype(np.float32))
         mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"), state)
@@ -245,7 +250,6 @@ class Trainer:
         weights = mx.load(os.path.join(folder, WEIGHTS))
         self.model.load_weights(list(weights.items()), strict=False)
         state = mx.load(os.path.join(folder, "optimizer.safetensors"))
-        mx.random.state[0] = state.pop("__rng__")
         state.pop("__order_scores__", None)
         self.optimizer.init(self.model.trainable_parameters())
         self.optimizer.state = tree_unflatten(list(state.items()))
@@ -277,6 +281,22 @@ def latest_checkpoint(folder: str) -> str:
     if not steps:
         raise UserError(f"--resume {folder}: no checkpoint found (expected {CHECKPOINTS}/step-NNNNNN/)")
     return os.path.join(root, steps[-1])
+
+
+def resume_run(path: str) -> tuple[str, TrainConfig]:
+    """(run folder, its saved settings) for a --resume path: a run folder or one of its checkpoints."""
+    path = os.path.normpath(path)
+    run = path
+    if os.path.basename(os.path.dirname(path)) == CHECKPOINTS:
+        run = os.path.dirname(os.path.dirname(path))
+    saved = os.path.join(run, "train_config.json")
+    if not os.path.exists(saved):
+        raise UserError(f"--resume {path}: no train_config.json in {run} (not a `qmlx lora` output folder)")
+    with open(saved, encoding="utf-8") as f:
+        try:
+            return run, TrainConfig.from_dict(json.load(f))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise UserError(f"{saved}: cannot be read ({e})") from None
 
 
 def save_config(cfg: TrainConfig, out: str) -> None:
