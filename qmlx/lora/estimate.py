@@ -118,8 +118,8 @@ def estimate(config: dict, bits: int | None, group_size: int = 64, rank: int = 8
         keep += 2 * (2 * d + q + inter)  # dropped inputs and masks of the adapted inputs
     per_block = T * keep * dtype_bytes + 2 * batch_size * c.num_attention_heads * seq_len**2 * dtype_bytes
     activations = adapted * per_block + (n_layers - adapted) * T * d * dtype_bytes
-    # Checkpointed: block inputs only, plus one block recomputed (and its gradients) at a time.
-    activations_ckpt = n_layers * T * d * dtype_bytes + 2 * per_block
+    # Checkpointed: block inputs only, plus one block recomputed at a time.
+    activations_ckpt = n_layers * T * d * dtype_bytes + per_block
     logits = T * vocab * (dtype_bytes + 4 + 4)
 
     dequant = dequant_ckpt = 0.0

@@ -25,6 +25,7 @@ def prepare(cfg: TrainConfig, out: str, dtype=None, resume: str | None = None, l
     """A Trainer ready to run (model loaded and wrapped, data tokenized, difficulty scored)."""
     from ..loader import load, resolve
 
+    cfg.validate()
     folder = resolve(cfg.model)
     model, tokenizer = load(folder, dtype=dtype)
     data = load_data(cfg.data, tokenizer, cfg.max_seq_len, cfg.train_on_prompt)
@@ -44,9 +45,9 @@ def prepare(cfg: TrainConfig, out: str, dtype=None, resume: str | None = None, l
     apply_lora(model, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.num_layers)
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
+    trainer = Trainer(model, data, cfg, out, scores)  # checks the settings before anything is written
     os.makedirs(out, exist_ok=True)
     save_config(cfg, out)
-    trainer = Trainer(model, data, cfg, out, scores)
     if resume:
         ckpt = latest_checkpoint(resume)
         trainer.load_checkpoint(ckpt)
