@@ -19,10 +19,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import qmlx  # noqa: E402  (loads OpenBLAS before mlx.core)
-import mlx.core as mx  # noqa: E402
-
-import stdlib_instructions  # noqa: E402
+import qmlx  # noqa: I001  (loads OpenBLAS before mlx.core)
+import mlx.core as mx
+import stdlib_instructions
 
 
 def main() -> None:
@@ -67,7 +66,9 @@ def main() -> None:
     fuse(q4, out, fused_dir, force=True)
     fused, _ = qmlx.load(fused_dir)
     answers = []
-    for rec in [json.loads(line) for line in open(os.path.join(data, "valid.jsonl"))][:3]:
+    with open(os.path.join(data, "valid.jsonl"), encoding="utf-8") as f:
+        valid = [json.loads(line) for line in f]
+    for rec in valid[:3]:
         prompt = tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True)
         answers.append({
             "question": rec["messages"][1]["content"], "docstring": rec["messages"][2]["content"],

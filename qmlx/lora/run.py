@@ -14,11 +14,11 @@ import sys
 import mlx.core as mx
 
 from ..errors import UserError
+from .adapters import CONFIG, WEIGHTS
 from .apply import adapter_weights, apply_lora, checkpoint_blocks
 from .data import load_data
 from .score import difficulty
-from .adapters import CONFIG, WEIGHTS
-from .trainer import CHECKPOINTS, Trainer, TrainConfig, latest_checkpoint, save_config
+from .trainer import CHECKPOINTS, TrainConfig, Trainer, latest_checkpoint, save_config
 
 
 def prepare(cfg: TrainConfig, out: str, dtype=None, resume: str | None = None, log=print):
