@@ -378,6 +378,7 @@ def add_lora(sub) -> None:
     g.add_argument("--order", choices=ORDERS, default="random")
     g.add_argument("--band", default="0.3,0.8", help="adaptive: quantiles of current loss to train on")
     g.add_argument("--rescore-every", type=int, default=100, help="adaptive: steps between re-scoring")
+    g.add_argument("--rescore-pool", type=int, default=512, help="adaptive: samples re-scored each time (0: all)")
     g = p.add_argument_group("reporting")
     g.add_argument("--report-every", type=int, default=10)
     g.add_argument("--val-every", type=int, default=100)
@@ -413,7 +414,8 @@ def run_lora(args) -> int:
             grad_accum=args.grad_accum, grad_clip=args.grad_clip, grad_checkpoint=args.grad_checkpoint,
             max_seq_len=args.max_seq_len, train_on_prompt=args.train_on_prompt, schedule=args.schedule,
             warmup=args.warmup, min_lr=args.min_lr, seed=args.seed, order=args.order,
-            band=parse_band(args.band), rescore_every=args.rescore_every, report_every=args.report_every,
+            band=parse_band(args.band), rescore_every=args.rescore_every,
+            rescore_pool=args.rescore_pool, report_every=args.report_every,
             val_every=args.val_every, val_batches=args.val_batches, save_every=args.save_every,
         )  # fmt: skip
         out = args.adapter_path

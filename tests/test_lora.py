@@ -194,7 +194,8 @@ def _trainer(tiny, out, order="random", iters=8, **kw):
     apply_lora(model, rank=4, alpha=8.0, dropout=0.1)
     os.makedirs(out, exist_ok=True)
     cfg = TrainConfig(model=str(tiny / "m"), iters=iters, lr=5e-3, batch_size=4, grad_accum=2, warmup=2,
-                      report_every=1, val_every=3, save_every=3, order=order, rescore_every=2, dropout=0.1,
+                      report_every=1, val_every=3, save_every=3, order=order, rescore_every=2, rescore_pool=12,
+                      dropout=0.1,
                       rank=4, alpha=8.0, **kw)
     return Trainer(model, data, cfg, str(out), scores)
 
@@ -202,7 +203,7 @@ def _trainer(tiny, out, order="random", iters=8, **kw):
 def _losses(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    return [(r["step"], r.get("train_loss"), r.get("val_loss")) for r in rows if "in_band" not in r]
+    return [(r["step"], r.get("train_loss"), r.get("val_loss"), r.get("in_band")) for r in rows]
 
 
 @pytest.mark.parametrize("order", ["random", "adaptive"])
@@ -221,19 +222,28 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny, tmp_path, or
     a = mx.load(str(tmp_path / "full" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "part" / "adapters.safetensors"))
     assert all(mx.array_equal(a[k], b[k]) for k in a)
-    vals = [v for _, _, v in _losses(tmp_path / "full") if v is not None]
+    vals = [v for _, _, v, _ in _losses(tmp_path / "full") if v is not None]
     assert vals[-1] < vals[0], "training lowers the validation loss"
 
 
 # ---------------------------------------------------------------- CLI: train, use, fuse, export
-def test_cli_train_generate_fuse(tiny, tmp_path, capsys):
+def test_cli_train_generate_fuse(tiny, tmp_path, capsys, monkeypatch):
+    import qmlx.lora.score as score
+
+    monkeypatch.setattr(score, "CACHE_DIR", str(tmp_path / "cache"))
     m, data, out = str(tiny / "m"), str(tiny / "data"), str(tmp_path / "ad")
     assert main(["lora", "--model", m, "--data", data, "--iters", "6", "--lr", "1e-2", "--batch-size", "4",
                  "--adapter-path", out, "--save-every", "3", "--val-every", "3", "--order",
                  "easy-to-hard", "--grad-checkpoint"]) == 0
     assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "train_config.json"} <= set(os.listdir(out))
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-000003", "step-000006"]
+    # The difficulties were computed once, cached, and are the base model's per-sample losses.
+    (cached,) = os.listdir(tmp_path / "cache")
     base, tok = qmlx.load(m)
+    from qmlx.lora.data import load_data
+
+    want = score.sample_losses(base, load_data(data, tok, 2048)["train"], batch_size=1)
+    np.testing.assert_allclose(json.loads((tmp_path / "cache" / cached).read_text()), want, rtol=1e-4)
     tuned, _ = qmlx.load(m, adapter=out)
     ids = mx.array([tok.encode("<|im_start|>user\nq3 x x<|im_end|>\n<|im_start|>assistant\n")])
     assert mx.abs(tuned(ids) - base(ids)).max().item() > 1e-3

@@ -14,8 +14,8 @@ batch is padding.
                  quantiles of all current losses (the band, default 0.3-0.8: neither already
                  learned nor out of reach, the learner's "zone of proximal development"),
                  picking a random run of similar-length samples inside the band. Losses
-                 start as the difficulties and are re-scored with the adapter every
-                 `rescore_every` steps (see trainer.py).
+                 start as the difficulties; every `rescore_every` steps a seeded random
+                 pool of `rescore_pool` samples is re-scored with the adapter (trainer.py).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ class TrainConfig:
     order: str = "random"
     band: tuple[float, float] = (0.3, 0.8)
     rescore_every: int = 100
+    rescore_pool: int = 512  # samples re-scored each time (0: all)
     report_every: int = 10
     val_every: int = 100
     val_batches: int = 0  # 0: the whole valid set
@@ -206,9 +207,9 @@ class Trainer:
                     }))
                     window_loss, window_tokens, t0 = [], 0, time.perf_counter()
                 if cfg.order == "adaptive" and self.step % cfg.rescore_every == 0 and self.step < cfg.iters:
-                    self.order.scores = sample_losses(self.model, self.train_set, cfg.batch_size)
-                    self.model.train(True)
-                    yield self._log(metrics, Event("rescore", self.step, {"in_band": len(self.order.in_band())}))
+                    n = self.rescore()
+                    yield self._log(metrics, Event("rescore", self.step, {
+                        "rescored": n, "in_band": len(self.order.in_band())}))
                 if has_valid and (self.step % cfg.val_every == 0 or self.step == cfg.iters):
                     yield self._log(metrics, Event("val", self.step, {"val_loss": self.validate()}))
                 if self.step % cfg.save_every == 0 or self.step == cfg.iters:
@@ -217,6 +218,14 @@ class Trainer:
         finally:
             metrics.close()
         save_adapter(self.model, self.out, cfg.adapter_config())
+
+    def rescore(self) -> int:
+        """Re-compute the current loss of a seeded random pool of training samples (adaptive)."""
+        n = len(self.train_set)
+        pool = min(self.cfg.rescore_pool or n, n)
+        idx = np.random.default_rng([self.cfg.seed, self.step, 1]).choice(n, pool, replace=False)
+        self.order.scores[idx] = sample_losses(self.model, self.train_set, self.cfg.batch_size, idx)
+        return pool
 
     def _log(self, f, ev: Event) -> Event:
         f.write(json.dumps({"step": ev.step, **ev.values}) + "\n")
