@@ -345,3 +345,26 @@ def test_estimate_cli_for_a_config_file(capsys):
                  "--max-seq-len", "512"]) == 0
     out = capsys.readouterr().out
     assert "--grad-checkpoint" in out and "total" in out and "20.2M params" in out
+
+
+def test_chunked_loss_gives_the_same_loss_and_gradients(tiny):
+    import qmlx.lora.score as score
+
+    model, _ = qmlx.load(str(tiny / "m"))
+    mx.random.seed(3)
+    apply_lora(model, rank=4, alpha=8.0)
+    _randomize_b(model)
+    tokens = mx.array([[5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21, 22, 23, 24, 25, 26, 27, 28]])
+    mask = mx.array([[0, 0, 1, 1, 1, 1, 1, 1, 1]] * 2).astype(mx.bool_)
+
+    def loss(chunk):
+        def f(model, t, m):
+            ce, w = score.token_losses(model, t, m, chunk=chunk)
+            return ce.sum() / w.sum()
+
+        return nn.value_and_grad(model, f)(model, tokens, mask)
+
+    (whole, g1), (chunked, g2) = loss(10_000), loss(4)  # 4 tokens = 2 positions per chunk
+    assert abs(whole.item() - chunked.item()) < 1e-5
+    for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
+        np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=k)

@@ -11,8 +11,8 @@ for which only config.json is fetched). Components:
                attention probabilities (heads·L per token), for every block; with gradient
                checkpointing only each block's input is kept, and one block is recomputed at a
                time.
-- logits:      the output head's (B, L, vocab) logits, their float32 copy and the gradient of
-               the cross-entropy, which for a 152K vocabulary rivals the activations.
+- logits:      the output head's logits, their float32 copy and the cross-entropy's gradient,
+               for one chunk of LOSS_CHUNK tokens (the loss is computed chunk by chunk).
 - dequantized: on MLX's CPU backend a quantized layer multiplies many rows by dequantizing to
                a dense float32 matrix, which the backward pass keeps (one block's worth with
                checkpointing). Metal multiplies packed weights directly.
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..errors import UserError
 from .apply import DEFAULT_TARGETS
+from .score import LOSS_CHUNK
 
 GB = 1e9
 
@@ -120,7 +121,7 @@ def estimate(config: dict, bits: int | None, group_size: int = 64, rank: int = 8
     activations = adapted * per_block + (n_layers - adapted) * T * d * dtype_bytes
     # Checkpointed: block inputs only, plus one block recomputed at a time.
     activations_ckpt = n_layers * T * d * dtype_bytes + per_block
-    logits = T * vocab * (dtype_bytes + 4 + 4)
+    logits = min(T, LOSS_CHUNK) * vocab * (dtype_bytes + 4 + 4)  # one chunk at a time (score.py)
 
     dequant = dequant_ckpt = 0.0
     if cpu and bits is not None:

@@ -27,11 +27,32 @@ def make_batch(data: Dataset, idx) -> tuple[mx.array, mx.array]:
     return mx.array(tokens), mx.array(mask)
 
 
-def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """(per-position cross-entropy masked to targets (B, L-1), the mask as float (B, L-1))."""
-    logits = model(tokens[:, :-1]).astype(mx.float32)
-    m = mask[:, 1:].astype(mx.float32)
-    return nn.losses.cross_entropy(logits, tokens[:, 1:]) * m, m
+# Logits of at most this many tokens are alive at once: for a 152K vocabulary the full (B, L,
+# vocab) float32 logits of a batch of 8 x 512 would take 2.5 GB, plus their gradient.
+LOSS_CHUNK = 1024
+
+
+def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array, chunk: int = LOSS_CHUNK):
+    """(per-position cross-entropy masked to targets (B, L-1), the mask as float (B, L-1)).
+
+    The head and the loss run over chunks of positions under `mx.checkpoint`, so the backward
+    pass recomputes one chunk's logits at a time instead of keeping all of them.
+    """
+    h = model.model(tokens[:, :-1])
+    targets, m = tokens[:, 1:], mask[:, 1:].astype(mx.float32)
+    step = max(1, chunk // h.shape[0])  # positions per chunk
+
+    def chunk_loss(hc, tc):
+        return nn.losses.cross_entropy(model.head(hc).astype(mx.float32), tc)
+
+    if h.shape[1] <= step:
+        return chunk_loss(h, targets) * m, m
+    ce = []
+    for s in range(0, h.shape[1], step):
+        # Targets are closed over: checkpoint differentiates every argument, ids included.
+        run = mx.checkpoint(lambda hc, tc=targets[:, s : s + step]: chunk_loss(hc, tc))
+        ce.append(run(h[:, s : s + step]))
+    return mx.concatenate(ce, axis=1) * m, m
 
 
 def loss_fn(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
