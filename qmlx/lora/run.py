@@ -62,7 +62,8 @@ def train_with_progress(trainer: Trainer, out=sys.stderr) -> None:
     cfg = trainer.cfg
     if not out.isatty():
         for ev in trainer.run():
-            print(_describe(ev), file=out, flush=True)
+            if ev.kind != "step":
+                print(_describe(ev), file=out, flush=True)
         return
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -78,7 +79,9 @@ def train_with_progress(trainer: Trainer, out=sys.stderr) -> None:
         task = bar.add_task("train", total=cfg.iters, completed=trainer.step, **stats)
         for ev in trainer.run():
             v = ev.values
-            if ev.kind == "train":
+            if ev.kind == "step":
+                stats["loss"] = f"{v['loss']:.3f}"
+            elif ev.kind == "train":
                 stats.update(loss=f"{v['train_loss']:.3f}", tps=f"{v['tokens_per_sec']:.0f}",
                              lr=f"{v['lr']:.2e}", mem=f"{v['peak_memory_gb']:.2f} GB")
             elif ev.kind == "val":

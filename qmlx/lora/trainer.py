@@ -115,7 +115,7 @@ def learning_rate(cfg: TrainConfig):
 class Event:
     """What the loop reports: a training report, a validation, or a saved checkpoint."""
 
-    kind: str  # "train" | "val" | "save" | "rescore"
+    kind: str  # "step" (every step) | "train" (a report) | "val" | "save" | "rescore"
     step: int
     values: dict
 
@@ -195,6 +195,7 @@ class Trainer:
                 self.trained_tokens += ntoks
                 if not math.isfinite(loss):
                     raise UserError(f"training diverged at step {self.step} (loss {loss}); try a lower --lr")
+                yield Event("step", self.step, {"loss": loss})
                 if self.step % cfg.report_every == 0 or self.step == cfg.iters:
                     dt = time.perf_counter() - t0
                     yield self._log(metrics, Event("train", self.step, {
