@@ -368,3 +368,31 @@ def test_chunked_loss_gives_the_same_loss_and_gradients(tiny):
     assert abs(whole.item() - chunked.item()) < 1e-5
     for (k, a), (_, b) in zip(tree_flatten(g1), tree_flatten(g2)):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_resume_after_a_real_kill(tiny, tmp_path):
+    """SIGKILL a `qmlx lora` process mid-run; `--resume` then logs what an unkilled run logs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = ["--model", str(tiny / "m"), "--data", str(tiny / "data"), "--iters", "60", "--lr", "5e-3",
+            "--batch-size", "4", "--dropout", "0.1", "--save-every", "5", "--val-every", "10",
+            "--report-every", "1", "--warmup", "3"]
+    env = {**os.environ, "PYTHONPATH": root}
+    lora = [sys.executable, "-m", "qmlx", "lora"]
+    subprocess.run(lora + args + ["--adapter-path", str(tmp_path / "full")], env=env, check=True,
+                   capture_output=True)
+    proc = subprocess.Popen(lora + args + ["--adapter-path", str(tmp_path / "cut")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    while proc.poll() is None and not (ckpts / "step-000010").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (tmp_path / "cut" / "adapters.safetensors").exists()
+    subprocess.run(lora + ["--resume", str(tmp_path / "cut")], env=env, check=True, capture_output=True)
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "full")
