@@ -6,8 +6,8 @@ Both train rank-8 adapters (scale 2 = alpha 16 / rank 8) on q,k,v,o,gate,up,down
 of the fixture converted to 4-bit by qmlx (QLoRA), on the stdlib instruction set
 (scripts/stdlib_instructions.py), loss on answers only, Adam(W) at a constant learning rate, no
 dropout, each in its own process. Each runs 2 x --steps steps; the figures are those of the
-second window, after warm-up. mlx-lm's numbers are parsed from its report lines ("It/sec",
-"Tokens/sec", "Peak mem"); qmlx's from metrics.jsonl. Read the ratios, not the seconds.
+second window, after warm-up: mlx-lm's from its training-report callback (iterations/s,
+tokens/s, peak memory), qmlx's from metrics.jsonl. Read the ratios, not the seconds.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run(cmd: list[str], cwd: str) -> str:
     env = {**os.environ, "PYTHONPATH": ROOT}
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
-        raise RuntimeError(f"{cmd[2]} failed:\n{res.stderr[-3000:]}\n{res.stdout[-2000:]}")
+        raise RuntimeError(f"{cmd[1:3]} failed:\n{res.stderr[-3000:]}\n{res.stdout[-2000:]}")
     return res.stdout + res.stderr
 
 
@@ -48,24 +48,40 @@ def bench_qmlx(model: str, data: str, work: str, a) -> dict:
             "peak_gb": last["peak_memory_gb"], "loss": last["train_loss"]}
 
 
+# mlx_lm.lora in a child process; its own report callback hook carries the numbers out
+# (`run()` builds its callbacks with get_reporting_callbacks, which we replace).
+MLX_LM_CHILD = r"""
+import json, sys
+import mlx_lm.lora as lora
+from mlx_lm.tuner.callbacks import TrainingCallback
+
+class Report(TrainingCallback):
+    def on_train_loss_report(self, info):
+        print("REPORT " + json.dumps(info), flush=True)
+
+lora.get_reporting_callbacks = lambda *a, **k: Report()
+sys.argv = ["mlx_lm.lora"] + sys.argv[1:]
+lora.main()
+"""
+
+
 def bench_mlx_lm(model: str, data: str, work: str, a) -> dict:
     cfg = os.path.join(work, "mlx_lm.yaml")
     with open(cfg, "w") as f:
         json.dump({"lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}, f)  # JSON is YAML
-    text = run([sys.executable, "-m", "mlx_lm", "lora", "--model", model, "--train", "--data", data,
+    text = run([sys.executable, "-c", MLX_LM_CHILD, "--model", model, "--train", "--data", data,
                 "--adapter-path", os.path.join(work, "mlx-lm-adapter"), "--num-layers", "-1",
                 "--batch-size", str(a.batch_size), "--iters", str(2 * a.steps), "--learning-rate", "1e-4",
                 "--optimizer", "adamw", "--max-seq-length", str(a.max_seq_len), "--mask-prompt",
                 "--steps-per-report", str(a.steps), "--steps-per-eval", "100000", "--val-batches", "1",
                 "--save-every", "100000", "-c", cfg] + (["--grad-checkpoint"] if a.grad_checkpoint else []),
                work)
-    reports = re.findall(r"Iter (\d+): Train loss ([\d.]+).*?It/sec ([\d.]+), Tokens/sec ([\d.]+).*?"
-                         r"Peak mem ([\d.]+) GB", text)
+    reports = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("REPORT ")]
     if not reports:
-        raise RuntimeError(f"no report lines from mlx_lm.lora:\n{text[-2000:]}")
-    _, loss, it_sec, tps, peak = reports[-1]
-    return {"step_time": 1 / float(it_sec), "tokens_per_sec": float(tps), "peak_gb": float(peak),
-            "loss": float(loss)}
+        raise RuntimeError(f"no reports from mlx_lm.lora:\n{text[-2000:]}")
+    last = reports[-1]
+    return {"step_time": 1 / last["iterations_per_second"], "tokens_per_sec": last["tokens_per_second"],
+            "peak_gb": last["peak_memory"], "loss": last["train_loss"]}
 
 
 def main() -> None:
