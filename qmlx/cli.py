@@ -57,6 +57,7 @@ def add_generate(sub) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per model pass")
+    add_adapter_flag(p)
     add_kv_cache_flags(p)
     p.add_argument(
         "--prompt-cache",
@@ -95,11 +96,18 @@ def load_or_join(args, cache_kwargs: dict):
     from .distributed import launched, start
     from .loader import load
 
+    adapter = getattr(args, "adapter", None)
     if launched():
+        if adapter:
+            raise UserError("--adapter does not work in a pipeline yet; fuse it first (qmlx fuse)")
         return start(args.model, dtype=args.dtype, layers=args.layers, cache_kwargs=cache_kwargs)
     if args.layers:
         raise UserError("--layers applies only to a pipeline started with mlx.launch")
-    return load(args.model, dtype=args.dtype)
+    return load(args.model, dtype=args.dtype, adapter=adapter)
+
+
+def add_adapter_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", metavar="DIR", help="a LoRA adapter folder written by `qmlx lora`")
 
 
 def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
@@ -358,6 +366,7 @@ def add_chat(sub) -> None:
     p.add_argument("--max-kv-size", type=int, help="keep at most N tokens of context in the cache")
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache")
     p.add_argument("--dtype", default="auto")
+    add_adapter_flag(p)
     add_sampling_flags(p)
     add_pipeline_flags(p)
     p.set_defaults(run=run_chat)
@@ -397,6 +406,7 @@ def add_serve(sub) -> None:
     p.add_argument("--max-concurrency", type=int, default=4, help="requests generated at once")
     p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
     add_pipeline_flags(p)
+    add_adapter_flag(p)
     p.set_defaults(run=run_serve)
 
 
@@ -417,6 +427,7 @@ def run_serve(args) -> int:
         max_concurrency=args.max_concurrency,
         dtype=args.dtype,
         loaded=loaded,
+        adapter=args.adapter,
     )
     return 0
 
@@ -450,6 +461,159 @@ def run_shard_plan(args) -> int:
     print(report)
     if problem is not None:
         raise problem
+
+
+@command
+def add_lora(sub) -> None:
+    from .lora.order import ORDERS
+
+    p = sub.add_parser("lora", help="fine-tune a LoRA / QLoRA adapter (or --estimate its memory)")
+    p.add_argument("--model", "-m", help="base model folder or hub id (quantized base: QLoRA); with "
+                   "--estimate also a config.json")
+    p.add_argument("--data", help="folder with train.jsonl (+ valid.jsonl, test.jsonl)")
+    p.add_argument("--adapter-path", default="adapters", help="output folder (default: ./adapters)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its output folder "
+                   "or one of its checkpoints) with its saved settings; --iters may extend it")
+    p.add_argument("--force", action="store_true", help="start over in an --adapter-path that holds a run")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--rank", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha/rank")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--targets", default="q,k,v,o,gate,up,down", help="projections to adapt")
+    g.add_argument("--num-layers", type=int, help="adapt only the last N blocks (default: all)")
+    g = p.add_argument_group("training")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--iters", type=int, help="optimizer steps (default 1000)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute activations: less memory")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="longer samples are truncated")
+    g.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
+    g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16")
+    g = p.add_argument_group("sample order (see README: Fine-tuning)")
+    g.add_argument("--order", choices=ORDERS, default="random")
+    g.add_argument("--band", default="0.3,0.8", help="adaptive: quantiles of current loss to train on")
+    g.add_argument("--rescore-every", type=int, default=100, help="adaptive: steps between re-scoring")
+    g.add_argument("--rescore-pool", type=int, default=512, help="adaptive: samples re-scored each time (0: all)")
+    g = p.add_argument_group("reporting")
+    g.add_argument("--report-every", type=int, default=10)
+    g.add_argument("--val-every", type=int, default=100)
+    g.add_argument("--val-batches", type=int, default=0, help="batches per validation (0: all)")
+    g.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    g.add_argument("--test", action="store_true", help="report the test.jsonl loss at the end")
+    g = p.add_argument_group("memory estimate (nothing is loaded)")
+    g.add_argument("--estimate", action="store_true", help="print the memory this configuration needs")
+    g.add_argument("--bits", type=int, help="estimate for weights at B bits (default: the config's)")
+    g.add_argument("--group-size", type=int, default=64)
+    g.add_argument("--backend", choices=("metal", "cpu"), default="metal", help="estimate for this backend")
+    p.set_defaults(run=run_lora)
+
+
+def run_lora(args) -> int:
+    if args.estimate:
+        return run_lora_estimate(args)
+    from .lora.run import check_out, prepare, report_test, train_with_progress
+    from .lora.trainer import TrainConfig, resume_run
+
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.resume:
+        out, cfg = resume_run(args.resume)
+        cfg.iters = args.iters or cfg.iters
+        say(f"resuming with the settings saved in {out}/train_config.json")
+    else:
+        if not args.model or not args.data:
+            raise UserError("--model and --data are required (or --resume DIR)")
+        cfg = TrainConfig(
+            model=args.model, data=args.data, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+            targets=parse_lora_targets(args.targets), num_layers=args.num_layers, lr=args.lr,
+            weight_decay=args.weight_decay, batch_size=args.batch_size, iters=args.iters or 1000,
+            grad_accum=args.grad_accum, grad_clip=args.grad_clip, grad_checkpoint=args.grad_checkpoint,
+            max_seq_len=args.max_seq_len, train_on_prompt=args.train_on_prompt, schedule=args.schedule,
+            warmup=args.warmup, min_lr=args.min_lr, seed=args.seed, order=args.order,
+            band=parse_band(args.band), rescore_every=args.rescore_every,
+            rescore_pool=args.rescore_pool, report_every=args.report_every,
+            val_every=args.val_every, val_batches=args.val_batches, save_every=args.save_every,
+        )  # fmt: skip
+        out = args.adapter_path
+    check_out(out, args.resume, args.force)
+    trainer = prepare(cfg, out, dtype=args.dtype, resume=args.resume, log=say)
+    train_with_progress(trainer)
+    if args.test:
+        report_test(trainer, say)
+    print(out)
+    return 0
+
+
+def parse_lora_targets(text: str) -> list[str]:
+    from .lora.apply import parse_targets
+
+    return parse_targets(text)
+
+
+def parse_band(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--band must be two quantiles LO,HI such as 0.3,0.8, got {text!r}") from None
+    return lo, hi
+
+
+def run_lora_estimate(args) -> int:
+    from .lora.estimate import estimate, read_config, report
+
+    if not args.model:
+        raise UserError("--estimate needs --model (a folder, config.json or hub id)")
+    config = read_config(args.model)
+    quant = config.get("quantization") or {}
+    bits = args.bits if args.bits is not None else quant.get("bits")
+    group = args.group_size if args.bits is not None else quant.get("group_size", args.group_size)
+    dtype_bytes = 4 if args.dtype == "float32" or args.backend == "cpu" and args.dtype == "auto" else 2
+    e = estimate(
+        config, bits, group, args.rank, parse_lora_targets(args.targets), args.batch_size, args.max_seq_len,
+        dtype_bytes, args.dropout, cpu=args.backend == "cpu", num_layers=args.num_layers,
+    )  # fmt: skip
+    weights = f"{bits}-bit (group {group})" if bits else f"{dtype_bytes * 8}-bit float"
+    title = (f"{args.model}: weights {weights}, rank {args.rank}, batch {args.batch_size}, "
+             f"sequence {args.max_seq_len}, {args.backend} backend, activations {dtype_bytes * 8}-bit")
+    print(report(e, title))
+    return 0
+
+
+@command
+def add_fuse(sub) -> None:
+    p = sub.add_parser("fuse", help="merge a LoRA adapter into its base model (or export it for PEFT)")
+    p.add_argument("--model", "-m", required=True, help="the base model folder or hub id")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder written by `qmlx lora`")
+    p.add_argument("dst", help="new output folder")
+    p.add_argument("--bits", "-q", type=int, help="quantize the fused model (default: as the base)")
+    p.add_argument("--group-size", type=int, help="quantization group size (default: 64, or the base's)")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
+                   help="dtype of floating tensors (default: the base config's torch_dtype)")
+    p.add_argument("--export", choices=("peft",), help="write a Hugging Face PEFT adapter to DST instead")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(run=run_fuse)
+
+
+def run_fuse(args) -> int:
+    if args.export == "peft":
+        from .loader import load_config, resolve
+        from .lora.peft import export_peft
+
+        folder = resolve(args.model)
+        out = export_peft(args.adapter, args.dst, base_model=args.model,
+                          num_hidden_layers=load_config(folder).num_hidden_layers, force=args.force)
+    else:
+        from .lora.fuse import fuse
+
+        out = fuse(args.model, args.adapter, args.dst, bits=args.bits, group_size=args.group_size,
+                   dtype=args.dtype, force=args.force)
+    print(out)
     return 0
 
 

@@ -1053,8 +1053,9 @@ def serve(
     dtype=None,
     max_body: int = DEFAULT_MAX_BODY,
     loaded: tuple | None = None,
+    adapter: str | None = None,
 ) -> None:
-    """Load `model` and serve it until interrupted (the `qmlx serve` command).
+    """Load `model` (with a LoRA `adapter`) and serve it until interrupted (`qmlx serve`).
 
     `loaded` is an already loaded (model, tokenizer), e.g. rank 0 of a pipeline.
     """
@@ -1070,7 +1071,7 @@ def serve(
             f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
-    m, tokenizer = loaded or load(model, dtype=dtype)
+    m, tokenizer = loaded or load(model, dtype=dtype, adapter=adapter)
     model_id = os.path.basename(model.rstrip("/")) if os.path.isdir(model) else model
     engine = Engine(m, tokenizer, model_id=model_id, max_concurrency=max_concurrency)
     engine.start()

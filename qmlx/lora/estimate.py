@@ -1,0 +1,147 @@
+"""`qmlx lora --estimate`: the memory a LoRA configuration needs, from the model's shapes alone.
+
+Nothing is loaded or run: the figures follow from config.json (a folder, a file, or a hub id,
+for which only config.json is fetched). Components:
+
+- weights:     every linear layer and the embedding at `bits` (+ a scale and bias per group, in
+               the compute dtype), norms and biases in the compute dtype; dense when bits=None.
+- adapters:    rank·(in+out) per adapted projection, float32; as much again for gradients and
+               twice as much for AdamW's two moments.
+- activations: what the backward pass keeps per token and block (counted below), plus the
+               attention probabilities (heads·L per token), for every block; with gradient
+               checkpointing only each block's input is kept, and one block is recomputed at a
+               time.
+- logits:      the output head's logits, their float32 copy and the cross-entropy's gradient,
+               for one chunk of LOSS_CHUNK tokens (the loss is computed chunk by chunk).
+- dequantized: on MLX's CPU backend a quantized layer multiplies many rows by dequantizing to
+               a dense float32 matrix, which the backward pass keeps (one block's worth with
+               checkpointing). Metal multiplies packed weights directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+from ..errors import UserError
+from .apply import DEFAULT_TARGETS
+from .score import LOSS_CHUNK
+
+GB = 1e9
+
+
+def read_config(model: str) -> dict:
+    """config.json as a dict, from a config file, a model folder or a hub repo id."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        from ..loader import ModelNotFound
+
+        if model.count("/") != 1 or model.startswith((".", "/", "~")):
+            raise ModelNotFound(f"--model {model}: no such config.json, folder or hub id")
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(model, "config.json")
+        except Exception as e:  # offline, missing repo, auth: one message for the user
+            raise ModelNotFound(f"--model {model}: the hub could not provide config.json ({type(e).__name__})") from None
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg})") from None
+    ModelConfig.from_dict(d, source=path)  # field-named errors for configs qmlx cannot run
+    return d
+
+
+def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each projection of one block, by short target name."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    d, i = c.hidden_size, c.intermediate_size
+    return {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "gate": (i, d), "up": (i, d), "down": (d, i)}
+
+
+@dataclass
+class Estimate:
+    weights: float
+    adapters: float  # parameters + gradients + AdamW moments
+    adapter_params: int
+    activations: float
+    activations_checkpointed: float
+    logits: float
+    dequantized: float
+    dequantized_checkpointed: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.adapters + self.activations + self.logits + self.dequantized
+
+    @property
+    def total_checkpointed(self) -> float:
+        return (self.weights + self.adapters + self.activations_checkpointed + self.logits
+                + self.dequantized_checkpointed)
+
+
+def estimate(config: dict, bits: int | None, group_size: int = 64, rank: int = 8, targets=DEFAULT_TARGETS,
+             batch_size: int = 8, seq_len: int = 512, dtype_bytes: int = 2, dropout: float = 0.0,
+             cpu: bool = False, num_layers: int | None = None) -> Estimate:
+    c = ModelConfig.from_dict(config)
+    n_layers = c.num_hidden_layers
+    adapted = n_layers if num_layers is None else min(num_layers, n_layers)
+    shapes = linear_shapes(c)
+    d, vocab, T = c.hidden_size, c.vocab_size, batch_size * seq_len
+
+    def matrix_bytes(rows: int, cols: int) -> float:
+        if bits is None:
+            return rows * cols * dtype_bytes
+        return rows * cols * bits / 8 + 2 * rows * (cols // group_size) * dtype_bytes
+
+    block = sum(matrix_bytes(o, i) for o, i in shapes.values())
+    block += (shapes["q"][0] + 2 * shapes["k"][0]) * dtype_bytes + 2 * d * dtype_bytes  # qkv biases, norms
+    head = 0 if c.tie_word_embeddings else matrix_bytes(vocab, d)
+    weights = n_layers * block + matrix_bytes(vocab, d) + head + d * dtype_bytes
+
+    lora_params = adapted * sum(rank * (o + i) for t, (o, i) in shapes.items() if t in targets)
+    adapters = lora_params * 4 * 4  # float32 parameter, gradient, AdamW m and v
+
+    # Elements kept per token by one block's backward pass (dropout adds its input and mask).
+    q, kv, inter = shapes["q"][0], shapes["k"][0], c.intermediate_size
+    keep = (
+        4 * d  # block input, first norm output, attention residual, second norm output
+        + 2 * q + 2 * kv  # RoPE'd queries and keys, values, attention output
+        + 4 * inter  # gate, up, silu(gate), their product (down's input)
+        + rank * len(targets)  # x·A of each adapter
+    )
+    if dropout > 0:
+        keep += 2 * (2 * d + q + inter)  # dropped inputs and masks of the adapted inputs
+    per_block = T * keep * dtype_bytes + 2 * batch_size * c.num_attention_heads * seq_len**2 * dtype_bytes
+    activations = adapted * per_block + (n_layers - adapted) * T * d * dtype_bytes
+    # Checkpointed: block inputs only, plus one block recomputed at a time.
+    activations_ckpt = n_layers * T * d * dtype_bytes + per_block
+    logits = min(T, LOSS_CHUNK) * vocab * (dtype_bytes + 4 + 4)  # one chunk at a time (score.py)
+
+    dequant = dequant_ckpt = 0.0
+    if cpu and bits is not None:
+        per_block_dense = sum(o * i for o, i in shapes.values()) * 4
+        dequant = adapted * per_block_dense + vocab * d * 4
+        dequant_ckpt = per_block_dense + vocab * d * 4
+    return Estimate(weights, adapters, lora_params, activations, activations_ckpt, logits, dequant, dequant_ckpt)
+
+
+def report(e: Estimate, title: str) -> str:
+    rows = [
+        ("weights", e.weights, e.weights),
+        (f"adapters ({e.adapter_params / 1e6:.1f}M params, + grads + AdamW)", e.adapters, e.adapters),
+        ("activations", e.activations, e.activations_checkpointed),
+        ("logits + loss", e.logits, e.logits),
+    ]
+    if e.dequantized:
+        rows.append(("dequantized weights (CPU backend)", e.dequantized, e.dequantized_checkpointed))
+    rows.append(("total", e.total, e.total_checkpointed))
+    width = max(len(r[0]) for r in rows)
+    lines = [title, f"{'':{width}}  {'no checkpointing':>16}  {'--grad-checkpoint':>17}"]
+    lines += [f"{name:{width}}  {a / GB:13.2f} GB  {b / GB:14.2f} GB" for name, a, b in rows]
+    return "\n".join(lines)
