@@ -136,8 +136,8 @@ def edit_prompt(tok, file, **template_kw):
 
 QMLX_SPEC = EDIT_PROMPT + r"""
 import json, time
+import qmlx  # first: it loads OpenBLAS before mlx.core starts
 import mlx.core as mx
-import qmlx
 from qmlx.sample import make_distribution
 from qmlx.generate import generate_step
 from qmlx.speculative import SpeculativeStats, speculative_generate_step

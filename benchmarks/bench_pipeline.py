@@ -30,8 +30,8 @@ LAUNCH = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
 QMLX = r"""
 import json, statistics, sys, time
 sys.path.insert(0, ROOT)
+import qmlx  # first: it loads OpenBLAS before mlx.core starts
 import mlx.core as mx
-import qmlx
 from qmlx.distributed import launched, start
 from qmlx.generate import generate_step
 
