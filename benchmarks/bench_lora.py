@@ -8,6 +8,12 @@ of the fixture converted to 4-bit by qmlx (QLoRA), on the stdlib instruction set
 dropout, each in its own process. Each runs 2 x --steps steps; the figures are those of the
 second window, after warm-up: mlx-lm's from its training-report callback (iterations/s,
 tokens/s, peak memory), qmlx's from metrics.jsonl. Read the ratios, not the seconds.
+
+On MLX's CPU backend the base is converted with float32 scales and norms (`--dtype float32`)
+and the mlx-lm child gets the same OpenBLAS qmlx loads: mlx-lm computes in the dtype of the
+weights it loads, and with bf16 weights on the netlib BLAS its quantized matmuls took over five
+minutes per step here. `--as-shipped` runs mlx-lm without OpenBLAS on a bf16 base instead.
+On a Mac (Metal) the base is bf16 and neither side uses a BLAS for the model's matmuls.
 """
 
 from __future__ import annotations
@@ -51,7 +57,10 @@ def bench_qmlx(model: str, data: str, work: str, a) -> dict:
 # mlx_lm.lora in a child process; its own report callback hook carries the numbers out
 # (`run()` builds its callbacks with get_reporting_callbacks, which we replace).
 MLX_LM_CHILD = r"""
-import json, sys
+import json, os, sys
+if os.environ.get("BENCH_OPENBLAS") == "1":
+    from qmlx._blas import preload  # the same OpenBLAS qmlx uses; must precede mlx.core
+    preload()
 import mlx_lm.lora as lora
 from mlx_lm.tuner.callbacks import TrainingCallback
 
@@ -66,6 +75,7 @@ lora.main()
 
 
 def bench_mlx_lm(model: str, data: str, work: str, a) -> dict:
+    os.environ["BENCH_OPENBLAS"] = "0" if a.as_shipped else "1"
     cfg = os.path.join(work, "mlx_lm.yaml")
     with open(cfg, "w") as f:
         json.dump({"lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}, f)  # JSON is YAML
@@ -93,6 +103,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--max-seq-len", type=int, default=96)
     ap.add_argument("--grad-checkpoint", action="store_true")
+    ap.add_argument("--as-shipped", action="store_true",
+                    help="mlx-lm on the wheel's reference BLAS and a bf16 base (very slow on a CPU)")
     a = ap.parse_args()
     import stdlib_instructions
 
@@ -100,9 +112,14 @@ def main() -> None:
         model = a.model
         if model is None:
             model = os.path.join(work, "fixture-4bit")
-            run([sys.executable, "-m", "qmlx", "convert", fixture_dir(), model, "--bits", "4"], work)
+            import mlx.core as mx
+
+            f32 = [] if (a.as_shipped or mx.metal.is_available()) else ["--dtype", "float32"]
+            run([sys.executable, "-m", "qmlx", "convert", fixture_dir(), model, "--bits", "4"] + f32, work)
         data = os.path.join(work, "data")
         counts = stdlib_instructions.write(data)
+        mlx_lm_side = "as shipped (reference BLAS)" if a.as_shipped else "with OpenBLAS"
+        print(f"base: {model}; mlx-lm {mlx_lm_side}")
         print(f"data: {counts}; {a.steps} steps per window; batch {a.batch_size}, max length {a.max_seq_len}, rank 8, all 7 projections, "
               f"all blocks, 4-bit base{', gradient checkpointing' if a.grad_checkpoint else ''}", flush=True)
         results = {"qmlx": bench_qmlx(model, data, work, a)}

@@ -94,6 +94,47 @@ def test_dense_and_packed_paths_agree(bits, rows, monkeypatch):
     assert mx.allclose(dense, packed, atol=1e-4, rtol=1e-4).item()
 
 
+@pytest.mark.parametrize("out_block", [16384, 64])
+@pytest.mark.parametrize("path", ["dense_path", "packed_path"])
+def test_input_gradient_through_a_frozen_quantized_layer(path, out_block, request, monkeypatch):
+    """What LoRA training needs: d(loss)/dx through W, equal to the gradient through the
+    dequantized matrix, on both paths (the dense one recomputes W in its backward pass)."""
+    request.getfixturevalue(path)
+    mx.random.seed(3)
+    layer = QuantizedLinear.from_linear(nn.Linear(256, 192, bias=True), 64, 4)
+    w = dequantize(layer.weight, layer.scales, layer.biases, 4, 64)
+    x = mx.random.normal((2, 24, 256))
+    target = mx.random.normal((2, 24, 192))
+    ours = mx.grad(lambda x: mx.square(layer(x) - target).sum())(x)
+    ref = mx.grad(lambda x: mx.square(x @ w.T + layer.bias - target).sum())(x)
+    assert mx.allclose(layer(x), x @ w.T + layer.bias, atol=1e-4).item()
+    assert mx.allclose(ours, ref, atol=1e-3, rtol=1e-4).item()
+
+
+def test_backward_keeps_one_dequantized_matrix_at_a_time(dense_path):
+    """A deep stack of frozen 4-bit layers under autograd: the dense path must not keep every
+    layer's float32 matrix from the forward pass until the backward pass."""
+    mx.random.seed(4)
+    n, d = 16, 1024
+    layers = [QuantizedLinear.from_linear(nn.Linear(d, d, bias=False), 64, 4) for _ in range(n)]
+    mx.eval([layer.parameters() for layer in layers])
+    x = mx.random.normal((32, d))
+    mx.eval(x)
+
+    def loss(x):
+        for layer in layers:
+            x = layer(x)
+        return x.sum()
+
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(mx.grad(loss)(x))
+    extra = mx.get_peak_memory() - before
+    one_matrix = d * d * 4
+    assert extra < 6 * one_matrix, f"{extra / one_matrix:.1f} float32 matrices alive at the peak"
+
+
 def test_path_choice_follows_rows_on_cpu(monkeypatch):
     monkeypatch.setattr(qlayers, "on_cpu_backend", lambda: True)
     assert not qlayers.use_dense(1) and not qlayers.use_dense(qlayers.DENSE_MIN_ROWS)

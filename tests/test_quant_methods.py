@@ -19,7 +19,7 @@ from qmlx.loader import load_model
 from qmlx.quality import compare
 from qmlx.quant import awq
 from qmlx.quant.calibrate import METHODS, collect, scale_block
-from qmlx.quant.gptq import gptq
+from qmlx.quant.gptq import Hessian, gptq, inverse_cholesky
 from qmlx.quant.search import pack, quantize_searched
 from qmlx.tokenizer import Tokenizer
 
@@ -67,6 +67,38 @@ def test_gptq_reduces_layer_output_error_vs_rtn(bits):
 
     rtn = err(mx.quantize(w, group_size=64, bits=bits))
     assert err(gptq(w, x.T @ x, bits, 64, dtype=mx.float32)) < 0.6 * rtn
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_in_activation_order_stays_a_valid_grouped_matrix(bits):
+    """Act-order visits columns out of order with group grids fixed beforehand: still an
+    ordinary affine group-quantized matrix (every weight on its group's grid), still better
+    than RTN on the layer's output."""
+    x = _correlated(1024, 256, seed=2)
+    w = mx.array(np.random.default_rng(3).normal(size=(96, 256)).astype(np.float32) * 0.02)
+    h = Hessian(x.T @ x, act_order=True)
+    assert sorted(h.perm.tolist()) == list(range(256)) and not np.all(h.perm == np.arange(256))
+    packed, s, b = gptq(w, h, bits, 64, dtype=mx.float32)
+    wq = _dequant((packed, s, b), bits)
+    codes = (wq - mx.repeat(b, 64, axis=1)) / mx.repeat(s, 64, axis=1)
+    assert mx.allclose(codes, mx.round(codes), atol=1e-3).item()
+    assert codes.min().item() > -1e-3 and codes.max().item() < 2**bits - 1 + 1e-3
+    rtn = ((x @ _dequant(mx.quantize(w, group_size=64, bits=bits), bits).T - x @ w.T) ** 2).mean()
+    assert ((x @ wq.T - x @ w.T) ** 2).mean().item() < 0.6 * rtn.item()
+
+
+def test_inverse_cholesky_matches_float64_reference():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 120)) * rng.lognormal(0, 1, size=120)
+    h = (x.T @ x).astype(np.float32)
+    h[7, :] = h[:, 7] = 0  # a dead input channel
+    ref = h.astype(np.float64)
+    ref[7, 7] = 1.0
+    ref[np.diag_indices(120)] += 0.01 * np.mean(np.diag(ref))
+    expected = np.linalg.cholesky(np.linalg.inv(ref)).T
+    u = inverse_cholesky(h, 0.01)
+    assert np.allclose(u, np.triu(u))
+    np.testing.assert_allclose(u, expected, rtol=1e-3, atol=1e-5 * np.abs(expected).max())
 
 
 def test_awq_folds_leave_unquantized_logits_unchanged():

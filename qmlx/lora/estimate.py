@@ -14,8 +14,9 @@ for which only config.json is fetched). Components:
 - logits:      the output head's logits, their float32 copy and the cross-entropy's gradient,
                for one chunk of LOSS_CHUNK tokens (the loss is computed chunk by chunk).
 - dequantized: on MLX's CPU backend a quantized layer multiplies many rows by dequantizing to
-               a dense float32 matrix, which the backward pass keeps (one block's worth with
-               checkpointing). Metal multiplies packed weights directly.
+               a dense float32 matrix, one matrix (or block of head rows) at a time, forward
+               and backward (the backward pass dequantizes again rather than keeping it).
+               Metal multiplies packed weights directly.
 """
 
 from __future__ import annotations
@@ -125,9 +126,11 @@ def estimate(config: dict, bits: int | None, group_size: int = 64, rank: int = 8
 
     dequant = dequant_ckpt = 0.0
     if cpu and bits is not None:
-        per_block_dense = sum(o * i for o, i in shapes.values()) * 4
-        dequant = adapted * per_block_dense + vocab * d * 4
-        dequant_ckpt = per_block_dense + vocab * d * 4
+        # One float32 matrix (or head block) at a time, forward and backward (quant/layers.py).
+        from ..quant.layers import OUT_BLOCK
+
+        largest = max([o * i for o, i in shapes.values()] + [min(vocab, OUT_BLOCK) * d])
+        dequant = dequant_ckpt = 2.0 * largest * 4  # the product's operand and MLX's temporary
     return Estimate(weights, adapters, lora_params, activations, activations_ckpt, logits, dequant, dequant_ckpt)
 
 

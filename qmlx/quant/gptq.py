@@ -20,46 +20,77 @@ BLOCK = 128
 
 
 def inverse_cholesky(h: np.ndarray, damp: float = 0.01) -> np.ndarray:
-    """Upper Cholesky factor of (H + λI)⁻¹, λ = `damp` × mean diagonal (keeps H invertible)."""
-    h = h.astype(np.float64, copy=True)
+    """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, λ = `damp` × mean diagonal.
+
+    With J the order-reversing permutation and J(H + λI)J = CCᵀ (C lower), U = J·C⁻¹·J: one
+    Cholesky factorization and one triangular inverse in float32 (MLX's CPU linear algebra),
+    ~6x faster than inverting H in float64 and factoring the inverse. Falls back to that
+    float64 route if float32 loses positive definiteness.
+    """
+    h = h.astype(np.float32, copy=True)
     dead = np.diag(h) <= 0
     h[dead, dead] = 1.0
     h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
-    hinv = np.linalg.inv(h)
+    flipped = mx.array(np.ascontiguousarray(h[::-1, ::-1]))
+    c = mx.linalg.cholesky(flipped, stream=mx.cpu)
+    u = np.array(mx.linalg.tri_inv(c, upper=False, stream=mx.cpu))[::-1, ::-1]
+    if np.all(np.isfinite(u)) and np.all(np.diag(u) > 0):
+        return np.ascontiguousarray(np.triu(u))
+    hinv = np.linalg.inv(h.astype(np.float64))
     return np.linalg.cholesky(hinv).T.astype(np.float32)
 
 
 class Hessian:
-    """What GPTQ needs from H = XᵀX, computed once for all the layers fed the same inputs."""
+    """What GPTQ needs from H = XᵀX, computed once for all the layers fed the same inputs.
 
-    def __init__(self, hessian: mx.array, damp: float = 0.01):
+    With `act_order`, columns are quantized in order of decreasing diag(H) (the inputs with
+    the most energy first, while the most columns remain to absorb their error); `perm` is that
+    order and `u` the inverse Cholesky factor of the permuted H.
+    """
+
+    def __init__(self, hessian: mx.array, damp: float = 0.01, act_order: bool = False):
         h = np.array(hessian.astype(mx.float32), dtype=np.float32)
         self.diag = np.diag(h).copy()
-        self.u = inverse_cholesky(h, damp)
+        cols = h.shape[0]
+        self.perm = np.argsort(-self.diag, kind="stable") if act_order else np.arange(cols)
+        self.u = inverse_cholesky(h[np.ix_(self.perm, self.perm)], damp)
         self.importance = mx.array(np.maximum(self.diag, 0) + 1e-8)
 
 
 def gptq(
     w: mx.array, hessian: mx.array | Hessian, bits: int, group_size: int, dtype=mx.bfloat16
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """(packed uint32, scales, biases) of W (rows, cols) given H = XᵀX (cols, cols)."""
+    """(packed uint32, scales, biases) of W (rows, cols) given H = XᵀX (cols, cols).
+
+    Columns go in `hessian.perm` order. In natural order each group's scale and bias are
+    fitted when its first column is reached, from the already-corrected weights; in any other
+    order ("static groups") they are fitted on the original weights before the pass, since a
+    group's columns are then reached at scattered times.
+    """
     hs = hessian if isinstance(hessian, Hessian) else Hessian(hessian)
     W = np.array(w.astype(mx.float32), dtype=np.float32, copy=True)
     rows, cols = W.shape
     W[:, hs.diag <= 0] = 0.0
-    U, importance = hs.u, hs.importance
+    U, importance, perm = hs.u, hs.importance, hs.perm
+    natural = bool(np.all(perm == np.arange(cols)))
     top = 2**bits - 1
-    Q = np.zeros((rows, cols), dtype=np.uint8)
-    S = np.zeros((rows, cols // group_size), dtype=np.float32)
+    groups = cols // group_size
+    S = np.zeros((rows, groups), dtype=np.float32)
     B = np.zeros_like(S)
+    if not natural:
+        _, s, b = fit_groups(mx.array(W), bits, group_size, importance, dtype)
+        S[:], B[:] = np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32))
+        W = W[:, perm]
+    group_of = perm // group_size
+    Qp = np.zeros((rows, cols), dtype=np.uint8)
     for i1 in range(0, cols, BLOCK):
         i2 = min(i1 + BLOCK, cols)
         W1 = W[:, i1:i2].copy()
         E1 = np.zeros_like(W1)
         for j in range(i2 - i1):
             col = i1 + j
-            if col % group_size == 0:
-                g = col // group_size
+            g = group_of[col]
+            if natural and col % group_size == 0:
                 _, s, b = fit_groups(
                     mx.array(W1[:, j : j + group_size]),
                     bits,
@@ -67,13 +98,16 @@ def gptq(
                     importance[col : col + group_size],
                     dtype,
                 )
-                S[:, g], B[:, g] = np.array(s)[:, 0], np.array(b)[:, 0]
-                safe = np.where(S[:, g] == 0, 1.0, S[:, g])
+                S[:, g] = np.array(s.astype(mx.float32))[:, 0]
+                B[:, g] = np.array(b.astype(mx.float32))[:, 0]
+            safe = np.where(S[:, g] == 0, 1.0, S[:, g])
             q = np.clip(np.rint((W1[:, j] - B[:, g]) / safe), 0, top)
-            Q[:, col] = q
+            Qp[:, col] = q
             err = (W1[:, j] - (q * S[:, g] + B[:, g])) / U[col, col]
             W1[:, j:] -= err[:, None] * U[col, col:i2][None, :]
             E1[:, j] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    Q = np.empty_like(Qp)
+    Q[:, perm] = Qp
     packed = mx.array(pack(Q, bits))
     return packed, mx.array(S).astype(dtype), mx.array(B).astype(dtype)

@@ -10,6 +10,8 @@ few rows (decode) but slow for many (a 4864×896 4-bit layer with 128 tokens: ~4
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -35,6 +37,50 @@ def _rows(x: mx.array) -> int:
     return x.size // max(x.shape[-1], 1)
 
 
+# Output rows dequantized at once by the dense path: a 152K-row tied head is 0.5 GB in float32
+# for a 0.5B model (2.5 GB for 72B), so it is dequantized and multiplied a block at a time.
+OUT_BLOCK = 16384
+
+
+@lru_cache(maxsize=None)
+def _dense_product(group_size: int, bits: int):
+    """x @ dequantize(W)ᵀ holding at most one block of W in float at a time, forward and back.
+
+    Each block's dequantization is made to depend on the previous product: otherwise MLX's
+    scheduler may dequantize every block (and every layer) before the first multiplication,
+    which holds the whole model in float at once. Under autograd (LoRA over a frozen quantized
+    base) the gradient dequantizes W again instead of keeping each layer's float copy from the
+    forward pass to the backward one. The packed weights are frozen: their cotangents are
+    zeros that nothing evaluates.
+    """
+
+    def dense(w, scales, biases, rows: slice, after):
+        w, scales, biases = mx.depends([w[rows], scales[rows], biases[rows]], after)
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits).astype(after.dtype)
+
+    def blocks(n: int):
+        return [slice(i, min(i + OUT_BLOCK, n)) for i in range(0, n, OUT_BLOCK)]
+
+    @mx.custom_function
+    def product(x, w, scales, biases):
+        outs, after = [], x
+        for rows in blocks(w.shape[0]):
+            after = x @ dense(w, scales, biases, rows, after).T
+            outs.append(after)
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+
+    @product.vjp
+    def product_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        dx = None
+        for rows in blocks(w.shape[0]):
+            part = cotangent[..., rows] @ dense(w, scales, biases, rows, cotangent if dx is None else dx)
+            dx = part if dx is None else dx + part
+        return dx, mx.zeros_like(w), mx.zeros_like(scales), mx.zeros_like(biases)
+
+    return product
+
+
 def _quantized_product(layer, x: mx.array) -> mx.array:
     """x @ Wᵀ for a layer holding a packed W, by whichever path suits this call."""
     if not use_dense(_rows(x)):
@@ -47,10 +93,7 @@ def _quantized_product(layer, x: mx.array) -> mx.array:
             group_size=layer.group_size,
             bits=layer.bits,
         )
-    w = mx.dequantize(
-        layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits
-    )
-    return x @ w.astype(x.dtype).T
+    return _dense_product(layer.group_size, layer.bits)(x, layer.weight, layer.scales, layer.biases)
 
 
 class QuantizedLinear(nn.Module):
