@@ -35,6 +35,7 @@ SETTINGS += [("6-bit g64", 6, 64, None), ("5-bit g64", 5, 64, None)]
 SETTINGS += [(f"4-bit g{g}", 4, g, None) for g in (32, 64, 128)]
 SETTINGS += [("3-bit g32", 3, 32, None), ("3-bit g64", 3, 64, None), ("2-bit g64", 2, 64, None)]
 SETTINGS += [("4-bit g64 head-8", 4, 64, "head-8"), ("mixed-4-6 g64", 4, 64, "mixed-4-6")]
+SETTINGS += [("4-bit g64 kv-8", 4, 64, "kv-8")]
 
 SCORE = r"""
 import json, sys

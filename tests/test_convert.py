@@ -486,6 +486,15 @@ def test_fixture_uniform_4bit_perplexity_within_6_percent_of_bf16(fixture_q, ref
 
 
 @pytest.mark.slow
+def test_fixture_4bit_kv8_perplexity_within_6_percent_of_bf16(fixture_dir, reference, tmp_path):
+    """4-bit g64 with k/v projections at 8 bits (4.55 bits/weight): the cheap way to the target."""
+    dst = str(tmp_path / "kv8")
+    _convert_in_subprocess(fixture_dir, dst, 4, recipe="kv-8")
+    ppl, bf16 = _python_text_perplexity(dst, reference)
+    assert ppl <= bf16 * 1.06, f"kv-8 ppl {ppl:.3f} vs bf16 {bf16}"
+
+
+@pytest.mark.slow
 def test_fixture_mixed_4_6_perplexity_within_6_percent_of_bf16(fixture_dir, reference, tmp_path):
     dst = str(tmp_path / "mixed")
     _convert_in_subprocess(fixture_dir, dst, 4, recipe="mixed-4-6")

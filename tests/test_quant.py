@@ -255,6 +255,10 @@ def test_recipes():
     head8 = plan(layers, 24, bits=4, group_size=64, recipe="head-8")
     assert head8["model.embed_tokens"] == head8["lm_head"] == {"group_size": 64, "bits": 8}
     assert "model.layers.0.mlp.down_proj" not in head8
+    kv8 = plan({**layers, "model.layers.3.self_attn.k_proj": 896}, 24, bits=4, group_size=64, recipe="kv-8")
+    high = {k for k, v in kv8.items() if isinstance(v, dict)}
+    assert high == {f"model.layers.{i}.self_attn.v_proj" for i in range(24)} | {"model.layers.3.self_attn.k_proj"}
+    assert kv8["model.layers.3.self_attn.k_proj"] == {"group_size": 64, "bits": 8} and kv8["bits"] == 4
     mixed = plan(layers, 24, bits=8, group_size=64, recipe="mixed-4-6")
     assert mixed["bits"] == 4  # the recipe's low bits, whatever --bits says
     assert mixed["model.layers.0.self_attn.v_proj"] == {"group_size": 64, "bits": 6}
