@@ -486,20 +486,14 @@ def test_fixture_uniform_4bit_perplexity_within_6_percent_of_bf16(fixture_q, ref
 
 
 @pytest.mark.slow
-def test_fixture_4bit_kv8_perplexity_within_6_percent_of_bf16(fixture_dir, reference, tmp_path):
-    """4-bit g64 with k/v projections at 8 bits (4.55 bits/weight): the cheap way to the target."""
-    dst = str(tmp_path / "kv8")
-    _convert_in_subprocess(fixture_dir, dst, 4, recipe="kv-8")
+@pytest.mark.parametrize("recipe", ["kv-8", "mixed-4-6"])
+def test_fixture_4bit_recipe_perplexity_within_6_percent_of_bf16(recipe, fixture_dir, reference, tmp_path):
+    """kv-8: 4-bit g64 with k/v projections at 8 bits (4.55 bits/weight), the cheap way to the
+    target; mixed-4-6: sensitive layers, embeddings and head at 6 bits (5.3 bits/weight)."""
+    dst = str(tmp_path / recipe)
+    _convert_in_subprocess(fixture_dir, dst, 4, recipe=recipe)
     ppl, bf16 = _python_text_perplexity(dst, reference)
-    assert ppl <= bf16 * 1.06, f"kv-8 ppl {ppl:.3f} vs bf16 {bf16}"
-
-
-@pytest.mark.slow
-def test_fixture_mixed_4_6_perplexity_within_6_percent_of_bf16(fixture_dir, reference, tmp_path):
-    dst = str(tmp_path / "mixed")
-    _convert_in_subprocess(fixture_dir, dst, 4, recipe="mixed-4-6")
-    ppl, bf16 = _python_text_perplexity(dst, reference)
-    assert ppl <= bf16 * 1.06, f"mixed-4-6 ppl {ppl:.3f} vs bf16 {bf16}"
+    assert ppl <= bf16 * 1.06, f"{recipe} ppl {ppl:.3f} vs bf16 {bf16}"
 
 
 # ---------------------------------------------------------------- GGUF

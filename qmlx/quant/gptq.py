@@ -69,7 +69,6 @@ class Hessian:
         cols = h.shape[0]
         self.perm = np.argsort(-self.diag, kind="stable") if act_order else np.arange(cols)
         self.u = inverse_cholesky(h[np.ix_(self.perm, self.perm)], damp)
-        self.importance = mx.array(np.maximum(self.diag, 0) + 1e-8)
 
 
 def gptq(
