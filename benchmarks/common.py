@@ -45,3 +45,27 @@ def run_isolated(code: str, env: dict | None = None, timeout: int = 1800) -> dic
 
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
+
+
+def ppl_row(label: str, size_bytes: float, bpw: float, ppls: list, deltas: list | None, extra=()) -> str:
+    """One markdown row of the perplexity tables: size, bits/weight, each text's perplexity
+    (with its change against bf16 unless `deltas` is None), the mean change, extra cells."""
+    if deltas is None:
+        cells, mean = [f"{p:.3f}" for p in ppls], "—"
+    else:
+        cells = [f"{p:.3f} ({d:+.1%})" for p, d in zip(ppls, deltas)]
+        mean = f"{sum(deltas) / len(deltas):+.2%}"
+    return (
+        f"| {label} | {size_bytes / 1e6:.0f} MB | {bpw:.2f} | "
+        + " | ".join([*cells, mean, *extra])
+        + " |"
+    )
+
+
+def replace_section(path: str, begin: str, end: str, text: str) -> None:
+    """Replace what lies between the markers `begin` and `end` of a docs file with `text`."""
+    with open(path, encoding="utf-8") as f:
+        doc = f.read()
+    start, stop = doc.index(begin) + len(begin), doc.index(end)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(doc[:start] + "\n" + text + "\n" + doc[stop:])

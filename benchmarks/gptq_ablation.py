@@ -28,6 +28,7 @@ import mlx.core as mx  # noqa: E402
 
 from common import fixture_dir  # noqa: E402
 from convert.calib import calibration_tokens  # noqa: E402
+from convert.errors import ConvertError  # noqa: E402
 from qmlx.evaluate import perplexity  # noqa: E402
 from qmlx.loader import load_model, tokenizer_for  # noqa: E402
 from qmlx.quant import calibrate, gptq  # noqa: E402
@@ -71,7 +72,10 @@ def main() -> None:
     texts = [tok.encode(open(os.path.join(TEXTS, n), encoding="utf-8").read())[:1024] for n in names]
     ref = scores(model, texts)
 
-    tokens = calibration_tokens(tok, a.calib, a.samples, a.seq_len)
+    try:
+        tokens = calibration_tokens(tok, a.calib, a.samples, a.seq_len)
+    except ConvertError as e:
+        sys.exit(f"gptq_ablation: {e}")
     emb = model.model.embed_tokens.weight
     h = emb[tokens]
     params = {p: {"bits": a.bits, "group_size": a.group_size} for p in calibrate.LINEARS}

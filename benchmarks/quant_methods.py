@@ -1,7 +1,7 @@
 """Quantization methods side by side: qmlx (rtn, clip, awq, gptq) and mlx-lm's own tools.
 
     .venv/bin/python benchmarks/quant_methods.py [--bits 4,3] [--only LABEL,...]
-        [--results FILE] [--write-docs]
+        [--results FILE] [--write-docs] [--jobs 2]
 
 For each bit width (group size 64) the fixture is quantized by every method, then each result is
 scored against the bf16 fixture on the first 1024 tokens of each shared text (model and
@@ -26,8 +26,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
-from common import fixture_dir
+from common import fixture_dir, ppl_row, replace_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -38,7 +40,7 @@ BEGIN, END = "<!-- quant-methods:begin -->", "<!-- quant-methods:end -->"
 # 8 samples, not qmlx's default 32: each calibrated conversion runs the samples through every
 # block two or three times, which on the shared 2-core CPU took ~40 minutes with 32.
 SAMPLES, SEQ_LEN, GROUP = 8, 512, 64
-STEP_TIMEOUT = 1500
+STEP_TIMEOUT = 3600
 
 QMLX_CONVERT = r"""
 import sys
@@ -49,14 +51,31 @@ convert(sys.argv[2], sys.argv[3], bits=int(sys.argv[4]), group_size=int(sys.argv
         recipe=sys.argv[9] if len(sys.argv) > 9 else None, progress=False)
 """
 
-# mlx-lm's entry point, with its calibration loader swapped for the same tokens qmlx uses.
+# mlx-lm's entry point, with its calibration loader swapped for the same tokens qmlx uses, on
+# the same OpenBLAS as qmlx (imported first), computing in float32 like qmlx's calibration (bf16
+# on MLX's CPU backend is several times slower), and saving its scales and biases in bf16 as
+# qmlx does (so the sizes compare).
 MLX_LM_TOOL = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
+import qmlx  # OpenBLAS before mlx.core
 import importlib
+import mlx.core as mx
 tool = importlib.import_module("mlx_lm.quant." + sys.argv[2])
 from convert.calib import calibration_tokens
 SAMPLES = int(sys.argv[3])
+_load, _save = tool.load, tool.save
+
+def load(*args, **kwargs):
+    out = _load(*args, **kwargs)
+    out[0].set_dtype(mx.float32)
+    return out
+
+def save(path, src, model, *args, **kwargs):
+    model.set_dtype(mx.bfloat16)
+    return _save(path, src, model, *args, **kwargs)
+
+tool.load, tool.save = load, save
 
 class _Tok:
     def __init__(self, t): self.t = t
@@ -68,12 +87,6 @@ def load_data(tokenizer, num_samples, sequence_length):
 tool.load_data = load_data
 sys.argv = [sys.argv[2]] + sys.argv[4:]
 tool.main()
-"""
-
-MLX_LM_CONVERT = r"""
-import sys
-from mlx_lm import convert
-convert(sys.argv[1], sys.argv[2], quantize=True, q_bits=int(sys.argv[3]), q_group_size=int(sys.argv[4]))
 """
 
 SCORE = r"""
@@ -96,10 +109,8 @@ def rows_for(bits: int) -> list[tuple[str, str, list[str]]]:
     """(label, tool, arguments) of every method at `bits`."""
     b, g = str(bits), str(GROUP)
     rows = [(f"{bits}-bit qmlx {m}", "qmlx", [m]) for m in ("rtn", "clip", "awq", "gptq")]
-    # Mixed bits (larger files): the fixed rule against the measured choice at the same size.
-    rows += [(f"{bits}-bit qmlx gptq {r}-{bits}-6", "qmlx", ["gptq", f"{r}-{bits}-6"])
-             for r in ("mixed", "auto")]  # fmt: skip
-    rows.append((f"{bits}-bit mlx-lm convert", "mlx_lm.convert", []))
+    # k/v projections at 8 bits (+0.05 bits/weight), plain and with GPTQ for the rest.
+    rows += [(f"{bits}-bit qmlx {m} kv-8", "qmlx", [m, "kv-8"]) for m in ("rtn", "gptq")]
     rows.append(
         (f"{bits}-bit mlx-lm awq", "awq",
          ["--bits", b, "--group-size", g, "--embed-bits", b, "--embed-group-size", g,
@@ -126,8 +137,6 @@ def produce(label, tool, extra, bits, src, dst) -> None:
     if tool == "qmlx":
         return run(["-c", QMLX_CONVERT, ROOT, src, dst, str(bits), str(GROUP), extra[0],
                     str(SAMPLES), str(SEQ_LEN), *extra[1:]])  # fmt: skip
-    if tool == "mlx_lm.convert":
-        return run(["-c", MLX_LM_CONVERT, src, dst, str(bits), str(GROUP)])
     return run(["-c", MLX_LM_TOOL, ROOT, tool, str(SAMPLES), "--model", src, "--mlx-path", dst,
                 *extra])  # fmt: skip
 
@@ -158,22 +167,17 @@ def table(rows: list[dict], params: int) -> str:
     lines = [head, "|---" * (6 + len(names)) + "|"]
     if rows:
         ref = rows[0]["scores"]
-        lines.append(
-            "| bf16 | " + f"{rows[0]['ref_bytes'] / 1e6:.0f} MB | 16.00 | "
-            + " | ".join(f"{ref[n]['ref']:.3f}" for n in names) + " | — | 0 | 100% |"
-        )
+        names_ref = [ref[n]["ref"] for n in names]
+        lines.append(ppl_row("bf16", rows[0]["ref_bytes"], 16, names_ref, None, ("0", "100%")))
     for r in rows:
         s = r["scores"]
         deltas = [s[n]["ppl"] / s[n]["ref"] - 1 for n in names]
         n_tok = sum(s[n]["n"] for n in names)
         kl = sum(s[n]["kl"] * s[n]["n"] for n in names) / n_tok
         top1 = sum(s[n]["top1"] * s[n]["n"] for n in names) / n_tok
-        cells = [f"{s[n]['ppl']:.3f} ({d:+.1%})" for n, d in zip(names, deltas)]
-        lines.append(
-            f"| {r['label']} | {r['bytes'] / 1e6:.0f} MB | {8 * r['bytes'] / params:.2f} | "
-            + " | ".join(cells)
-            + f" | {sum(deltas) / len(deltas):+.2%} | {kl:.4f} | {top1:.1%} |"
-        )
+        ppls = [s[n]["ppl"] for n in names]
+        bpw = 8 * r["bytes"] / params
+        lines.append(ppl_row(r["label"], r["bytes"], bpw, ppls, deltas, (f"{kl:.4f}", f"{top1:.1%}")))
     return "\n".join(lines)
 
 
@@ -188,6 +192,7 @@ def main() -> None:
         "--results", default=os.path.expanduser("~/.cache/qmlx-bench/quant_methods.json")
     )
     ap.add_argument("--write-docs", action="store_true", help="update docs/quantization.md")
+    ap.add_argument("--jobs", type=int, default=1, help="rows run at once (default 1)")
     args = ap.parse_args()
 
     src = args.model or fixture_dir()
@@ -210,37 +215,39 @@ def main() -> None:
     wanted = set(args.only.split(",")) if args.only else None
     order = [row for b in args.bits.split(",") for row in rows_for(int(b))]
     work = tempfile.mkdtemp(prefix="quant-methods-", dir=os.path.dirname(args.results))
-    try:
-        for label, tool, extra in order:
-            if label in done or (wanted and label not in wanted):
-                continue
-            bits = int(label.split("-")[0])
-            dst = os.path.join(work, label.replace(" ", "_"))
-            try:
-                produce(label, tool, extra, bits, src, dst)
-                row = {"label": label, "bytes": safetensors_bytes(dst),
-                       "ref_bytes": safetensors_bytes(src), "scores": score(dst, src, texts)}  # fmt: skip
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                print(f"{label}: failed: {str(e)[-1500:]}", file=sys.stderr, flush=True)
-                continue
-            finally:
-                shutil.rmtree(dst, ignore_errors=True)
+    lock = threading.Lock()
+
+    def one(label, tool, extra):
+        bits = int(label.split("-")[0])
+        dst = os.path.join(work, label.replace(" ", "_"))
+        try:
+            produce(label, tool, extra, bits, src, dst)
+            row = {"label": label, "bytes": safetensors_bytes(dst),
+                   "ref_bytes": safetensors_bytes(src), "scores": score(dst, src, texts)}  # fmt: skip
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(f"{label}: failed: {str(e)[-1500:]}", file=sys.stderr, flush=True)
+            return
+        finally:
+            shutil.rmtree(dst, ignore_errors=True)
+        with lock:
             done[label] = row
             print(f"{label}: {row['scores']}", file=sys.stderr, flush=True)
             with open(args.results, "w") as f:
                 json.dump(list(done.values()), f, indent=1)
+
+    todo = [r for r in order if r[0] not in done and (not wanted or r[0] in wanted)]
+    todo.sort(key=lambda r: r[1] == "qmlx")  # mlx-lm's (slowest, least known) first
+    try:
+        # Rows are independent processes and nothing is timed, so they may share the cores.
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(lambda r: one(*r), todo))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = [done[label] for label, _, _ in order if label in done]
     md = table(rows, params)
     print(md)
     if args.write_docs:
-        with open(DOCS, encoding="utf-8") as f:
-            doc = f.read()
-        start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-        with open(DOCS, "w", encoding="utf-8") as f:
-            f.write(doc[:start] + "\n" + md + "\n" + doc[end:])
-
+        replace_section(DOCS, BEGIN, END, md)
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import fixture_dir
+from common import fixture_dir, ppl_row, replace_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("QMLX_SHARED", os.path.join(HERE, "..", "..", "shared"))
@@ -94,17 +94,9 @@ def table(rows: list[dict], texts: list[str]) -> str:
     head += " | mean Δ vs bf16 |"
     lines = [head, "|---" * (4 + len(names)) + "|"]
     for r in rows:
-        deltas = [r["ppl"][n] / base[n] - 1 for n in names]
-        cells = [
-            f"{r['ppl'][n]:.3f} ({d:+.1%})" if r["label"] != "bf16" else f"{r['ppl'][n]:.3f}"
-            for n, d in zip(names, deltas)
-        ]
-        mean = sum(deltas) / len(deltas)
-        lines.append(
-            f"| {r['label']} | {r['bytes'] / 1e6:.0f} MB | {r['bpw']:.2f} | "
-            + " | ".join(cells)
-            + f" | {'—' if r['label'] == 'bf16' else f'{mean:+.2%}'} |"
-        )
+        ppls = [r["ppl"][n] for n in names]
+        deltas = None if r["label"] == "bf16" else [r["ppl"][n] / base[n] - 1 for n in names]
+        lines.append(ppl_row(r["label"], r["bytes"], r["bpw"], ppls, deltas))
     return "\n".join(lines)
 
 
@@ -145,12 +137,7 @@ def main() -> None:
     md = table(rows, texts)
     print(md)
     if args.write_docs:
-        with open(DOCS, encoding="utf-8") as f:
-            doc = f.read()
-        start, end = doc.index(BEGIN) + len(BEGIN), doc.index(END)
-        with open(DOCS, "w", encoding="utf-8") as f:
-            f.write(doc[:start] + "\n" + md + "\n" + doc[end:])
-
+        replace_section(DOCS, BEGIN, END, md)
 
 if __name__ == "__main__":
     main()

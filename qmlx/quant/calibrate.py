@@ -210,7 +210,6 @@ def quantize_block(
         scale_block(block, taps, params, n_heads, n_kv_heads)
     taps = collect(block, h, hessian=use_gptq)
     out: dict[str, tuple] = {}
-    dense = []
     by_gptq = _gptq_layers(block, taps, params, dtype) if use_gptq else {}
     for path in LINEARS:
         lin, p = _module(block, path), params[path]
@@ -223,16 +222,24 @@ def quantize_block(
             packed, s, b = best_rounding(lin.weight, taps[path], p["bits"], p["group_size"], dtype)
         mx.eval(packed, s, b)
         out[path] = (packed, s, b)
-        w = mx.dequantize(packed, s, b, group_size=p["group_size"], bits=p["bits"])
-        dense.append((path, w.astype(mx.float32)))
     taps.clear()
-    originals = {path: _module(block, path).weight for path, _ in dense}
-    for path, w in dense:
-        _module(block, path).weight = w
-    h_next = run_block(block, h)
-    for path, w in originals.items():
-        _module(block, path).weight = w
-    return out, h_next
+    return out, run_quantized(block, h, out, params)
+
+
+def run_quantized(block: nn.Module, h: mx.array, out: dict, params: dict) -> mx.array:
+    """The block's output for h with its quantized layers' weights as `out` stores them."""
+    originals = {}
+    for path, arrays in out.items():
+        if len(arrays) == 3:
+            p = params[path]
+            w = mx.dequantize(*arrays, group_size=p["group_size"], bits=p["bits"])
+            originals[path] = _module(block, path).weight
+            _module(block, path).weight = w.astype(mx.float32)
+    try:
+        return run_block(block, h)
+    finally:
+        for path, w in originals.items():
+            _module(block, path).weight = w
 
 
 def layer_damage(block: nn.Module, h: mx.array, bits: int, group_size: int):

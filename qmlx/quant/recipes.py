@@ -100,19 +100,38 @@ def choose_by_sensitivity(
     return config
 
 
-def parse_recipe(recipe: str | None, bits: int) -> tuple[int, int | None, bool]:
-    """(low bits, high bits or None, whether sensitive blocks get the high bits)."""
+def _is_head(path: str, n_layers: int) -> bool:
+    return path in HEAD_PATHS
+
+
+def _is_kv(path: str, n_layers: int) -> bool:
+    return path.endswith(KV_PROJECTIONS)
+
+
+def _is_head_or_sensitive(path: str, n_layers: int) -> bool:
+    index = layer_index(path)
+    return path in HEAD_PATHS or (
+        index is not None
+        and path.endswith(SENSITIVE_PROJECTIONS)
+        and is_sensitive_layer(index, n_layers)
+    )
+
+
+def parse_recipe(recipe: str | None, bits: int):
+    """(low bits, high bits or None, rule(path, n_layers) → whether the layer gets high bits)."""
     if recipe in (None, "uniform"):
-        return bits, None, False
-    if recipe in ("head-8", "kv-8"):
-        return bits, 8, False
+        return bits, None, None
+    if recipe == "head-8":
+        return bits, 8, _is_head
+    if recipe == "kv-8":
+        return bits, 8, _is_kv
     m = _MIXED.match(recipe)
     if m:
         low, high = int(m.group(1)), int(m.group(2))
         check_params(low, 64, f"--recipe {recipe}")
         check_params(high, 64, f"--recipe {recipe}")
         if low < high:
-            return low, high, True
+            return low, high, _is_head_or_sensitive
     raise QuantizationError(
         f"--recipe {recipe!r} is unknown; choose from {', '.join(RECIPES)} "
         "(mixed-L-H and auto-L-H with L < H)"
@@ -131,23 +150,12 @@ def plan(
     Layers whose input dims do not divide into groups stay unquantized (recorded as false).
     """
     check_params(bits, group_size, "--bits/--group-size")
-    low, high, sensitive = parse_recipe(recipe, bits)
+    low, high, gets_high = parse_recipe(recipe, bits)
     config: dict = {"group_size": group_size, "bits": low, "mode": "affine"}
     for path, in_dims in sorted(layers.items()):
         if in_dims % group_size:
             config[path] = False
-            continue
-        index = layer_index(path)
-        more = high is not None and (
-            (path.endswith(KV_PROJECTIONS) if recipe == "kv-8" else path in HEAD_PATHS)
-            or (
-                sensitive
-                and index is not None
-                and path.endswith(SENSITIVE_PROJECTIONS)
-                and is_sensitive_layer(index, n_layers)
-            )
-        )
-        if more:
+        elif gets_high is not None and gets_high(path, n_layers):
             config[path] = {"group_size": group_size, "bits": high}
     return config
 
