@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--damp", type=float, default=gptq.DAMP)
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--no-sink", action="store_true", help="leave each sample's first token out of H")
+    ap.add_argument("--token-rms", action="store_true",
+                    help="weigh each token's row of H by 1/its mean square (tames the sink token)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
@@ -62,6 +64,17 @@ def main() -> None:
                 tap_call(self, x[:, 1:])
                 return self.linear(x)
             return tap_call(self, x)
+
+        calibrate.Tap.__call__ = call
+
+    if a.token_rms:
+        rms_call = calibrate.Tap.__call__
+
+        def call(self, x):
+            flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+            scale = mx.rsqrt(mx.mean(flat * flat, axis=-1, keepdims=True) + 1e-12)
+            rms_call(self, (flat * scale / mx.mean(scale)).reshape(x.shape))
+            return self.linear(x)
 
         calibrate.Tap.__call__ = call
 
@@ -94,7 +107,7 @@ def main() -> None:
     got = scores(model, texts)
     deltas = [g / r - 1 for g, r in zip(got, ref)]
     print(f"calibration {tuple(tokens.shape)} {a.calib or 'stdlib'}; damp {a.damp}, act-order {a.act_order}, "
-          f"no sink {a.no_sink}")  # fmt: skip
+          f"no sink {a.no_sink}, token rms {a.token_rms}")  # fmt: skip
     for n, r, g, d in zip(names, ref, got, deltas):
         print(f"{n:32} bf16 {r:8.3f}  gptq {g:8.3f}  {d:+.1%}")
     print(f"mean Δppl {sum(deltas) / len(deltas):+.2%}")
