@@ -1,7 +1,7 @@
 """GPTQ variants on the fixture, in memory: the table "GPTQ ablations" of docs/quantization.md.
 
     .venv/bin/python benchmarks/gptq_ablation.py [--samples 8] [--seq-len 512] [--calib FILE|DIR]
-        [--damp 0.1] [--act-order] [--no-sink] [--bits 4] [--group-size 64]
+        [--damp 0.1] [--act-order] [--no-sink] [--token-rms] [--kv8] [--bits 4] [--group-size 64]
 
 Quantizes every decoder block with GPTQ as `qmlx convert --method gptq` does
 (`quantize_block`, block by block, each block calibrated on the outputs of the quantized blocks
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--no-sink", action="store_true", help="leave each sample's first token out of H")
     ap.add_argument("--token-rms", action="store_true",
                     help="weigh each token's row of H by 1/its mean square (tames the sink token)")
+    ap.add_argument("--kv8", action="store_true", help="k_proj/v_proj at 8 bits (the kv-8 recipe)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
@@ -91,7 +92,8 @@ def main() -> None:
         sys.exit(f"gptq_ablation: {e}")
     emb = model.model.embed_tokens.weight
     h = emb[tokens]
-    params = {p: {"bits": a.bits, "group_size": a.group_size} for p in calibrate.LINEARS}
+    kv = ("self_attn.k_proj", "self_attn.v_proj") if a.kv8 else ()
+    params = {p: {"bits": 8 if p in kv else a.bits, "group_size": a.group_size} for p in calibrate.LINEARS}
     cfg = model.config
     for block in model.layers:
         out, h = calibrate.quantize_block(block, h, params, "gptq", cfg.num_attention_heads,
@@ -99,7 +101,7 @@ def main() -> None:
         for path, (packed, s, b) in out.items():
             parent, name = path.split(".")
             getattr(getattr(block, parent), name).weight = mx.dequantize(
-                packed, s, b, group_size=a.group_size, bits=a.bits).astype(mx.float32)  # fmt: skip
+                packed, s, b, group_size=a.group_size, bits=params[path]["bits"]).astype(mx.float32)  # fmt: skip
         mx.eval(block.parameters(), h)
     packed = mx.quantize(emb.astype(mx.bfloat16), group_size=a.group_size, bits=a.bits)
     model.model.embed_tokens.weight = mx.dequantize(*packed, group_size=a.group_size, bits=a.bits).astype(mx.float32)
@@ -107,7 +109,7 @@ def main() -> None:
     got = scores(model, texts)
     deltas = [g / r - 1 for g, r in zip(got, ref)]
     print(f"calibration {tuple(tokens.shape)} {a.calib or 'stdlib'}; damp {a.damp}, act-order {a.act_order}, "
-          f"no sink {a.no_sink}, token rms {a.token_rms}")  # fmt: skip
+          f"no sink {a.no_sink}, token rms {a.token_rms}, kv-8 {a.kv8}")  # fmt: skip
     for n, r, g, d in zip(names, ref, got, deltas):
         print(f"{n:32} bf16 {r:8.3f}  gptq {g:8.3f}  {d:+.1%}")
     print(f"mean Δppl {sum(deltas) / len(deltas):+.2%}")
