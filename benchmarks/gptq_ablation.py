@@ -32,6 +32,7 @@ from convert.errors import ConvertError  # noqa: E402
 from qmlx.evaluate import perplexity  # noqa: E402
 from qmlx.loader import load_model, tokenizer_for  # noqa: E402
 from qmlx.quant import calibrate, gptq  # noqa: E402
+from qmlx.quant.recipes import KV_PROJECTIONS  # noqa: E402
 
 SHARED = os.environ.get("QMLX_SHARED", os.path.join(ROOT, "..", "shared"))
 TEXTS = os.path.join(SHARED, "fixtures", "texts")
@@ -92,7 +93,7 @@ def main() -> None:
         sys.exit(f"gptq_ablation: {e}")
     emb = model.model.embed_tokens.weight
     h = emb[tokens]
-    kv = ("self_attn.k_proj", "self_attn.v_proj") if a.kv8 else ()
+    kv = KV_PROJECTIONS if a.kv8 else ()
     params = {p: {"bits": 8 if p in kv else a.bits, "group_size": a.group_size} for p in calibrate.LINEARS}
     cfg = model.config
     for block in model.layers:

@@ -110,7 +110,7 @@ def _is_kv(path: str, n_layers: int) -> bool:
 
 def _is_head_or_sensitive(path: str, n_layers: int) -> bool:
     index = layer_index(path)
-    return path in HEAD_PATHS or (
+    return _is_head(path, n_layers) or (
         index is not None
         and path.endswith(SENSITIVE_PROJECTIONS)
         and is_sensitive_layer(index, n_layers)
