@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import fixture_dir, ratio, run_isolated
+from common import model_dir, ratio, run_isolated
 
 QUESTIONS = [
     "Write a Python function that reverses a string.",
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--answer-tokens", type=int, default=48)
     args = ap.parse_args()
-    fmt = dict(model=args.model or fixture_dir(), questions=QUESTIONS, turns=args.turns, n=args.answer_tokens)
+    fmt = dict(model=model_dir(args.model), questions=QUESTIONS, turns=args.turns, n=args.answer_tokens)
     runs = {
         "qmlx chat": run_isolated(QMLX.format(reprefill=False, **fmt)),
         "re-prefill": run_isolated(QMLX.format(reprefill=True, **fmt)),

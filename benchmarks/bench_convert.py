@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 
-from common import PEAK_RSS_SOURCE, fixture_dir, ratio, run_isolated
+from common import PEAK_RSS_SOURCE, fixture_dir, model_dir, ratio, run_isolated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("QMLX_SHARED", os.path.join(HERE, "..", "..", "shared"))
@@ -167,7 +167,7 @@ def main() -> None:
                 write_random_7b(src)
             title = "7B-shaped random checkpoint"
         else:
-            src = args.model or fixture_dir()
+            src = model_dir(args.model)
             title = "fixture"
         rows = {"qmlx convert": run("qmlx convert", QMLX, src, work, args.bits, args.group_size)}
         if not args.skip_mlx_lm:

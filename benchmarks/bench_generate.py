@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import PEAK_RSS_SOURCE, fixture_dir, ratio, run_isolated
+from common import PEAK_RSS_SOURCE, model_dir, ratio, run_isolated
 
 # The prompt of sections 1 and 2: the shared texts, concatenated, cut to N tokens.
 PROMPT_IDS = PEAK_RSS_SOURCE + r"""
@@ -222,7 +222,7 @@ def main() -> None:
     args = ap.parse_args()
     skip = set(args.skip.split(","))
 
-    model = args.model or fixture_dir()
+    model = model_dir(args.model)
     here = os.path.dirname(os.path.abspath(__file__))
     texts_dir = os.path.join(here, "..", "..", "shared", "fixtures", "texts")
     code_file = os.path.join(texts_dir, "python_textwrap.py.txt")

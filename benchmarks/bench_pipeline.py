@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import fixture_dir, ratio
+from common import model_dir, ratio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
     args = ap.parse_args()
-    model = args.model or fixture_dir()
+    model = model_dir(args.model)
 
     with open(os.path.join(model, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]

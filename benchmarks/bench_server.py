@@ -29,7 +29,7 @@ import sys
 import time
 
 import httpx2 as httpx
-from common import fixture_dir
+from common import model_dir
 
 HOST = "127.0.0.1"  # never anything but loopback
 PROMPTS = [
@@ -227,7 +227,7 @@ def main() -> int:
     ap.add_argument("--malformed", type=int, default=120, help="bad requests sent during the load")
     ap.add_argument("--max-concurrency", type=int, default=4)
     args = ap.parse_args()
-    model = args.model or fixture_dir()
+    model = model_dir(args.model)
     port = free_port()
     url = f"http://{HOST}:{port}"
     print(f"model: {model}\nserver: {url} (max concurrency {args.max_concurrency})")

@@ -29,6 +29,14 @@ def fixture_dir() -> str:
     return subprocess.run([script], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
 
 
+def model_dir(given: str | None) -> str:
+    """--model's folder, or the shared fixture; exits with one line if it is not a model folder."""
+    folder = given or fixture_dir()
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        sys.exit(f"--model {folder}: not a model folder (no config.json)")
+    return folder
+
+
 def run_isolated(code: str, env: dict | None = None, timeout: int = 1800) -> dict:
     """Run `code` in a new interpreter; it must print one JSON object as its last line."""
     res = subprocess.run(
@@ -69,3 +77,20 @@ def replace_section(path: str, begin: str, end: str, text: str) -> None:
     start, stop = doc.index(begin) + len(begin), doc.index(end)
     with open(path, "w", encoding="utf-8") as f:
         f.write(doc[:start] + "\n" + text + "\n" + doc[stop:])
+
+
+def load_rows(path: str) -> dict:
+    """{label: row} cached by an earlier run of a table script (empty if none)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {r["label"]: r for r in json.load(f)}
+
+
+def save_rows(path: str, rows: dict) -> None:
+    """Write the cached rows whole or not at all (an interrupted write leaves the old file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(list(rows.values()), f, indent=1)
+    os.replace(tmp, path)

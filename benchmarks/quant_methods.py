@@ -23,13 +23,14 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from common import fixture_dir, ppl_row, replace_section
+from common import load_rows, model_dir, ppl_row, replace_section, save_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..")
@@ -126,29 +127,29 @@ def rows_for(bits: int) -> list[tuple[str, str, list[str]]]:
     return rows
 
 
-def run(args: list[str], timeout: int = STEP_TIMEOUT) -> None:
-    """Run a child python; raises with the child's stderr on failure."""
+def run(args: list[str], timeout: int = STEP_TIMEOUT) -> str:
+    """A child python's stdout; raises with its stderr on failure (KeyboardInterrupt if it
+    died of the Ctrl-C that is stopping this script, so that no row is reported failed)."""
     r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+    if r.returncode == -signal.SIGINT or "\nKeyboardInterrupt" in r.stderr:
+        raise KeyboardInterrupt
     if r.returncode:
         raise RuntimeError(r.stderr[-3000:])
+    return r.stdout
 
 
 def produce(label, tool, extra, bits, src, dst) -> None:
     if tool == "qmlx":
-        return run(["-c", QMLX_CONVERT, ROOT, src, dst, str(bits), str(GROUP), extra[0],
-                    str(SAMPLES), str(SEQ_LEN), *extra[1:]])  # fmt: skip
-    return run(["-c", MLX_LM_TOOL, ROOT, tool, str(SAMPLES), "--model", src, "--mlx-path", dst,
-                *extra])  # fmt: skip
+        run(["-c", QMLX_CONVERT, ROOT, src, dst, str(bits), str(GROUP), extra[0],
+             str(SAMPLES), str(SEQ_LEN), *extra[1:]])  # fmt: skip
+    else:
+        run(["-c", MLX_LM_TOOL, ROOT, tool, str(SAMPLES), "--model", src, "--mlx-path", dst,
+             *extra])  # fmt: skip
 
 
 def score(folder: str, src: str, texts: list[str]) -> dict:
-    r = subprocess.run(
-        [sys.executable, "-c", SCORE, ROOT, folder, src, *texts],
-        capture_output=True, text=True, timeout=STEP_TIMEOUT,
-    )  # fmt: skip
-    if r.returncode:
-        raise RuntimeError(r.stderr[-3000:])
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = run(["-c", SCORE, ROOT, folder, src, *texts])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def safetensors_bytes(folder: str) -> int:
@@ -195,7 +196,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="rows run at once (default 1)")
     args = ap.parse_args()
 
-    src = args.model or fixture_dir()
+    src = model_dir(args.model)
     texts = sorted(os.path.join(TEXTS, f) for f in os.listdir(TEXTS))
     sys.path.insert(0, ROOT)
     from convert.calib import stdlib_files
@@ -207,11 +208,7 @@ def main() -> None:
             if f.read() in evaluated:
                 sys.exit(f"{path} is an evaluation text but is in the calibration pool")
     params = sum(math.prod(i.shape) for i in folder_index(src).values())
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    done = {}
-    if os.path.exists(args.results):
-        with open(args.results) as f:
-            done = {r["label"]: r for r in json.load(f)}
+    done = load_rows(args.results)
     wanted = set(args.only.split(",")) if args.only else None
     order = [row for b in args.bits.split(",") for row in rows_for(int(b))]
     work = tempfile.mkdtemp(prefix="quant-methods-", dir=os.path.dirname(args.results))
@@ -232,22 +229,26 @@ def main() -> None:
         with lock:
             done[label] = row
             print(f"{label}: {row['scores']}", file=sys.stderr, flush=True)
-            with open(args.results, "w") as f:
-                json.dump(list(done.values()), f, indent=1)
+            save_rows(args.results, done)
 
     todo = [r for r in order if r[0] not in done and (not wanted or r[0] in wanted)]
     todo.sort(key=lambda r: r[1] == "qmlx")  # mlx-lm's (slowest, least known) first
+    # Rows are independent processes and nothing is timed, so they may share the cores.
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
     try:
-        # Rows are independent processes and nothing is timed, so they may share the cores.
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda r: one(*r), todo))
+        list(pool.map(lambda r: one(*r), todo))
+    except KeyboardInterrupt:
+        # The running children got the Ctrl-C too; rows not started yet are dropped.
+        sys.exit(f"interrupted: the rows finished so far are kept in {args.results}")
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(work, ignore_errors=True)
     rows = [done[label] for label, _, _ in order if label in done]
     md = table(rows, params)
     print(md)
     if args.write_docs:
         replace_section(DOCS, BEGIN, END, md)
+
 
 if __name__ == "__main__":
     main()

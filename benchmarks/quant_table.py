@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import fixture_dir, ppl_row, replace_section
+from common import load_rows, model_dir, ppl_row, replace_section, save_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("QMLX_SHARED", os.path.join(HERE, "..", "..", "shared"))
@@ -110,13 +110,9 @@ def main() -> None:
     ap.add_argument("--write-docs", action="store_true", help="update docs/quantization.md")
     args = ap.parse_args()
 
-    src = args.model or fixture_dir()
+    src = model_dir(args.model)
     texts = sorted(os.path.join(TEXTS, f) for f in os.listdir(TEXTS))
-    os.makedirs(os.path.dirname(args.results), exist_ok=True)
-    done = {}
-    if os.path.exists(args.results):
-        with open(args.results) as f:
-            done = {r["label"]: r for r in json.load(f)}
+    done = load_rows(args.results)
     sys.path.insert(0, os.path.join(HERE, ".."))
     from qmlx.safetensors import folder_index
 
@@ -129,8 +125,7 @@ def main() -> None:
                 continue
             done[label] = measure(label, bits, group_size, recipe, src, work, texts, params)
             print(f"{label}: {done[label]['ppl']}", file=sys.stderr, flush=True)
-            with open(args.results, "w") as f:
-                json.dump(list(done.values()), f, indent=1)
+            save_rows(args.results, done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = [done[label] for label, *_ in SETTINGS if label in done]
@@ -138,6 +133,7 @@ def main() -> None:
     print(md)
     if args.write_docs:
         replace_section(DOCS, BEGIN, END, md)
+
 
 if __name__ == "__main__":
     main()
