@@ -84,8 +84,11 @@ def load_rows(path: str) -> dict:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        return {r["label"]: r for r in json.load(f)}
+    try:
+        with open(path) as f:
+            return {r["label"]: r for r in json.load(f)}
+    except (ValueError, TypeError, KeyError) as e:
+        sys.exit(f"--results {path}: not a results file of this script ({e}); move it away or pass another")
 
 
 def save_rows(path: str, rows: dict) -> None:

@@ -195,6 +195,8 @@ def main() -> None:
     ap.add_argument("--write-docs", action="store_true", help="update docs/quantization.md")
     ap.add_argument("--jobs", type=int, default=1, help="rows run at once (default 1)")
     args = ap.parse_args()
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
 
     src = model_dir(args.model)
     texts = sorted(os.path.join(TEXTS, f) for f in os.listdir(TEXTS))
