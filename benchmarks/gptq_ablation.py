@@ -1,11 +1,12 @@
 """GPTQ variants on the fixture, in memory: the table "GPTQ ablations" of docs/quantization.md.
 
     .venv/bin/python benchmarks/gptq_ablation.py [--samples 8] [--seq-len 512] [--calib FILE|DIR]
-        [--damp 0.1] [--act-order] [--no-sink] [--token-rms] [--kv8] [--bits 4] [--group-size 64]
+        [--damp 0.1] [--act-order] [--no-sink] [--token-rms] [--kv8] [--head rtn|gptq] [--bits 4] [--group-size 64]
 
 Quantizes every decoder block with GPTQ as `qmlx convert --method gptq` does
 (`quantize_block`, block by block, each block calibrated on the outputs of the quantized blocks
-before it), the embedding/tied head by round-to-nearest, and prints the perplexity of the
+before it), the tied embedding/head by round-to-nearest (`--head gptq`: by GPTQ on the final
+hidden states, as `convert --calib-head` does), and prints the perplexity of the
 first 1024 tokens of each shared text against bf16 (model in float32). One run is one row; it
 takes ~8 minutes with 8 samples and ~20 with 32 on a 2-core CPU. Nothing is timed. (The
 table's rows with the searched group range ran the code of commit 0e3c70f, before GPTQ took
@@ -53,10 +54,16 @@ def main() -> None:
     ap.add_argument("--token-rms", action="store_true",
                     help="weigh each token's row of H by 1/its mean square (tames the sink token)")
     ap.add_argument("--kv8", action="store_true", help="k_proj/v_proj at 8 bits (the kv-8 recipe)")
+    ap.add_argument("--head", choices=("rtn", "gptq"), default="rtn",
+                    help="how the tied embedding/head is rounded (gptq: on the final hidden "
+                    "states, as convert --calib-head)")
+    ap.add_argument("--parallel", action="store_true",
+                    help="every site's H from the unquantized block (not site by site)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
 
+    calibrate.SEQUENTIAL = not a.parallel
     calibrate.Hessian = functools.partial(gptq.Hessian, damp=a.damp, act_order=a.act_order)
     if a.no_sink:
         tap_call = calibrate.Tap.__call__
@@ -104,13 +111,18 @@ def main() -> None:
             getattr(getattr(block, parent), name).weight = mx.dequantize(
                 packed, s, b, group_size=a.group_size, bits=params[path]["bits"]).astype(mx.float32)  # fmt: skip
         mx.eval(block.parameters(), h)
-    packed = mx.quantize(emb.astype(mx.bfloat16), group_size=a.group_size, bits=a.bits)
+    if a.head == "gptq":
+        xtx = calibrate.head_hessian(h, model.model.norm.weight, cfg.rms_norm_eps)
+        packed = gptq.gptq(emb, gptq.Hessian(xtx, damp=a.damp), a.bits, a.group_size)
+    else:
+        packed = mx.quantize(emb.astype(mx.bfloat16), group_size=a.group_size, bits=a.bits)
     model.model.embed_tokens.weight = mx.dequantize(*packed, group_size=a.group_size, bits=a.bits).astype(mx.float32)
     mx.eval(model.parameters())
     got = scores(model, texts)
     deltas = [g / r - 1 for g, r in zip(got, ref)]
     print(f"calibration {tuple(tokens.shape)} {a.calib or 'stdlib'}; damp {a.damp}, act-order {a.act_order}, "
-          f"no sink {a.no_sink}, token rms {a.token_rms}, kv-8 {a.kv8}")  # fmt: skip
+          f"no sink {a.no_sink}, token rms {a.token_rms}, kv-8 {a.kv8}, head {a.head}, "
+          f"sequential {not a.parallel}")  # fmt: skip
     for n, r, g, d in zip(names, ref, got, deltas):
         print(f"{n:32} bf16 {r:8.3f}  gptq {g:8.3f}  {d:+.1%}")
     print(f"mean Δppl {sum(deltas) / len(deltas):+.2%}")

@@ -1,19 +1,24 @@
 """Quantization methods side by side: qmlx (rtn, clip, awq, gptq) and mlx-lm's own tools.
 
     .venv/bin/python benchmarks/quant_methods.py [--bits 4,3] [--only LABEL,...]
-        [--results FILE] [--write-docs] [--jobs 2]
+        [--results FILE] [--write-docs] [--jobs 2] [--calib FILE]
 
 For each bit width (group size 64) the fixture is quantized by every method, then each result is
 scored against the bf16 fixture on the first 1024 tokens of each shared text (model and
 reference in float32): perplexity per text, mean per-token KL(bf16 ‖ quantized), top-1
 agreement, size on disk. Nothing is timed (quality does not depend on load, so the rows can run
-beside other work); conversion speed is bench_convert.py's business. mlx-lm's AWQ and GPTQ run through their own
-command-line entry points, fed the same calibration tokens as qmlx (its default calibration
-file is a download, and this machine is offline): 8 samples × 512 tokens of Python's standard
-library, which excludes textwrap.py, the code text scored here. Their fallback/embedding bits
-are set to the same bits, so every row of a bit width has the same bits per weight (except
-where noted by the size column). Each step runs in its own process with a time limit; rows are
-cached in the results file as they finish (a rerun skips them).
+beside other work); conversion speed is bench_convert.py's business. mlx-lm's AWQ and GPTQ run
+through their own command-line entry points, fed the same calibration tokens as qmlx (its
+default calibration file is a download, and this machine is offline): 8 samples × 512 tokens of
+Python's standard library, which excludes textwrap.py, the code text scored here; their
+fallback/embedding bits are set to the same bits, so every row of a bit width has the same bits
+per weight (except where noted by the size column). With `--calib FILE` (e.g. the model's own
+Chinese/Korean/English answers mixed with standard-library code, from
+scripts/self_calibration.py; checked to hold no piece of a scored text) each bit width gets one
+more rows: GPTQ with --calib-head, uniform and with the kv-8 recipe, calibrated on 32 samples
+of that file.
+Each step runs in its own process with a time limit; rows are cached in the results file as
+they finish (a rerun skips them).
 """
 
 from __future__ import annotations
@@ -41,15 +46,15 @@ BEGIN, END = "<!-- quant-methods:begin -->", "<!-- quant-methods:end -->"
 # 8 samples, not qmlx's default 32: each calibrated conversion runs the samples through every
 # block two or three times, which on the shared 2-core CPU took ~40 minutes with 32.
 SAMPLES, SEQ_LEN, GROUP = 8, 512, 64
+# Samples of the --calib rows: 32, qmlx's default (the text is meant to cover the scored languages).
+OWN_SAMPLES = 32
 STEP_TIMEOUT = 3600
 
 QMLX_CONVERT = r"""
-import sys
+import json, sys
 sys.path.insert(0, sys.argv[1])
 from convert import convert
-convert(sys.argv[2], sys.argv[3], bits=int(sys.argv[4]), group_size=int(sys.argv[5]),
-        method=sys.argv[6], calib_samples=int(sys.argv[7]), calib_seq_len=int(sys.argv[8]),
-        recipe=sys.argv[9] if len(sys.argv) > 9 else None, progress=False)
+convert(sys.argv[2], sys.argv[3], progress=False, **json.loads(sys.argv[4]))
 """
 
 # mlx-lm's entry point, with its calibration loader swapped for the same tokens qmlx uses, on
@@ -106,12 +111,22 @@ print(json.dumps(out))
 """
 
 
-def rows_for(bits: int) -> list[tuple[str, str, list[str]]]:
-    """(label, tool, arguments) of every method at `bits`."""
+def rows_for(bits: int, calib: str | None = None) -> list[tuple[str, str, list | dict]]:
+    """(label, tool, arguments: qmlx's convert keywords or mlx-lm's flags) of every method at
+    `bits`; with `calib`, also GPTQ with --calib-head (uniform and kv-8) on 32 samples of it."""
     b, g = str(bits), str(GROUP)
-    rows = [(f"{bits}-bit qmlx {m}", "qmlx", [m]) for m in ("rtn", "clip", "awq", "gptq")]
+    base = {"bits": bits, "group_size": GROUP, "calib_samples": SAMPLES, "calib_seq_len": SEQ_LEN}
+    rows = [(f"{bits}-bit qmlx {m}", "qmlx", {**base, "method": m})
+            for m in ("rtn", "clip", "awq", "gptq")]  # fmt: skip
     # k/v projections at 8 bits (+0.05 bits/weight), plain and with GPTQ for the rest.
-    rows += [(f"{bits}-bit qmlx {m} kv-8", "qmlx", [m, "kv-8"]) for m in ("rtn", "gptq")]
+    rows += [(f"{bits}-bit qmlx {m} kv-8", "qmlx", {**base, "method": m, "recipe": "kv-8"})
+             for m in ("rtn", "gptq")]  # fmt: skip
+    if calib:
+        own = {**base, "method": "gptq", "calib_head": True, "calib": calib,
+               "calib_samples": OWN_SAMPLES}  # fmt: skip
+        tag = f"calib-head ({OWN_SAMPLES} × --calib)"
+        rows.append((f"{bits}-bit qmlx gptq {tag}", "qmlx", own))
+        rows.append((f"{bits}-bit qmlx gptq kv-8 {tag}", "qmlx", {**own, "recipe": "kv-8"}))
     rows.append(
         (f"{bits}-bit mlx-lm awq", "awq",
          ["--bits", b, "--group-size", g, "--embed-bits", b, "--embed-group-size", g,
@@ -140,8 +155,7 @@ def run(args: list[str], timeout: int = STEP_TIMEOUT) -> str:
 
 def produce(label, tool, extra, bits, src, dst) -> None:
     if tool == "qmlx":
-        run(["-c", QMLX_CONVERT, ROOT, src, dst, str(bits), str(GROUP), extra[0],
-             str(SAMPLES), str(SEQ_LEN), *extra[1:]])  # fmt: skip
+        run(["-c", QMLX_CONVERT, ROOT, src, dst, json.dumps(extra)])
     else:
         run(["-c", MLX_LM_TOOL, ROOT, tool, str(SAMPLES), "--model", src, "--mlx-path", dst,
              *extra])  # fmt: skip
@@ -194,6 +208,11 @@ def main() -> None:
     )
     ap.add_argument("--write-docs", action="store_true", help="update docs/quantization.md")
     ap.add_argument("--jobs", type=int, default=1, help="rows run at once (default 1)")
+    ap.add_argument(
+        "--calib", metavar="FILE",
+        help="calibration text for extra rows (GPTQ, kv-8, --calib-head), e.g. the output of "
+        "scripts/self_calibration.py; it must not contain any scored text",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
@@ -209,10 +228,25 @@ def main() -> None:
         with open(path, encoding="utf-8", errors="replace") as f:
             if f.read() in evaluated:
                 sys.exit(f"{path} is an evaluation text but is in the calibration pool")
+    if args.calib:
+        from convert.calib import read_texts
+        from convert.errors import ConvertError
+
+        if not os.path.isfile(args.calib):
+            sys.exit(f"--calib {args.calib}: no such file")
+        try:
+            own = "\n".join(read_texts(args.calib))
+        except ConvertError as e:
+            sys.exit(str(e))
+        for t in evaluated:  # no scored text, nor a sizeable piece of one
+            pieces = [p for p in (t[i : i + 200] for i in range(0, len(t), 200)) if len(p) == 200]
+            if any(p in own for p in pieces):
+                sys.exit(f"--calib {args.calib}: contains a piece of a scored text")
     params = sum(math.prod(i.shape) for i in folder_index(src).values())
     done = load_rows(args.results)
     wanted = set(args.only.split(",")) if args.only else None
-    order = [row for b in args.bits.split(",") for row in rows_for(int(b))]
+    calib = os.path.abspath(args.calib) if args.calib else None
+    order = [row for b in args.bits.split(",") for row in rows_for(int(b), calib)]
     work = tempfile.mkdtemp(prefix="quant-methods-", dir=os.path.dirname(args.results))
     lock = threading.Lock()
 

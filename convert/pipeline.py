@@ -20,7 +20,7 @@ import mlx.core as mx
 from qmlx.config import ModelConfig
 from qmlx.quant import check_params, layer_params, plan, quantize
 from qmlx.quant.recipes import choose_by_sensitivity, layer_index, measured_recipe
-from qmlx.quant.calibrate import CALIBRATED, METHODS
+from qmlx.quant.calibrate import CALIBRATED, GPTQ_METHODS, METHODS
 from qmlx.quant.search import quantize_searched
 from qmlx.tokenizer import Tokenizer
 
@@ -51,6 +51,7 @@ def convert(
     calib: str | None = None,
     calib_samples: int = 32,
     calib_seq_len: int = 512,
+    calib_head: bool = False,
 ) -> str:
     """Convert SRC (HF folder, hub id, quantized folder or .gguf) into a qmlx/MLX folder DST.
 
@@ -60,12 +61,16 @@ def convert(
     source's `torch_dtype`. `method` picks how weights are rounded (see
     `qmlx.quant.calibrate.METHODS`); calibrated methods run `calib_samples` samples of
     `calib_seq_len` tokens from `calib` (a text/JSONL file or folder; default: Python's
-    standard library) through the model block by block. Returns DST's path.
+    standard library) through the model block by block. `calib_head` (GPTQ methods) also
+    quantizes the output head by GPTQ on the calibration text's final hidden states. Returns
+    DST's path.
     """
     if method not in METHODS:
         raise ConvertError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if dequantize and method in CALIBRATED:
         raise ConvertError(f"--method {method} quantizes; it has no use with --dequantize")
+    if calib_head and method not in GPTQ_METHODS:
+        raise ConvertError(f"--calib-head needs --method {' or '.join(GPTQ_METHODS)}")
     if not dequantize:
         check_params(bits, group_size, "--bits/--group-size")
     elif recipe is not None:
@@ -128,7 +133,7 @@ def convert(
         metadata = {"format": "mlx" if quantization else "pt"}
         writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
         calib_state = None if tokens is None else (config, tokens, quantization, method)
-        _run(jobs, out_dtype, writer, progress, method, calib_state, tensors)
+        _run(jobs, out_dtype, writer, progress, method, calib_state, tensors, calib_head)
         weight_map = writer.close()
         card.write_index(tmp, weight_map, writer.total_size, n_params)
         card.write_config(tmp, source.config, quantization, dtype_name)
@@ -215,8 +220,10 @@ def _job(t, quantization: dict | None, out_dtype):
     return t, outs, params
 
 
-def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, tensors) -> None:
-    """Write every job's outputs; with `calib_state`, decoder blocks go through calibration."""
+def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, tensors,
+         calib_head: bool = False) -> None:
+    """Write every job's outputs; with `calib_state`, decoder blocks go through calibration
+    (and with `calib_head`, the output head too, after them)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -237,13 +244,17 @@ def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, 
     ]
     with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
         task = bar.add_task("converting", total=total)
-        h, done = None, set()
+        h, done, head = None, set(), None
+        head_by_gptq = calib_head and calib_state is not None
         for i, (t, outs, params) in enumerate(jobs):
             bar.update(task, description=f"tensor {i + 1}/{len(jobs)}")
             index = layer_index(t.name)
+            if head_by_gptq and params is not None and t.name == calibrated.head_name(calib_state[0]):
+                head = (t, outs, params)  # needs the last block's outputs: done after the blocks
+                continue
             if calib_state is None or index is None:
-                # Embeddings and head are rounded to nearest: calibration only sees the blocks,
-                # and on the fixture the data-free range search made the tied head worse.
+                # Embeddings and head are rounded to nearest unless --calib-head: the data-free
+                # range search made the tied head worse.
                 rounding = "rtn" if method in CALIBRATED else method
                 _convert_tensor(t, outs, params, out_dtype, writer, rounding)
             elif index not in done:
@@ -256,6 +267,11 @@ def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, 
                 )
                 done.add(index)
             bar.advance(task, t.nbytes)
+        if head is not None:
+            bar.update(task, description="calibrating the head")
+            config = calib_state[0]
+            calibrated.convert_head(*head, h, tensors, config, out_dtype, writer)
+            bar.advance(task, head[0].nbytes)
 
 
 def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter, method="rtn") -> None:

@@ -102,6 +102,7 @@ class ShardWriter:
         self.total_size = sum(t.nbytes for s in shards for t in s)
         self._file = None
         self._current = -1
+        self._started: set[int] = set()
 
     def _header(self, shard: list[OutTensor]) -> tuple[bytes, dict[str, int]]:
         entries: dict = {"__metadata__": self.metadata}
@@ -120,12 +121,18 @@ class ShardWriter:
         return raw, offsets
 
     def _open(self, shard: int) -> None:
+        """Open a shard for writing: created with its header the first time, reopened in place
+        after (a tensor may be written after later shards, e.g. a head calibrated last)."""
         self._close_current()
         path = os.path.join(self.folder, self.files[shard])
-        self._file = open(path, "wb")
-        header = self.headers[shard]
-        self._file.write(len(header).to_bytes(8, "little"))
-        self._file.write(header)
+        if shard in self._started:
+            self._file = open(path, "r+b")
+        else:
+            self._file = open(path, "wb")
+            header = self.headers[shard]
+            self._file.write(len(header).to_bytes(8, "little"))
+            self._file.write(header)
+            self._started.add(shard)
         self._current = shard
 
     def _close_current(self) -> None:

@@ -270,6 +270,12 @@ def add_convert(sub) -> None:
     p.add_argument(
         "--calib-seq-len", type=int, default=512, help="tokens per calibration sample (default 512)"
     )
+    p.add_argument(
+        "--calib-head",
+        action="store_true",
+        help="gptq/awq-gptq: also GPTQ the output head (the embedding when tied) on the "
+        "calibration text; helps when that text is in the languages you use, hurts when not",
+    )
     p.set_defaults(run=run_convert)
 
 
@@ -291,6 +297,7 @@ def run_convert(args) -> int:
         calib=args.calib,
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,
+        calib_head=args.calib_head,
     )
     print(out)
     return 0

@@ -299,3 +299,85 @@ def test_auto_recipe_converts_and_loads_in_mlx_lm(calib_file, tmp_path):
     np.testing.assert_allclose(ours, np.array(theirs(IDS).astype(mx.float32)), atol=1e-4)
     with pytest.raises(ConvertError, match="--recipe auto-3-6 measures"):
         convert(src, str(tmp_path / "x"), bits=3, recipe="auto-3-6", method="rtn", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tied_src(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tied") / "src")
+    cfg = tiny_config(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, torch_dtype="bfloat16",
+        vocab_size=1024,
+    )  # fmt: skip
+    write_folder(path, cfg, shards=2, dtype=mx.bfloat16)
+    return path
+
+
+def _tensors(folder):
+    out = {}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            out.update(mx.load(os.path.join(folder, name)))
+    return out
+
+
+def test_gptq_head_is_calibrated_on_final_hidden_states(tied_src, calib_file, tmp_path):
+    """A tied head, written last into the first of several shards: the file is whole, loads
+    alike in mlx-lm and qmlx, and the head's logits err less than round-to-nearest's."""
+    import mlx_lm
+
+    dst = convert(
+        tied_src, str(tmp_path / "gptq"), bits=3, method="gptq", calib=calib_file,
+        calib_samples=4, calib_seq_len=64, shard_size="40KB", calib_head=True, progress=False,
+    )  # fmt: skip
+    files = [n for n in os.listdir(dst) if n.endswith(".safetensors")]
+    assert len(files) > 2
+    with open(os.path.join(dst, "model.safetensors.index.json")) as f:
+        assert json.load(f)["weight_map"]["model.embed_tokens.weight"] == sorted(files)[0]
+    ours = np.array(load_model(dst, dtype="float32")(IDS))
+    theirs, _ = mlx_lm.load(dst)
+    theirs.set_dtype(mx.float32)
+    np.testing.assert_allclose(ours, np.array(theirs(IDS).astype(mx.float32)), atol=1e-4)
+
+    src = load_model(tied_src, dtype="float32")
+    tokens = calibration_tokens(Tokenizer.from_folder(tied_src), calib_file, 4, 64)
+    x = src.model(tokens).reshape(-1, 128)  # the head's inputs (unquantized blocks)
+    w = src.model.embed_tokens.weight
+    q = _tensors(dst)
+    key = "model.embed_tokens."
+    head = _dequant((q[key + "weight"], q[key + "scales"], q[key + "biases"]), 3)
+    rtn = _dequant(mx.quantize(w.astype(mx.bfloat16), group_size=64, bits=3), 3)
+    err = lambda v: mx.square(x @ (v - w).T).mean().item()  # noqa: E731
+    assert err(head) < 0.8 * err(rtn)
+
+
+def test_head_is_round_to_nearest_without_calib_head(tied_src, calib_file, tmp_path):
+    dst = convert(
+        tied_src, str(tmp_path / "gptq"), bits=4, method="gptq", calib=calib_file,
+        calib_samples=4, calib_seq_len=64, progress=False,
+    )  # fmt: skip
+    w = load_model(tied_src, dtype="bfloat16").model.embed_tokens.weight
+    packed, s, b = mx.quantize(w, group_size=64, bits=4)
+    q = _tensors(dst)
+    assert np.array_equal(np.array(q["model.embed_tokens.weight"]), np.array(packed))
+    r = _cli("convert", tied_src, str(tmp_path / "awq"), "--method", "awq", "--calib-head")
+    assert r.returncode == 2 and "--calib-head needs --method gptq" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not os.path.exists(tmp_path / "awq")
+
+
+def test_sequential_gptq_lowers_block_output_error(monkeypatch):
+    """Site by site (o_proj/down_proj calibrated on the already-quantized q/k/v, gate/up
+    outputs), the block's output on the calibration inputs is closer to the float block's."""
+    from qmlx.quant import calibrate
+
+    model = random_model(tiny_config(hidden_size=128, intermediate_size=256))
+    h = model.model.embed_tokens(mx.random.randint(0, 256, (4, 64), key=mx.random.key(0)))
+    block = model.layers[0]
+    ref = calibrate.run_block(block, h)
+    params = dict.fromkeys(calibrate.LINEARS, {"bits": 3, "group_size": 64})
+    errors = {}
+    for sequential in (False, True):
+        monkeypatch.setattr(calibrate, "SEQUENTIAL", sequential)
+        _, y = calibrate.quantize_block(block, h, params, "gptq", 4, 2, mx.float32)
+        errors[sequential] = mx.square(y - ref).mean().item()
+    assert errors[True] < 0.98 * errors[False]

@@ -24,6 +24,8 @@ METHODS = {
     "awq-gptq": "AWQ scales, then GPTQ rounding (calibrated)",
 }
 CALIBRATED = ("awq", "gptq", "awq-gptq")
+# Methods that round with GPTQ; they also GPTQ the output head on the final hidden states.
+GPTQ_METHODS = ("gptq", "awq-gptq")
 LINEARS = (
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -96,10 +98,18 @@ def run_block(block: nn.Module, h: mx.array) -> mx.array:
     return mx.concatenate(out)
 
 
-def collect(block: nn.Module, h: mx.array, hessian: bool) -> dict[str, Tap]:
-    """Run the block over h with a Tap on each distinct input site; returns {path: Tap}."""
-    sites = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"),
-             "self_attn.o_proj": (), "mlp.gate_proj": ("mlp.up_proj",), "mlp.down_proj": ()}
+# Each distinct input site of a block and the layers that share its input.
+SITES = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"),
+         "self_attn.o_proj": (), "mlp.gate_proj": ("mlp.up_proj",), "mlp.down_proj": ()}
+# GPTQ quantizes the sites in this order, each calibrated on the outputs of the ones before
+# (already quantized): "true sequential" in the GPTQ paper's code.
+SEQUENTIAL = False
+
+
+def collect(block: nn.Module, h: mx.array, hessian: bool, sites=None) -> dict[str, Tap]:
+    """Run the block over h with a Tap on each distinct input site (or those of `sites`);
+    returns {path: Tap}."""
+    sites = {k: v for k, v in SITES.items() if sites is None or k in sites}
     taps = {}
     for path in sites:
         taps[path] = Tap(_module(block, path), hessian)
@@ -189,6 +199,27 @@ def _gptq_layers(block: nn.Module, taps: dict[str, Tap], params: dict, dtype) ->
     return out
 
 
+def _gptq_sequential(block: nn.Module, h: mx.array, params: dict, dtype) -> dict:
+    """GPTQ site by site, each site's H taken with the sites before it already quantized, so
+    o_proj and down_proj also correct the rounding error of the layers that feed them."""
+    out, originals = {}, {}
+    try:
+        for site, shared in SITES.items():
+            taps = collect(block, h, hessian=True, sites=(site,))
+            here = {p: params[p] if p in (site, *shared) else None for p in LINEARS}
+            part = _gptq_layers(block, taps, here, dtype)
+            for path, (packed, s, b) in part.items():
+                lin, p = _module(block, path), here[path]
+                originals[path] = lin.weight
+                w = mx.dequantize(packed, s, b, group_size=p["group_size"], bits=p["bits"])
+                lin.weight = w.astype(mx.float32)
+            out.update(part)
+    finally:
+        for path, w in originals.items():
+            _module(block, path).weight = w
+    return out
+
+
 def quantize_block(
     block: nn.Module,
     h: mx.array,
@@ -204,13 +235,16 @@ def quantize_block(
     Returns ({path: (packed, scales, biases) or (weight,)}, the block's output for h computed
     with the quantized weights) and leaves the block holding its (AWQ-rescaled) float weights.
     """
-    use_gptq = method in ("gptq", "awq-gptq")
+    use_gptq = method in GPTQ_METHODS
     if method in ("awq", "awq-gptq"):
         taps = collect(block, h, hessian=False)
         scale_block(block, taps, params, n_heads, n_kv_heads)
-    taps = collect(block, h, hessian=use_gptq)
     out: dict[str, tuple] = {}
-    by_gptq = _gptq_layers(block, taps, params, dtype) if use_gptq else {}
+    if use_gptq and SEQUENTIAL:
+        taps, by_gptq = {}, _gptq_sequential(block, h, params, dtype)
+    else:
+        taps = collect(block, h, hessian=use_gptq)
+        by_gptq = _gptq_layers(block, taps, params, dtype) if use_gptq else {}
     for path in LINEARS:
         lin, p = _module(block, path), params[path]
         if p is None:
@@ -240,6 +274,16 @@ def run_quantized(block: nn.Module, h: mx.array, out: dict, params: dict) -> mx.
     finally:
         for path, w in originals.items():
             _module(block, path).weight = w
+
+
+def head_hessian(h: mx.array, norm_weight: mx.array, eps: float) -> mx.array:
+    """XᵀX of the output head's inputs: the final RMSNorm of the last block's outputs h."""
+    xtx = mx.zeros((h.shape[-1], h.shape[-1]))
+    for i in range(0, h.shape[0], CHUNK):
+        x = mx.fast.rms_norm(h[i : i + CHUNK], norm_weight, eps).reshape(-1, h.shape[-1])
+        xtx = xtx + x.T @ x
+        mx.eval(xtx)
+    return xtx
 
 
 def layer_damage(block: nn.Module, h: mx.array, bits: int, group_size: int):
