@@ -1,7 +1,8 @@
 """GPTQ variants on the fixture, in memory: the table "GPTQ ablations" of docs/quantization.md.
 
     .venv/bin/python benchmarks/gptq_ablation.py [--samples 8] [--seq-len 512] [--calib FILE|DIR]
-        [--damp 0.1] [--act-order] [--no-sink] [--token-rms] [--kv8] [--head rtn|gptq] [--bits 4] [--group-size 64]
+        [--damp 0.1] [--act-order] [--no-sink] [--token-rms] [--kv8] [--head rtn|gptq] [--sequential]
+        [--bits 4] [--group-size 64]
 
 Quantizes every decoder block with GPTQ as `qmlx convert --method gptq` does
 (`quantize_block`, block by block, each block calibrated on the outputs of the quantized blocks
@@ -57,13 +58,13 @@ def main() -> None:
     ap.add_argument("--head", choices=("rtn", "gptq"), default="rtn",
                     help="how the tied embedding/head is rounded (gptq: on the final hidden "
                     "states, as convert --calib-head)")
-    ap.add_argument("--parallel", action="store_true",
-                    help="every site's H from the unquantized block (not site by site)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="site by site: each site's H with the sites before it quantized")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
 
-    calibrate.SEQUENTIAL = not a.parallel
+    calibrate.SEQUENTIAL = a.sequential
     calibrate.Hessian = functools.partial(gptq.Hessian, damp=a.damp, act_order=a.act_order)
     if a.no_sink:
         tap_call = calibrate.Tap.__call__
@@ -122,7 +123,7 @@ def main() -> None:
     deltas = [g / r - 1 for g, r in zip(got, ref)]
     print(f"calibration {tuple(tokens.shape)} {a.calib or 'stdlib'}; damp {a.damp}, act-order {a.act_order}, "
           f"no sink {a.no_sink}, token rms {a.token_rms}, kv-8 {a.kv8}, head {a.head}, "
-          f"sequential {not a.parallel}")  # fmt: skip
+          f"sequential {a.sequential}")  # fmt: skip
     for n, r, g, d in zip(names, ref, got, deltas):
         print(f"{n:32} bf16 {r:8.3f}  gptq {g:8.3f}  {d:+.1%}")
     print(f"mean Δppl {sum(deltas) / len(deltas):+.2%}")
