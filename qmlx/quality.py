@@ -87,7 +87,7 @@ def default_files() -> list[str]:
     return [textwrap.__file__]
 
 
-def _read_ids(tokenizer, path: str, max_tokens: int) -> list[int]:
+def _read_text(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -95,7 +95,11 @@ def _read_ids(tokenizer, path: str, max_tokens: int) -> list[int]:
         raise UserError(f"--files {path}: no such file") from None
     except (UnicodeDecodeError, IsADirectoryError):
         raise UserError(f"--files {path}: not a UTF-8 text file") from None
-    ids = tokenizer.encode(text)[:max_tokens]
+    return text
+
+
+def _read_ids(tokenizer, path: str, max_tokens: int) -> list[int]:
+    ids = tokenizer.encode(_read_text(path))[:max_tokens]
     if len(ids) < 2:
         raise UserError(f"--files {path}: needs at least 2 tokens to score, has {len(ids)}")
     return ids
@@ -116,7 +120,8 @@ def report(model_path, reference_path, files=None, max_tokens=1024, ctx=1024, dt
     results = {}
     for path in files:
         ids = _read_ids(tokenizer, path, max_tokens)
-        if ref_tokenizer.encode(tokenizer.decode(ids)) != ids:
+        # The whole text, not the decoded first tokens: the cut may fall inside a character.
+        if ref_tokenizer.encode(_read_text(path))[:max_tokens] != ids:
             raise UserError(
                 f"--reference {reference_path}: its tokenizer splits {path} differently; "
                 "the models must share a tokenizer to be compared"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -240,6 +241,22 @@ def test_cli_quality_table_and_one_line_refusal(src, tmp_path):
     r = _cli("quality", "-m", src, "-r", src, "--files", str(text), "--max-tokens", "100")
     assert r.returncode == 0, r.stderr
     assert "top-1" in r.stdout and "100.00%" in r.stdout and "+0.00%" in r.stdout
+    # The tiny tokenizer has no merges: a Hangul syllable is 3 byte tokens, so 101 tokens end
+    # inside a character; the same tokenizer must still be recognized as the same.
+    korean = tmp_path / "ko.txt"
+    korean.write_text("한국어 문장을 토큰으로 나눕니다. " * 20, encoding="utf-8")
+    r = _cli("quality", "-m", src, "-r", src, "--files", str(korean), "--max-tokens", "101")
+    assert r.returncode == 0, r.stderr
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    with open(other / "tokenizer.json") as f:
+        tok = json.load(f)
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]  # same model, a tokenizer with other ids
+    with open(other / "tokenizer.json", "w") as f:
+        json.dump(tok, f)
+    r = _cli("quality", "-m", src, "-r", str(other), "--files", str(text), "--max-tokens", "100")
+    assert r.returncode == 2 and "splits" in r.stderr and "t.txt" in r.stderr, r.stderr
     r = _cli("quality", "-m", src, "-r", src, "--files", str(tmp_path / "missing.txt"))
     assert r.returncode == 2 and "missing.txt" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
