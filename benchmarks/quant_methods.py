@@ -14,10 +14,9 @@ Python's standard library, which excludes textwrap.py, the code text scored here
 fallback/embedding bits are set to the same bits, so every row of a bit width has the same bits
 per weight (except where noted by the size column). With `--calib FILE` (e.g. the model's own
 Chinese/Korean/English answers mixed with standard-library code, from
-scripts/self_calibration.py; checked to hold no piece of a scored text) each bit width gets one
+scripts/self_calibration.py; checked to hold no piece of a scored text) each bit width gets two
 more rows: GPTQ with --calib-head, uniform and with the kv-8 recipe, calibrated on 32 samples
-of that file.
-Each step runs in its own process with a time limit; rows are cached in the results file as
+of that file. Each step runs in its own process with a time limit; rows are cached in the results file as
 they finish (a rerun skips them).
 """
 

@@ -245,11 +245,11 @@ def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, 
     with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
         task = bar.add_task("converting", total=total)
         h, done, head = None, set(), None
-        head_by_gptq = calib_head and calib_state is not None
+        head_name = calibrated.head_name(calib_state[0]) if calib_head and calib_state else None
         for i, (t, outs, params) in enumerate(jobs):
             bar.update(task, description=f"tensor {i + 1}/{len(jobs)}")
             index = layer_index(t.name)
-            if head_by_gptq and params is not None and t.name == calibrated.head_name(calib_state[0]):
+            if t.name == head_name and params is not None:
                 head = (t, outs, params)  # needs the last block's outputs: done after the blocks
                 continue
             if calib_state is None or index is None:
@@ -269,8 +269,7 @@ def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, 
             bar.advance(task, t.nbytes)
         if head is not None:
             bar.update(task, description="calibrating the head")
-            config = calib_state[0]
-            calibrated.convert_head(*head, h, tensors, config, out_dtype, writer)
+            calibrated.convert_head(*head, h, tensors, calib_state[0], out_dtype, writer)
             bar.advance(task, head[0].nbytes)
 
 

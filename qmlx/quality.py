@@ -98,10 +98,18 @@ def _read_text(path: str) -> str:
     return text
 
 
-def _read_ids(tokenizer, path: str, max_tokens: int) -> list[int]:
-    ids = tokenizer.encode(_read_text(path))[:max_tokens]
+def _read_ids(tokenizer, ref_tokenizer, path: str, max_tokens: int, reference_path: str) -> list[int]:
+    """The first `max_tokens` ids of the file, checked to be the reference's too."""
+    text = _read_text(path)
+    ids = tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise UserError(f"--files {path}: needs at least 2 tokens to score, has {len(ids)}")
+    # The whole text, not the decoded first tokens: the cut may fall inside a character.
+    if ref_tokenizer.encode(text)[:max_tokens] != ids:
+        raise UserError(
+            f"--reference {reference_path}: its tokenizer splits {path} differently; "
+            "the models must share a tokenizer to be compared"
+        )
     return ids
 
 
@@ -119,13 +127,7 @@ def report(model_path, reference_path, files=None, max_tokens=1024, ctx=1024, dt
     reference, ref_tokenizer = load(reference_path, dtype=dtype)
     results = {}
     for path in files:
-        ids = _read_ids(tokenizer, path, max_tokens)
-        # The whole text, not the decoded first tokens: the cut may fall inside a character.
-        if ref_tokenizer.encode(_read_text(path))[:max_tokens] != ids:
-            raise UserError(
-                f"--reference {reference_path}: its tokenizer splits {path} differently; "
-                "the models must share a tokenizer to be compared"
-            )
+        ids = _read_ids(tokenizer, ref_tokenizer, path, max_tokens, reference_path)
         results[path] = compare(model, reference, ids, ctx)
     table = Table(title=f"{model_path} against {reference_path}")
     for col in ("text", "tokens", "ppl reference", "ppl model", "Δ ppl", "KL mean (nats)", "top-1"):

@@ -24,7 +24,7 @@ METHODS = {
     "awq-gptq": "AWQ scales, then GPTQ rounding (calibrated)",
 }
 CALIBRATED = ("awq", "gptq", "awq-gptq")
-# Methods that round with GPTQ; they also GPTQ the output head on the final hidden states.
+# Methods that round with GPTQ (with convert --calib-head, the output head too).
 GPTQ_METHODS = ("gptq", "awq-gptq")
 LINEARS = (
     "self_attn.q_proj",
