@@ -625,18 +625,20 @@ def run_fuse(args) -> int:
 
 
 def version_text() -> str:
-    from . import __version__, _blas
+    from . import __version__, _blas, kernels
     import mlx.core as mx
 
-    device = "Metal GPU" if mx.metal.is_available() else "CPU"
-    return f"qmlx {__version__} (mlx {mx.__version__}, {device}; BLAS: {_blas.status})"
+    if mx.metal.is_available():
+        return f"qmlx {__version__} (mlx {mx.__version__}, Metal GPU; quantized matmuls: MLX's Metal kernels)"
+    return (f"qmlx {__version__} (mlx {mx.__version__}, CPU; quantized matmuls: {kernels.status}; "
+            f"BLAS: {_blas.status})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qmlx", description="Run, convert, chat with and serve Qwen2/Qwen2.5 models on MLX."
     )
-    parser.add_argument("--version", action="store_true", help="print versions and the BLAS in use")
+    parser.add_argument("--version", action="store_true", help="print versions, the kernels and the BLAS in use")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS.values():
         add(sub)

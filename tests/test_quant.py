@@ -19,6 +19,7 @@ from qmlx.quant import (
     quantize_model,
     quantize_rows,
 )
+from qmlx import kernels
 from qmlx.quant import layers as qlayers
 from qmlx.quant.groups import group_error_bound
 from qmlx.quant.recipes import is_sensitive_layer, layer_params
@@ -29,14 +30,23 @@ ALL_GROUPS = (32, 64, 128)
 
 @pytest.fixture
 def dense_path(monkeypatch):
-    """Force the dequantize-then-matmul path (what the CPU backend uses for prompts)."""
+    """Force the dequantize-then-matmul path (the CPU's prompt path without qmlx's kernels)."""
+    monkeypatch.setattr(qlayers, "use_kernels", lambda: False)
     monkeypatch.setattr(qlayers, "use_dense", lambda rows: True)
 
 
 @pytest.fixture
 def packed_path(monkeypatch):
-    """Force mx.quantized_matmul (what decode and Metal use)."""
+    """Force mx.quantized_matmul (what Metal uses, and the CPU's decode path without qmlx's kernels)."""
+    monkeypatch.setattr(qlayers, "use_kernels", lambda: False)
     monkeypatch.setattr(qlayers, "use_dense", lambda rows: False)
+
+
+@pytest.fixture
+def kernel_path():
+    """qmlx's CPU kernels (what the CPU backend uses when they are built: asserted in test_kernels.py)."""
+    if not qlayers.use_kernels():
+        pytest.fail("qmlx's kernels are not in use here: " + kernels.status)
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
@@ -86,16 +96,19 @@ def test_dense_and_packed_paths_agree(bits, rows, monkeypatch):
     mx.random.seed(rows)
     layer = QuantizedLinear.from_linear(nn.Linear(256, 384, bias=True), 64, bits)
     x = mx.random.normal((1, rows, 256))
+    ours = layer(x)  # qmlx's kernels
+    monkeypatch.setattr(qlayers, "use_kernels", lambda: False)
     monkeypatch.setattr(qlayers, "use_dense", lambda n: True)
     dense = layer(x)
     monkeypatch.setattr(qlayers, "use_dense", lambda n: False)
     packed = layer(x)
-    assert dense.shape == packed.shape == (1, rows, 384)
+    assert dense.shape == packed.shape == ours.shape == (1, rows, 384)
     assert mx.allclose(dense, packed, atol=1e-4, rtol=1e-4).item()
+    assert mx.allclose(ours, packed, atol=1e-4, rtol=1e-4).item()
 
 
 @pytest.mark.parametrize("out_block", [16384, 64])
-@pytest.mark.parametrize("path", ["dense_path", "packed_path"])
+@pytest.mark.parametrize("path", ["dense_path", "packed_path", "kernel_path"])
 def test_input_gradient_through_a_frozen_quantized_layer(path, out_block, request, monkeypatch):
     """What LoRA training needs: d(loss)/dx through W, equal to the gradient through the
     dequantized matrix, on both paths (the dense one recomputes W in its backward pass)."""
@@ -111,9 +124,11 @@ def test_input_gradient_through_a_frozen_quantized_layer(path, out_block, reques
     assert mx.allclose(ours, ref, atol=1e-3, rtol=1e-4).item()
 
 
-def test_backward_keeps_one_dequantized_matrix_at_a_time(dense_path):
+@pytest.mark.parametrize("path", ["dense_path", "kernel_path"])
+def test_backward_keeps_one_dequantized_matrix_at_a_time(path, request):
     """A deep stack of frozen 4-bit layers under autograd: the dense path must not keep every
-    layer's float32 matrix from the forward pass until the backward pass."""
+    layer's float32 matrix from the forward pass until the backward pass (qmlx's kernels hold none)."""
+    request.getfixturevalue(path)
     mx.random.seed(4)
     n, d = 16, 1024
     layers = [QuantizedLinear.from_linear(nn.Linear(d, d, bias=False), 64, 4) for _ in range(n)]
@@ -143,7 +158,7 @@ def test_path_choice_follows_rows_on_cpu(monkeypatch):
     assert not qlayers.use_dense(4096)  # Metal keeps quantized_matmul
 
 
-@pytest.mark.parametrize("path", ["dense_path", "packed_path"])
+@pytest.mark.parametrize("path", ["dense_path", "packed_path", "kernel_path"])
 def test_embedding_lookup_and_tied_head(path, request):
     request.getfixturevalue(path)
     emb = nn.Embedding(500, 128)

@@ -3,9 +3,11 @@
 Parameter names (`weight` packed uint32, `scales`, `biases`, optional `bias`) match
 `mlx.nn.QuantizedLinear`/`QuantizedEmbedding`, so MLX-community checkpoints load as they are.
 
-Why not use MLX's layers directly: on MLX's CPU backend `mx.quantized_matmul` is fast for a
-few rows (decode) but slow for many (a 4864×896 4-bit layer with 128 tokens: ~400 ms, versus
-~30 ms to dequantize and run a dense matmul through OpenBLAS). These layers choose per call.
+Why not use MLX's layers directly: on the CPU backend these layers run qmlx's own kernels
+(`qmlx.kernels`: SIMD, multi-threaded, a blocked GEMM for many rows). Without them (not built, or
+`QMLX_KERNELS=0`) MLX's CPU `mx.quantized_matmul` is slow for many rows (a 4864×896 4-bit layer with
+128 tokens: ~400 ms, versus ~30 ms to dequantize and run a dense matmul through OpenBLAS), so the
+layers then choose per call. On Metal, MLX's kernels always.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from functools import lru_cache
 import mlx.core as mx
 import mlx.nn as nn
 
+from .. import kernels
 from .groups import check_params, packed_cols, quantize
 
 # Above this many rows (tokens) the CPU backend dequantizes and runs a dense matmul. The
@@ -26,6 +29,11 @@ DENSE_MIN_ROWS = 8
 def on_cpu_backend() -> bool:
     """True when matmuls run on the CPU (no Metal, or the CPU chosen as default device)."""
     return not mx.metal.is_available() or mx.default_device() == mx.cpu
+
+
+def use_kernels() -> bool:
+    """Whether products run on qmlx's CPU kernels (CPU backend, extension built and enabled)."""
+    return kernels.available() and on_cpu_backend()
 
 
 def use_dense(rows: int) -> bool:
@@ -83,6 +91,10 @@ def _dense_product(group_size: int, bits: int):
 
 def _quantized_product(layer, x: mx.array) -> mx.array:
     """x @ Wᵀ for a layer holding a packed W, by whichever path suits this call."""
+    if use_kernels():
+        return kernels.quantized_matmul(
+            x, layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits
+        )
     if not use_dense(_rows(x)):
         return mx.quantized_matmul(
             x,

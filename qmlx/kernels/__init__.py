@@ -1,0 +1,63 @@
+"""qmlx's own CPU kernels for MLX's affine quantized matmul (a C++ extension, `_qmm`).
+
+MLX's CPU `quantized_matmul` is scalar and single-threaded on x86-64; these kernels stream each packed
+weight once per call (SIMD: AVX-512 / AVX2 chosen at run time on x86-64, NEON on arm64) over their own
+thread pool, and multiply many rows with a blocked GEMM that dequantizes one small panel at a time.
+The op is an MLX Primitive: lazy, differentiable in x (the product with W is the backward of the product
+with Wᵀ), usable under `mx.compile`.
+
+Used on the CPU backend only (Metal keeps MLX's kernels). Not used when `QMLX_KERNELS=0`, when the
+extension was not built (no C++ compiler at install time), or when it was built for another mlx;
+`status` says which, and `qmlx --version` prints it. Must be imported after `mlx.core`'s BLAS choice
+(`qmlx/__init__.py` does that).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+
+_ext = None
+status = "not loaded"
+
+
+def _load() -> None:
+    global _ext, status
+    if os.environ.get("QMLX_KERNELS", "1").lower() in ("0", "false", "no", "off"):
+        status = "off (QMLX_KERNELS=0): MLX's kernels"
+        return
+    try:
+        from . import _qmm
+    except ImportError as e:
+        status = f"not built ({e}): MLX's kernels"
+        return
+    if _qmm.mlx_version != mx.__version__.split(".dev")[0]:
+        status = f"built for mlx {_qmm.mlx_version}, running mlx {mx.__version__}: MLX's kernels (reinstall qmlx)"
+        return
+    _ext = _qmm
+    status = f"qmlx {_qmm.isa()}, {_qmm.threads()} threads"
+
+
+def available() -> bool:
+    """Whether the extension is loaded and enabled."""
+    return _ext is not None
+
+
+def quantized_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    *,
+    transpose: bool = True,
+    group_size: int = 64,
+    bits: int = 4,
+) -> mx.array:
+    """x · dequantize(w)ᵀ (transpose) or x · dequantize(w), as MLX's op of that name, on the CPU."""
+    if _ext is None:
+        raise RuntimeError(f"qmlx's kernels are not in use: {status}")
+    return _ext.quantized_matmul(x, w, scales, biases, transpose, group_size, bits)
+
+
+_load()

@@ -1,0 +1,299 @@
+// The kernels, written once with GCC/Clang vector extensions and compiled once per instruction set
+// (QK_ISA = generic | avx2 | avx512; see CMakeLists.txt). `generic` is SSE2 on x86-64 and NEON on arm64.
+#include <algorithm>
+
+#include "kernels.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#ifndef QK_ISA
+#error "QK_ISA must name the instruction set"
+#endif
+#define QK_CAT2(a, b) a##b
+#define QK_CAT(a, b) QK_CAT2(a, b)
+#define QK_STR2(a) #a
+#define QK_STR(a) QK_STR2(a)
+
+namespace qk {
+namespace QK_CAT(isa_, QK_ISA) {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX2__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+constexpr int NR = 2 * VW;  // panel width: two vectors
+constexpr int MR = 6;       // rows of the GEMM micro-kernel
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef uint8_t vb __attribute__((vector_size(VW)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+static inline vf loadf(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline void storef(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline vb loadb(const uint8_t* p) {
+  vb v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+// VW bytes widened to int32 lanes (GCC turns a generic u8 -> i32 vector conversion into byte extractions).
+static inline vi loadw(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return (vi)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+  return (vi)_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__SSE2__)
+  int32_t t;
+  std::memcpy(&t, p, 4);
+  const __m128i z = _mm_setzero_si128();
+  return (vi)_mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(t), z), z);
+#elif defined(__ARM_NEON)
+  uint32_t t;
+  std::memcpy(&t, p, 4);
+  return (vi)vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vcreate_u8(t)))));
+#else
+  vi v;
+  for (int i = 0; i < VW; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+static inline vf tof(vi v) { return __builtin_convertvector(v, vf); }
+static inline vf splat(float a) { return vf{} + a; }
+static inline float hsum(vf v) {
+  float s = 0;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// Row n's scales and biases as float32: the hardware's half conversion where it has one.
+static inline void cvt_sb(const void* src, SB t, int64_t o, int64_t G, float* dst) {
+  if (t == SB::f32) {
+    std::memcpy(dst, static_cast<const float*>(src) + o, G * 4);
+  } else if (t == SB::bf16) {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + o;
+    for (int64_t g = 0; g < G; ++g) {
+      uint32_t u = uint32_t(p[g]) << 16;
+      std::memcpy(dst + g, &u, 4);
+    }
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + o;
+    int64_t g = 0;
+#if defined(__F16C__)
+    for (; g + 8 <= G; g += 8)
+      _mm256_storeu_ps(dst + g, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + g))));
+#elif defined(__aarch64__)
+    for (; g < G; ++g) {
+      __fp16 h;
+      std::memcpy(&h, p + g, 2);
+      dst[g] = float(h);
+    }
+#endif
+    for (; g < G; ++g) dst[g] = f16_to_f32(p[g]);
+  }
+}
+static inline void row_sb_fast(const QW& q, int64_t n, float* s, float* b) {
+  const int64_t G = q.K / q.gs;
+  cvt_sb(q.s, q.sbt, n * G, G, s);
+  cvt_sb(q.b, q.sbt, n * G, G, b);
+}
+
+// 4 bits: a chunk of VW bytes holds 2*VW values, the even ones in the low nibbles. x is laid out to match:
+// per chunk the even-indexed values, then the odd ones.
+static void prep_x(const float* x, int64_t M, int64_t K, int bits, float* xp) {
+  if (bits != 4) {
+    std::memcpy(xp, x, sizeof(float) * M * K);
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    float* o = xp + m * K;
+    for (int64_t c = 0; c < K; c += 2 * VW)
+      for (int i = 0; i < VW; ++i) {
+        o[c + i] = xr[c + 2 * i];
+        o[c + VW + i] = xr[c + 2 * i + 1];
+      }
+  }
+}
+
+// Σ_k q[n,k] x[k] per group, for one row n and M rows of x, in vector accumulators scaled by the group's scale.
+template <int M>
+static void gemv_rows(const QW& q, const float* xp, const float* xs, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = q.K, G = K / q.gs, gs = q.gs;
+  float s[1024], b[1024];  // K / gs <= 1024 groups (checked by the driver)
+  for (int64_t n = n0; n < n1; ++n) {
+    row_sb_fast(q, n, s, b);
+    const uint8_t* row = q.w + n * q.row_bytes;
+    vf acc[M];
+    float bsum[M];
+    for (int m = 0; m < M; ++m) acc[m] = vf{}, bsum[m] = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      vf ag[M], ah[M];
+      for (int m = 0; m < M; ++m) ag[m] = vf{}, ah[m] = vf{};
+      const int64_t k0 = g * gs;
+      if (q.bits == 4) {
+        for (int64_t k = k0; k < k0 + gs; k += 2 * VW) {
+          vi v = loadw((row + k / 2));
+          vf lo = tof(v & 15), hi = tof(v >> 4);
+          for (int m = 0; m < M; ++m) {
+            ag[m] += lo * loadf(xp + m * K + k);
+            ah[m] += hi * loadf(xp + m * K + k + VW);
+          }
+        }
+      } else if (q.bits == 8) {
+        for (int64_t k = k0; k < k0 + gs; k += 2 * VW) {
+          vf w0 = tof(loadw((row + k))), w1 = tof(loadw((row + k + VW)));
+          for (int m = 0; m < M; ++m) {
+            ag[m] += w0 * loadf(xp + m * K + k);
+            ah[m] += w1 * loadf(xp + m * K + k + VW);
+          }
+        }
+      } else {
+        alignas(64) float wq[128];
+        for (int64_t j = 0; j < gs; ++j) wq[j] = float(unpack_at(row, q.bits, k0 + j));
+        for (int64_t j = 0; j < gs; j += 2 * VW) {
+          vf w0 = loadf(wq + j), w1 = loadf(wq + j + VW);
+          for (int m = 0; m < M; ++m) {
+            ag[m] += w0 * loadf(xp + m * K + k0 + j);
+            ah[m] += w1 * loadf(xp + m * K + k0 + j + VW);
+          }
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        acc[m] += (ag[m] + ah[m]) * s[g];
+        bsum[m] += b[g] * xs[m * G + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * q.N + n] = hsum(acc[m]) + bsum[m];
+  }
+}
+
+static void gemv(const QW& q, const float* xp, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1:
+      return gemv_rows<1>(q, xp, xs, y, n0, n1);
+    case 2:
+      return gemv_rows<2>(q, xp, xs, y, n0, n1);
+    case 3:
+      return gemv_rows<3>(q, xp, xs, y, n0, n1);
+    default:
+      return gemv_rows<4>(q, xp, xs, y, n0, n1);
+  }
+}
+
+// Dequantize values [k0, k0 + n) of row r (n <= a group, not crossing one) into out.
+static inline void deq_span(const QW& q, const uint8_t* row, float s, float b, int64_t k0, int64_t n, float* out) {
+  if (q.bits == 8) {
+    for (int64_t j = 0; j < n; j += VW) storef(out + j, tof(loadw((row + k0 + j))) * s + b);
+  } else if (q.bits == 4) {
+    for (int64_t j = 0; j < n; j += 2 * VW) {
+      vi v = loadw((row + (k0 + j) / 2));
+      vf lo = tof(v & 15) * s + b, hi = tof(v >> 4) * s + b;
+      for (int i = 0; i < VW; ++i) {
+        out[j + 2 * i] = lo[i];
+        out[j + 2 * i + 1] = hi[i];
+      }
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = float(unpack_at(row, q.bits, k0 + j)) * s + b;
+  }
+}
+
+static void pack_t(const QW& q, int64_t n0, int64_t l0, int64_t L, float* P) {
+  // l0 and L are multiples of the group size.
+  alignas(64) float tmp[128];
+  float s[1024], b[1024];
+  for (int r = 0; r < NR; ++r) {
+    const int64_t n = n0 + r;
+    if (n >= q.N) {
+      for (int64_t l = 0; l < L; ++l) P[l * NR + r] = 0.0f;
+      continue;
+    }
+    const uint8_t* row = q.w + n * q.row_bytes;
+    row_sb_fast(q, n, s, b);
+    for (int64_t k = l0; k < l0 + L; k += q.gs) {
+      const int64_t g = k / q.gs;
+      deq_span(q, row, s[g], b[g], k, q.gs, tmp);
+      for (int64_t j = 0; j < q.gs; ++j) P[(k - l0 + j) * NR + r] = tmp[j];
+    }
+  }
+}
+
+static void pack_n(const QW& q, int64_t k0, int64_t l0, int64_t L, float* P) {
+  // NR columns [k0, k0 + NR) lie in one group (NR divides the group size, which divides K).
+  const int64_t G = q.K / q.gs;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t n = l0 + l, g = n * G + k0 / q.gs;
+    deq_span(q, q.w + n * q.row_bytes, sb_at(q.s, q.sbt, g), sb_at(q.b, q.sbt, g), k0, NR, P + l * NR);
+  }
+}
+
+template <int R>
+static inline void micro(const float* A, int64_t lda, const float* P, int64_t L, float* C, int64_t ldc, int nc,
+                         bool add) {
+  vf c0[R], c1[R];
+  for (int i = 0; i < R; ++i) c0[i] = vf{}, c1[i] = vf{};
+  for (int64_t l = 0; l < L; ++l) {
+    const vf p0 = loadf(P + l * NR), p1 = loadf(P + l * NR + VW);
+    for (int i = 0; i < R; ++i) {
+      const vf a = splat(A[i * lda + l]);
+      c0[i] += a * p0;
+      c1[i] += a * p1;
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    float* c = C + i * ldc;
+    if (nc == NR) {
+      if (add) {
+        c0[i] += loadf(c);
+        c1[i] += loadf(c + VW);
+      }
+      storef(c, c0[i]);
+      storef(c + VW, c1[i]);
+    } else {
+      alignas(64) float t[NR];
+      storef(t, c0[i]);
+      storef(t + VW, c1[i]);
+      for (int j = 0; j < nc; ++j) c[j] = add ? c[j] + t[j] : t[j];
+    }
+  }
+}
+
+static void gemm(const float* A, int64_t lda, int64_t M, const float* P, int64_t L, float* C, int64_t ldc, int nc,
+                 bool add) {
+  int64_t m = 0;
+  for (; m + MR <= M; m += MR) micro<MR>(A + m * lda, lda, P, L, C + m * ldc, ldc, nc, add);
+  switch (M - m) {
+    case 5:
+      return micro<5>(A + m * lda, lda, P, L, C + m * ldc, ldc, nc, add);
+    case 4:
+      return micro<4>(A + m * lda, lda, P, L, C + m * ldc, ldc, nc, add);
+    case 3:
+      return micro<3>(A + m * lda, lda, P, L, C + m * ldc, ldc, nc, add);
+    case 2:
+      return micro<2>(A + m * lda, lda, P, L, C + m * ldc, ldc, nc, add);
+    case 1:
+      return micro<1>(A + m * lda, lda, P, L, C + m * ldc, ldc, nc, add);
+    default:
+      return;
+  }
+}
+
+}  // namespace isa_
+
+const Kernels& QK_CAT(kernels_, QK_ISA)() {
+  using namespace QK_CAT(isa_, QK_ISA);
+  static const Kernels k{QK_STR(QK_ISA), NR, prep_x, gemv, pack_t, pack_n, gemm};
+  return k;
+}
+
+}  // namespace qk

@@ -1,0 +1,266 @@
+// qmlx's quantized matmul as an MLX Primitive: y = x · dequantize(W)ᵀ (transpose) or x · dequantize(W),
+// for MLX's affine group format as checkpoints store it. CPU only; the Python side never builds it on Metal.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+#include "mlx/version.h"
+#include "threads.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+
+namespace qk {
+namespace {
+
+// Rows of x up to which the weight-streaming GEMV runs; above it the blocked GEMM (dequantize a panel, reuse
+// it for every row). Measured on the fixture's shapes (see benchmarks/bench_kernels.py).
+int64_t gemv_max_rows() {
+  static int64_t v = [] {
+    const char* e = std::getenv("QMLX_GEMV_MAX_ROWS");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(4);
+  }();
+  return v;
+}
+
+const Kernels& best_kernels() {
+  static const Kernels* k = [] {
+    const char* force = std::getenv("QMLX_KERNELS_ISA");
+    std::string want = force ? force : "";
+#if defined(QK_HAVE_AVX512)
+    __builtin_cpu_init();
+    bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if ((want.empty() || want == "avx512") && has512) return &kernels_avx512();
+#endif
+#if defined(QK_HAVE_AVX2)
+    bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if ((want.empty() || want == "avx2" || want == "avx512") && has2) return &kernels_avx2();
+#endif
+    return &kernels_generic();
+  }();
+  return *k;
+}
+
+SB sb_type(mx::Dtype t) {
+  if (t == mx::float32) return SB::f32;
+  if (t == mx::bfloat16) return SB::bf16;
+  if (t == mx::float16) return SB::f16;
+  throw std::invalid_argument("qmlx quantized matmul: scales and biases must be float32, bfloat16 or float16");
+}
+
+// A float32 view of a row-contiguous array (converted when it is bf16/f16).
+const float* as_f32(const mx::array& a, std::vector<float>& tmp) {
+  if (a.dtype() == mx::float32) return a.data<float>();
+  tmp.resize(a.size());
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(a.data<void>());
+  if (a.dtype() == mx::bfloat16)
+    for (size_t i = 0; i < a.size(); ++i) tmp[i] = bf16_to_f32(p[i]);
+  else
+    for (size_t i = 0; i < a.size(); ++i) tmp[i] = f16_to_f32(p[i]);
+  return tmp.data();
+}
+
+void store_out(const float* y, mx::array& out) {
+  size_t n = out.size();
+  if (out.dtype() == mx::float32) {
+    if (out.data<float>() != y) std::memcpy(out.data<float>(), y, n * 4);
+    return;
+  }
+  uint16_t* o = reinterpret_cast<uint16_t*>(out.data<void>());
+  if (out.dtype() == mx::bfloat16)
+    for (size_t i = 0; i < n; ++i) o[i] = f32_to_bf16(y[i]);
+  else
+    for (size_t i = 0; i < n; ++i) o[i] = f32_to_f16(y[i]);
+}
+
+// Panels of a blocked product are dequantized KC rows of the reduction at a time (a KC x nr float panel
+// stays in L2 while every row of x passes over it).
+constexpr int64_t KC = 512;
+
+void compute(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, mx::array& out,
+             bool transpose, int gs, int bits) {
+  const Kernels& k = best_kernels();
+  const int64_t Kx = x.shape(-1), M = Kx ? int64_t(x.size()) / Kx : 0;
+  QW q;
+  q.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
+  q.s = s.data<void>();
+  q.b = b.data<void>();
+  q.sbt = sb_type(s.dtype());
+  q.bits = bits;
+  q.gs = gs;
+  q.N = w.shape(0);
+  q.row_bytes = int64_t(w.shape(1)) * 4;
+  q.K = q.row_bytes * 8 / bits;
+  if (M == 0 || out.size() == 0) return;
+
+  std::vector<float> xtmp, ytmp;
+  const float* xf = as_f32(x, xtmp);
+  float* y;
+  if (out.dtype() == mx::float32) {
+    y = out.data<float>();
+  } else {
+    ytmp.resize(out.size());
+    y = ytmp.data();
+  }
+
+  if (transpose && M <= gemv_max_rows()) {
+    const int64_t G = q.K / gs;
+    std::vector<float> xp(M * q.K), xs(M * G);
+    k.prep_x(xf, M, q.K, bits, xp.data());
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t g = 0; g < G; ++g) {
+        float acc = 0;
+        for (int64_t j = 0; j < gs; ++j) acc += xf[m * q.K + g * gs + j];
+        xs[m * G + g] = acc;
+      }
+    // Tasks of rows whose packed bytes are ~32 KB: enough of them to balance, few enough to be cheap.
+    const int64_t rows = std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(q.row_bytes, 1));
+    const int64_t tasks = (q.N + rows - 1) / rows;
+    parallel_for(tasks, [&](int64_t t) {
+      int64_t n0 = t * rows, n1 = std::min(q.N, n0 + rows);
+      k.gemv(q, xp.data(), xs.data(), M, y, n0, n1);
+    });
+  } else {
+    const int nr = k.nr;
+    // transpose: y (M x N) = x (M x K) · Wᵀ, panels over W's rows, reduction over K.
+    // plain:     y (M x K) = x (M x N) · W,  panels over W's columns, reduction over N.
+    const int64_t cols = transpose ? q.N : q.K, red = transpose ? q.K : q.N;
+    const int64_t panels = (cols + nr - 1) / nr;
+    // Reduction blocks: a multiple of the group size (transpose packs whole groups).
+    const int64_t kc = transpose ? std::max<int64_t>(gs, KC / gs * gs) : KC;
+    parallel_for(panels, [&](int64_t p) {
+      thread_local std::vector<float> panel;
+      panel.resize(size_t(kc) * nr);
+      const int64_t c0 = p * nr;
+      const int nc = int(std::min<int64_t>(nr, cols - c0));
+      for (int64_t l0 = 0; l0 < red; l0 += kc) {
+        const int64_t L = std::min(kc, red - l0);
+        if (transpose)
+          k.pack_t(q, c0, l0, L, panel.data());
+        else
+          k.pack_n(q, c0, l0, L, panel.data());
+        k.gemm(xf + l0, red, M, panel.data(), L, y + c0, cols, nc, l0 > 0);
+      }
+    });
+  }
+  if (out.dtype() != mx::float32) store_out(y, out);
+}
+
+class QuantizedMatmul : public mx::UnaryPrimitive {
+ public:
+  QuantizedMatmul(mx::Stream s, int group_size, int bits, bool transpose)
+      : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), transpose_(transpose) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], out = mx::array::unsafe_weak_copy(out),
+                  t = transpose_, gs = gs_, bits = bits_]() mutable { compute(x, w, s, b, out, t, gs, bits); });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("qmlx's quantized matmul runs on the CPU only (on Metal qmlx uses MLX's kernels)");
+  }
+
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override;
+  std::vector<mx::array> jvp(const std::vector<mx::array>& primals, const std::vector<mx::array>& tangents,
+                             const std::vector<int>& argnums) override;
+
+  const char* name() const override { return "QmlxQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const QuantizedMatmul&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_ && transpose_ == o.transpose_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {out_shape(inputs[0], inputs[1], transpose_, bits_)};
+  }
+
+  static mx::Shape out_shape(const mx::array& x, const mx::array& w, bool transpose, int bits) {
+    mx::Shape sh = x.shape();
+    sh.back() = transpose ? w.shape(0) : int(int64_t(w.shape(1)) * 32 / bits);
+    return sh;
+  }
+
+ private:
+  int gs_, bits_;
+  bool transpose_;
+};
+
+mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales, const mx::array& biases,
+              bool transpose, int group_size, int bits) {
+  std::ostringstream err;
+  if (bits < 2 || bits > 8 || bits == 7) err << "bits must be 2, 3, 4, 5, 6 or 8 (got " << bits << ")";
+  else if (group_size != 32 && group_size != 64 && group_size != 128)
+    err << "group_size must be 32, 64 or 128 (got " << group_size << ")";
+  else if (w.ndim() != 2 || w.dtype() != mx::uint32) err << "the packed weight must be a 2-D uint32 array";
+  else if (x_in.ndim() < 1) err << "x must have at least one dimension";
+  else if (x_in.dtype() != mx::float32 && x_in.dtype() != mx::bfloat16 && x_in.dtype() != mx::float16)
+    err << "x must be float32, bfloat16 or float16";
+  if (err.str().empty()) {
+    const int64_t K = int64_t(w.shape(1)) * 32 / bits, N = w.shape(0);
+    if ((int64_t(w.shape(1)) * 32) % bits) err << "the packed weight's width does not hold whole values";
+    else if (K % group_size) err << "the unpacked width " << K << " is not a multiple of group_size " << group_size;
+    else if (K / group_size > 1024) err << "more than 1024 groups per row are not supported";
+    else if (scales.shape() != mx::Shape{int(N), int(K / group_size)} || biases.shape() != scales.shape())
+      err << "scales and biases must have shape (" << N << ", " << K / group_size << ")";
+    else if (scales.dtype() != biases.dtype()) err << "scales and biases must have the same dtype";
+    else if (x_in.shape(-1) != (transpose ? K : N))
+      err << "x's last dimension is " << x_in.shape(-1) << ", the weight needs " << (transpose ? K : N);
+  }
+  if (!err.str().empty()) throw std::invalid_argument("qmlx quantized matmul: " + err.str());
+  sb_type(scales.dtype());
+
+  auto s = mx::default_stream(mx::Device::cpu);
+  auto x = mx::contiguous(x_in, false, s);
+  auto wc = mx::contiguous(w, false, s), sc = mx::contiguous(scales, false, s), bc = mx::contiguous(biases, false, s);
+  return mx::array(QuantizedMatmul::out_shape(x, w, transpose, bits), x.dtype(),
+                   std::make_shared<QuantizedMatmul>(s, group_size, bits, transpose), {x, wc, sc, bc});
+}
+
+std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primals,
+                                            const std::vector<mx::array>& cotangents,
+                                            const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  std::vector<mx::array> grads;
+  for (int a : argnums) {
+    if (a == 0)
+      grads.push_back(qmm(cotangents[0], primals[1], primals[2], primals[3], !transpose_, gs_, bits_));
+    else  // the packed weights are frozen (adapters wrap them): their cotangents are zeros nothing reads
+      grads.push_back(mx::zeros_like(primals[a], stream()));
+  }
+  return grads;
+}
+
+std::vector<mx::array> QuantizedMatmul::jvp(const std::vector<mx::array>& primals,
+                                            const std::vector<mx::array>& tangents, const std::vector<int>& argnums) {
+  for (int a : argnums)
+    if (a != 0) throw std::invalid_argument("qmlx quantized matmul: no derivative for the packed weights");
+  return {qmm(tangents[0], primals[1], primals[2], primals[3], transpose_, gs_, bits_)};
+}
+
+}  // namespace
+}  // namespace qk
+
+NB_MODULE(_qmm, m) {
+  m.doc() = "qmlx's CPU kernels for MLX's affine quantized matmul";
+  m.def("quantized_matmul", &qk::qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
+        nb::arg("transpose") = true, nb::arg("group_size") = 64, nb::arg("bits") = 4,
+        "x · dequantize(w)ᵀ (transpose) or x · dequantize(w), on the CPU, as an MLX lazy op");
+  m.def("isa", [] { return std::string(qk::best_kernels().name); }, "the instruction set of the kernels in use");
+  m.def("threads", &qk::num_threads, "threads of the kernels' pool");
+  m.attr("mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
+                          std::to_string(MLX_VERSION_PATCH);
+}

@@ -1,0 +1,161 @@
+"""qmlx's CPU kernels (qmlx/kernels): the quantized product against a float64 NumPy reference, its
+gradient against autograd of the dense product, dispatch and fallbacks."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from qmlx import kernels
+from qmlx.quant import layers as qlayers
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128)
+SB_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+ROWS = (1, 2, 3, 4, 5, 7, 33, 300)
+
+
+def test_kernels_are_built_and_used_here():
+    """On Linux x86-64 with a compiler (this machine, CI) the extension must be built and chosen."""
+    assert kernels.available(), kernels.status
+    assert qlayers.use_kernels()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert kernels._ext.isa() in ("avx512", "avx2", "generic")
+
+
+def _packed(n, k, bits, gs, sb_dtype, seed):
+    rng = np.random.default_rng(seed)
+    w = mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05)
+    q, s, b = mx.quantize(w, group_size=gs, bits=bits)
+    s, b = s.astype(sb_dtype), b.astype(sb_dtype)
+    # The float64 reference: W from the packed values exactly as stored (scale/bias in their own dtype).
+    wd = np.array(mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits),
+                  dtype=np.float64)
+    return q, s, b, wd
+
+
+def _x(shape, dtype, seed):
+    x = mx.array(np.random.default_rng(seed).standard_normal(shape).astype(np.float32)).astype(dtype)
+    return x, np.array(x.astype(mx.float32), dtype=np.float64)
+
+
+def _rel_err(y, ref):
+    y = np.array(y.astype(mx.float32), dtype=np.float64)
+    return np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30)
+
+
+@pytest.mark.parametrize("sb_dtype", SB_DTYPES, ids=str)
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_product_matches_float64_reference(bits, gs, sb_dtype):
+    """Every bits x group size x scale dtype, rows 1…300 (GEMV and GEMM sides), non-power-of-two
+    shapes, both products (x·Wᵀ and x·W), float32 and bfloat16 activations."""
+    n, k = 197, 3 * gs + 128 if gs < 128 else 384  # 197 output rows: not a multiple of any panel width
+    q, s, b, wd = _packed(n, k, bits, gs, sb_dtype, seed=bits * 100 + gs)
+    for rows in ROWS:
+        for transpose in (True, False):
+            for xdt, tol in ((mx.float32, 2e-6), (mx.bfloat16, 8e-3)):
+                x, xr = _x((rows, k if transpose else n), xdt, seed=rows)
+                y = kernels.quantized_matmul(x, q, s, b, transpose=transpose, group_size=gs, bits=bits)
+                ref = xr @ (wd.T if transpose else wd)
+                assert y.dtype == xdt and y.shape == ref.shape
+                err = _rel_err(y, ref)
+                assert err < tol, f"rows={rows} transpose={transpose} x={xdt}: relative error {err:.2e}"
+
+
+def test_leading_dimensions_and_float16_activations():
+    q, s, b, wd = _packed(96, 256, 4, 64, mx.float16, seed=1)
+    x, xr = _x((2, 3, 5, 256), mx.float16, seed=2)
+    y = kernels.quantized_matmul(x, q, s, b, group_size=64, bits=4)
+    assert y.shape == (2, 3, 5, 96) and y.dtype == mx.float16
+    assert _rel_err(y, xr @ wd.T) < 2e-3
+
+
+def test_non_contiguous_input():
+    q, s, b, wd = _packed(64, 256, 8, 32, mx.float32, seed=3)
+    x, xr = _x((256, 6), mx.float32, seed=4)
+    y = kernels.quantized_matmul(x.T, q, s, b, group_size=32, bits=8)  # a transposed view
+    assert _rel_err(y, xr.T @ wd.T) < 2e-6
+
+
+@pytest.mark.parametrize("rows", [1, 24])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gradient_matches_autograd_of_the_dense_product(bits, rows):
+    """LoRA's backward pass over a frozen quantized base: d/dx of the kernel's product equals autograd
+    through x @ dequantize(W)ᵀ; the vjp is the product with W (the other kernel direction)."""
+    q, s, b, _ = _packed(160, 320 if bits == 8 else 256, bits, 32 if bits == 8 else 64, mx.bfloat16, seed=5)
+    gs = 32 if bits == 8 else 64
+    w = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
+    x = mx.random.normal((2, rows, w.shape[1]), key=mx.random.key(6))
+    t = mx.random.normal((2, rows, 160), key=mx.random.key(7))
+    ours = mx.grad(lambda x: mx.square(kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits) - t).sum())(x)
+    ref = mx.grad(lambda x: mx.square(x @ w.T - t).sum())(x)
+    assert mx.allclose(ours, ref, rtol=1e-4, atol=1e-4).item()
+    # forward-mode too
+    v = mx.random.normal(x.shape, key=mx.random.key(8))
+    _, jv = mx.jvp(lambda x: kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits), [x], [v])
+    assert mx.allclose(jv[0], v @ w.T, rtol=1e-4, atol=1e-4).item()
+
+
+def test_compiles_and_is_lazy():
+    q, s, b, wd = _packed(64, 128, 4, 32, mx.float32, seed=9)
+    f = mx.compile(lambda x: mx.maximum(kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4), 0.0))
+    x, xr = _x((3, 128), mx.float32, seed=10)
+    assert _rel_err(f(x), np.maximum(xr @ wd.T, 0.0)) < 2e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(bits=7), "bits must be"),
+        (dict(group_size=16), "group_size must be"),
+        (dict(x_cols=100), "last dimension"),
+        (dict(scale_rows=63), "scales and biases must have shape"),
+    ],
+)
+def test_bad_arguments_are_refused_with_a_message(kwargs, message):
+    q, s, b, _ = _packed(64, 128, 4, 32, mx.float32, seed=11)
+    if "scale_rows" in kwargs:
+        s = s[: kwargs["scale_rows"]]
+    x = mx.zeros((1, kwargs.get("x_cols", 128)))
+    with pytest.raises(ValueError, match=message):
+        kernels.quantized_matmul(x, q, s, b, group_size=kwargs.get("group_size", 32), bits=kwargs.get("bits", 4))
+
+
+def test_threads_and_instruction_sets_agree():
+    """The same product with 1 thread and with the generic (SSE2/NEON) kernels, in fresh processes."""
+    code = (
+        "import qmlx, mlx.core as mx, numpy as np\n"
+        "from qmlx import kernels\n"
+        "w = mx.random.normal((300, 256), key=mx.random.key(0))\n"
+        "q, s, b = mx.quantize(w, group_size=64, bits=4)\n"
+        "x = mx.random.normal((9, 256), key=mx.random.key(1))\n"
+        "y = mx.concatenate([kernels.quantized_matmul(x[:1], q, s, b), kernels.quantized_matmul(x, q, s, b)])\n"
+        "print(kernels.status); np.save(__import__('sys').argv[1], np.array(y))\n"
+    )
+    results = {}
+    for name, env in {"default": {}, "one thread": {"QMLX_THREADS": "1"},
+                      "generic": {"QMLX_KERNELS_ISA": "generic"}}.items():
+        out = f"{os.environ.get('TMPDIR', '/tmp')}/qk-{os.getpid()}-{name.replace(' ', '')}.npy"
+        p = subprocess.run([sys.executable, "-c", code, out], env={**os.environ, **env},
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        results[name] = (p.stdout.strip(), np.load(out))
+        os.unlink(out)
+    assert "1 threads" in results["one thread"][0] and "generic" in results["generic"][0]
+    for name in ("one thread", "generic"):
+        np.testing.assert_allclose(results[name][1], results["default"][1], rtol=1e-5, atol=2e-4)  # |y| ~ 10
+
+
+def test_turned_off_by_environment():
+    p = subprocess.run([sys.executable, "-m", "qmlx", "--version"], env={**os.environ, "QMLX_KERNELS": "0"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "QMLX_KERNELS=0" in p.stdout, p.stdout + p.stderr
+    p = subprocess.run([sys.executable, "-m", "qmlx", "--version"], capture_output=True, text=True, timeout=120)
+    assert "quantized matmuls: qmlx " in p.stdout, p.stdout
