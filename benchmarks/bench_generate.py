@@ -9,6 +9,12 @@ Sections:
   3. speculative decoding on a code-editing prompt: acceptance and speedup over plain
      greedy decoding, drafting with the model quantized to 4 bits (made with `qmlx convert`;
      skipped if that fails) and, qmlx only, with prompt lookup
+  4. quantized models against llama.cpp (and mlx-lm): 4-bit and 8-bit, a 512-token prompt and
+     128 decoded tokens (--quant-prompt-tokens, --quant-gen-tokens), prompt and decode tok/s.
+     qmlx's 4-bit g64 / 8-bit g64 conversions of the model beside llama.cpp's Q4_0 / Q8_0
+     re-quantizations of its GGUF (--gguf; for the fixture, scripts/fetch_fixture_gguf.py's), the
+     same threads (all cores) for both. llama-cpp-python is built from PyPI for this CPU into this
+     environment when it is missing (~8 min on 2 cores; --no-llama-build skips the peer instead).
 
 Each configuration runs in its own process (clean peak-memory counters, its own BLAS choice).
 Absolute times on a shared machine are noise; read the ratios.
@@ -19,11 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 
-from common import PEAK_RSS_SOURCE, model_dir, ratio, run_isolated
+from common import PEAK_RSS_SOURCE, fixture_dir, model_dir, ratio, run_isolated
 
 # The prompt of sections 1 and 2: the shared texts, concatenated, cut to N tokens.
 PROMPT_IDS = PEAK_RSS_SOURCE + r"""
@@ -189,6 +196,159 @@ print(json.dumps(out))
 """
 
 
+# Section 4: decode and prompt speed of quantized models. Greedy and never stopping early: every runtime
+# decodes exactly n_gen tokens. Prompt tok/s: the prompt's tokens over the time to the first new
+# token; decode tok/s: tokens after the first over the time from the first to the last.
+QMLX_QUANT = PROMPT_IDS + r"""
+import json, time
+import qmlx
+import mlx.core as mx
+from qmlx.generate import generate_step
+model, tok = qmlx.load({model!r})
+ids = prompt_ids(tok, {texts!r}, {n_prompt})
+t0 = time.perf_counter()
+n, first = 0, None
+for _ in generate_step(model, mx.array(ids), max_tokens={n_gen}):
+    n += 1
+    first = first or time.perf_counter()
+t1 = time.perf_counter()
+print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=(n - 1) / (t1 - first),
+                      kernels=qmlx.kernels.status)))
+"""
+
+MLX_LM_QUANT = PROMPT_IDS + r"""
+import json, time
+import mlx.core as mx
+from mlx_lm import load
+from mlx_lm.generate import generate_step
+model, tok = load({model!r})
+if not mx.metal.is_available():
+    model.set_dtype(mx.float32)  # as qmlx on the CPU; MLX's CPU kernels are far slower in bfloat16
+ids = prompt_ids(tok, {texts!r}, {n_prompt})
+t0 = time.perf_counter()
+n, first = 0, None
+for _ in generate_step(mx.array(ids), model, max_tokens={n_gen}):
+    n += 1
+    first = first or time.perf_counter()
+t1 = time.perf_counter()
+print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=(n - 1) / (t1 - first))))
+"""
+
+LLAMA_CPP_QUANT = PROMPT_IDS + r"""
+import json, os, time
+import numpy as np
+from llama_cpp import Llama
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(os.path.join({model!r}, "tokenizer.json"))
+class _T:  # prompt_ids() wants .encode(text) -> ids: the same ids every runtime gets
+    def encode(self, text):
+        return tok.encode(text, add_special_tokens=False).ids
+ids = prompt_ids(_T(), {texts!r}, {n_prompt})
+threads = os.cpu_count()
+llm = Llama(model_path={gguf!r}, n_ctx={n_ctx}, n_batch=512, n_ubatch=512, n_threads=threads,
+            n_threads_batch=threads, verbose=False)
+t0 = time.perf_counter()
+llm.eval(ids)
+y = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+first = time.perf_counter()
+for _ in range({n_gen} - 1):
+    llm.eval([y])
+    y = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+t1 = time.perf_counter()
+print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=({n_gen} - 1) / (t1 - first),
+                      threads=threads)))
+"""
+
+REQUANTIZE = r"""
+import ctypes, json, llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = {ftype}
+p.allow_requantize = True  # the fixture's GGUF is itself quantized (Q5_0-based)
+p.nthread = 0
+rc = llama_cpp.llama_model_quantize({src!r}.encode(), {dst!r}.encode(), ctypes.byref(p))
+print(json.dumps(dict(rc=rc)))
+"""
+
+# llama.cpp's file types closest to qmlx's 4-bit and 8-bit (llama.h: LLAMA_FTYPE_MOSTLY_Q4_0 = 2, Q8_0 = 7).
+LLAMA_FTYPES = {4: ("Q4_0", 2), 8: ("Q8_0", 7)}
+
+# A build of llama-cpp-python for this machine's CPU: a native-flags build uses AMX where the CPU has it,
+# which crashed here; AVX2/AVX-512 (and VNNI) are what the CPU's SIMD peers get.
+LLAMA_CMAKE_ARGS = (
+    "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+    "-DGGML_AVX512_VNNI=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF "
+    "-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF"
+)
+
+
+def ensure_llama_cpp(build: bool) -> str | None:
+    """None when llama-cpp-python imports (installing it first if allowed), else why the peer is skipped."""
+    check = [sys.executable, "-c", "import llama_cpp"]
+    if subprocess.run(check, capture_output=True).returncode == 0:
+        return None
+    if not build:
+        return "llama-cpp-python is not installed (--no-llama-build)"
+    cmake_args = LLAMA_CMAKE_ARGS if platform.machine() in ("x86_64", "AMD64") else "-DGGML_NATIVE=ON"
+    print("building llama-cpp-python from PyPI for this CPU (~8 min on 2 cores; --no-llama-build skips it)…",
+          flush=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "llama-cpp-python==0.3.36"],
+        env={**os.environ, "CMAKE_ARGS": cmake_args}, capture_output=True, text=True,
+    )  # fmt: skip
+    if res.returncode != 0:
+        return "llama-cpp-python did not build: " + res.stderr.strip()[-300:]
+    return None
+
+
+def default_gguf(model: str) -> str | None:
+    """The fixture's GGUF when --model is the fixture, else None."""
+    if os.path.realpath(model) != os.path.realpath(fixture_dir()):
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, os.path.join(here, "..", "scripts", "fetch_fixture_gguf.py")],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return out.stdout.strip().splitlines()[-1]
+
+
+def quant_section(model: str, fmt: dict, args, tmp: str) -> dict:
+    here = os.path.dirname(os.path.abspath(__file__))
+    q_fmt = dict(fmt, n_prompt=args.quant_prompt_tokens, n_gen=args.quant_gen_tokens,
+                 n_ctx=args.quant_prompt_tokens + args.quant_gen_tokens + 16)  # fmt: skip
+    gguf = args.gguf or default_gguf(model)
+    why_no_llama = ensure_llama_cpp(not args.no_llama_build) if gguf else "no --gguf for this model"
+    out: dict = {}
+    for bits in (4, 8):
+        folder = os.path.join(tmp, f"qmlx-{bits}bit")
+        subprocess.run([sys.executable, "-m", "qmlx.cli", "convert", model, folder, "--bits", str(bits),
+                        "--group-size", "64"], check=True, capture_output=True, cwd=os.path.join(here, ".."))  # fmt: skip
+        rows = {"qmlx": run_isolated(QMLX_QUANT.format(**dict(q_fmt, model=folder)))}
+        if why_no_llama is None:
+            name, ftype = LLAMA_FTYPES[bits]
+            dst = os.path.join(tmp, f"model-{name}.gguf")
+            rc = run_isolated(REQUANTIZE.format(ftype=ftype, src=gguf, dst=dst))["rc"]
+            if rc != 0:
+                raise RuntimeError(f"llama.cpp's quantize to {name} failed ({rc})")
+            rows[f"llama.cpp {name}"] = run_isolated(LLAMA_CPP_QUANT.format(**dict(q_fmt, gguf=dst)))
+        if not args.no_mlx_lm_quant:
+            rows["mlx-lm (float32)"] = run_isolated(MLX_LM_QUANT.format(**dict(q_fmt, model=folder)))
+        out[f"{bits}-bit"] = rows
+    print(f"4. quantized models: prompt {args.quant_prompt_tokens} tokens, {args.quant_gen_tokens} decoded "
+          f"(greedy), qmlx kernels: {out['4-bit']['qmlx']['kernels']}")  # fmt: skip
+    if why_no_llama:
+        print(f"(llama.cpp skipped: {why_no_llama})")
+    print(f"{'':26} {'prompt tok/s':>13} {'decode tok/s':>13} {'prompt vs peer':>15} {'decode vs peer':>15}")
+    for width, rows in out.items():
+        peer = next((r for name, r in rows.items() if name.startswith("llama.cpp")), None)
+        for name, r in rows.items():
+            label = f"{width} {name}" if name != "qmlx" else f"{width} qmlx g64"
+            vs = ("", "") if peer is None or r is peer else (ratio(r["prompt_tps"], peer["prompt_tps"]),
+                                                           ratio(r["gen_tps"], peer["gen_tps"]))  # fmt: skip
+            print(f"{label:26} {r['prompt_tps']:13.1f} {r['gen_tps']:13.1f} {vs[0]:>15} {vs[1]:>15}")
+    print("(vs peer: against llama.cpp of the same width, measured in this run; targets: decode >= 0.7x, "
+          "prompt >= 0.5x)\n")  # fmt: skip
+    return out
+
+
 def make_4bit_draft(model: str, folder: str) -> str | None:
     """The model quantized to 4 bits by `qmlx convert`, or None if that is not possible."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -218,7 +378,13 @@ def main() -> None:
     ap.add_argument(
         "--reference-blas", action="store_true", help="also time qmlx without OpenBLAS (slow)"
     )
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,kv,spec")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,kv,spec,quant")
+    ap.add_argument("--quant-prompt-tokens", type=int, default=512)
+    ap.add_argument("--quant-gen-tokens", type=int, default=128)
+    ap.add_argument("--gguf", default=None, help="the model's GGUF for llama.cpp (default: the fixture's)")
+    ap.add_argument("--no-llama-build", action="store_true",
+                    help="skip llama.cpp when llama-cpp-python is missing instead of building it")
+    ap.add_argument("--no-mlx-lm-quant", action="store_true", help="section 4 without mlx-lm's rows")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
 
@@ -307,6 +473,9 @@ def main() -> None:
             if "draft" in q:
                 print(f"qmlx vs mlx-lm, 4-bit draft: {ratio(q['draft']['tps'], m['draft']['tps'])}")
         print("(accepted = drafted tokens the model kept; tok/pass = tokens per model pass)\n")
+    if "quant" not in skip:
+        with tempfile.TemporaryDirectory(prefix="qmlx-bench-quant-") as tmp:
+            results["quant"] = quant_section(model, fmt, args, tmp)
     print(json.dumps(results))
 
 

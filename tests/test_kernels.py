@@ -26,7 +26,7 @@ def test_kernels_are_built_and_used_here():
     assert kernels.available(), kernels.status
     assert qlayers.use_kernels()
     if platform.machine() in ("x86_64", "AMD64"):
-        assert kernels._ext.isa() in ("avx512", "avx2", "generic")
+        assert kernels._ext.isa() in ("avx512vnni", "avx512", "avx2", "generic")
 
 
 def _packed(n, k, bits, gs, sb_dtype, seed):
@@ -45,6 +45,12 @@ def _x(shape, dtype, seed):
     return x, np.array(x.astype(mx.float32), dtype=np.float64)
 
 
+def _int_path(bits, rows, transpose) -> bool:
+    """Where the kernels multiply 4-bit weights by x rounded to 15-bit integers per group (AVX-512 VNNI,
+    the GEMV side): the product is then exact up to that rounding, ~1e-4 of the output's largest value."""
+    return kernels._ext.isa() == "avx512vnni" and bits == 4 and transpose and rows <= 4
+
+
 def _rel_err(y, ref):
     y = np.array(y.astype(mx.float32), dtype=np.float64)
     return np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30)
@@ -60,7 +66,7 @@ def test_product_matches_float64_reference(bits, gs, sb_dtype):
     q, s, b, wd = _packed(n, k, bits, gs, sb_dtype, seed=bits * 100 + gs)
     for rows in ROWS:
         for transpose in (True, False):
-            for xdt, tol in ((mx.float32, 2e-6), (mx.bfloat16, 8e-3)):
+            for xdt, tol in ((mx.float32, 1e-4 if _int_path(bits, rows, transpose) else 2e-6), (mx.bfloat16, 8e-3)):
                 x, xr = _x((rows, k if transpose else n), xdt, seed=rows)
                 y = kernels.quantized_matmul(x, q, s, b, transpose=transpose, group_size=gs, bits=bits)
                 ref = xr @ (wd.T if transpose else wd)
@@ -96,18 +102,19 @@ def test_gradient_matches_autograd_of_the_dense_product(bits, rows):
     t = mx.random.normal((2, rows, 160), key=mx.random.key(7))
     ours = mx.grad(lambda x: mx.square(kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits) - t).sum())(x)
     ref = mx.grad(lambda x: mx.square(x @ w.T - t).sum())(x)
-    assert mx.allclose(ours, ref, rtol=1e-4, atol=1e-4).item()
+    tol = 1e-3 if _int_path(bits, rows, True) else 1e-4  # the forward product's error is in the loss's gradient
+    assert mx.allclose(ours, ref, rtol=tol, atol=tol).item()
     # forward-mode too
     v = mx.random.normal(x.shape, key=mx.random.key(8))
     _, jv = mx.jvp(lambda x: kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits), [x], [v])
-    assert mx.allclose(jv[0], v @ w.T, rtol=1e-4, atol=1e-4).item()
+    assert mx.allclose(jv[0], v @ w.T, rtol=tol, atol=tol).item()
 
 
 def test_compiles_and_is_lazy():
     q, s, b, wd = _packed(64, 128, 4, 32, mx.float32, seed=9)
     f = mx.compile(lambda x: mx.maximum(kernels.quantized_matmul(x, q, s, b, group_size=32, bits=4), 0.0))
     x, xr = _x((3, 128), mx.float32, seed=10)
-    assert _rel_err(f(x), np.maximum(xr @ wd.T, 0.0)) < 2e-6
+    assert _rel_err(f(x), np.maximum(xr @ wd.T, 0.0)) < (1e-4 if _int_path(4, 3, True) else 2e-6)
 
 
 @pytest.mark.parametrize(
@@ -129,7 +136,8 @@ def test_bad_arguments_are_refused_with_a_message(kwargs, message):
 
 
 def test_threads_and_instruction_sets_agree():
-    """The same product with 1 thread and with the generic (SSE2/NEON) kernels, in fresh processes."""
+    """The same product with 1 thread and with the generic (SSE2/NEON, float) kernels, in fresh processes
+    (the 1-row product of the default kernels may round x to 16-bit integers per group: ~2e-4 of max |y|)."""
     code = (
         "import qmlx, mlx.core as mx, numpy as np\n"
         "from qmlx import kernels\n"
@@ -149,8 +157,9 @@ def test_threads_and_instruction_sets_agree():
         results[name] = (p.stdout.strip(), np.load(out))
         os.unlink(out)
     assert "1 threads" in results["one thread"][0] and "generic" in results["generic"][0]
+    ref = results["default"][1]
     for name in ("one thread", "generic"):
-        np.testing.assert_allclose(results[name][1], results["default"][1], rtol=1e-5, atol=2e-4)  # |y| ~ 10
+        assert np.abs(results[name][1] - ref).max() <= 5e-4 * np.abs(ref).max(), name
 
 
 def test_turned_off_by_environment():

@@ -22,10 +22,13 @@ struct QW {
 struct Kernels {
   const char* name;
   int nr;  // columns of a GEMM panel
-  // Layout of x that `gemv` reads (4 bits: even/odd values of each chunk apart); xp has K floats per row.
-  void (*prep_x)(const float* x, int64_t M, int64_t K, int bits, float* xp);
-  // y[m * N + n] = x[m] . W[n]ᵀ for n in [n0, n1), m < M <= 4; xs: per-row group sums of x (M x K/gs).
-  void (*gemv)(const QW& q, const float* xp, const float* xs, int64_t M, float* y, int64_t n0, int64_t n1);
+  // x (M <= 4 rows of K) in the form `gemv` reads, once per call: bytes needed, then the preparation
+  // (group sums for the bias term; 4-bit values reordered to match the packing; an integer form where
+  // the kernels multiply in integers).
+  size_t (*prep_bytes)(int64_t M, int64_t K, int bits, int gs);
+  void (*prep_x)(const float* x, int64_t M, int64_t K, int bits, int gs, void* buf);
+  // y[m * N + n] = x[m] . W[n]ᵀ for n in [n0, n1), m < M.
+  void (*gemv)(const QW& q, const void* buf, int64_t M, float* y, int64_t n0, int64_t n1);
   // Panel [l][nr] of W's rows n0.. (transposed product) for l in [l0, l0 + L): P[l][r] = W[n0 + r][l0 + l].
   void (*pack_t)(const QW& q, int64_t n0, int64_t l0, int64_t L, float* P);
   // Panel [l][nr] of W's columns k0.. (plain product): P[l][c] = W[l0 + l][k0 + c].
@@ -38,6 +41,7 @@ struct Kernels {
 const Kernels& kernels_generic();
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
+const Kernels& kernels_avx512vnni();
 
 // ---- scalar helpers shared by both sides ----
 inline float bf16_to_f32(uint16_t h) {

@@ -42,11 +42,13 @@ const Kernels& best_kernels() {
     __builtin_cpu_init();
     bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if ((want.empty() || want == "avx512") && has512) return &kernels_avx512();
+    if ((want.empty() || want == "avx512vnni") && has512 && __builtin_cpu_supports("avx512vnni"))
+      return &kernels_avx512vnni();
+    if ((want.empty() || want == "avx512" || want == "avx512vnni") && has512) return &kernels_avx512();
 #endif
 #if defined(QK_HAVE_AVX2)
     bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    if ((want.empty() || want == "avx2" || want == "avx512") && has2) return &kernels_avx2();
+    if ((want.empty() || want != "generic") && has2) return &kernels_avx2();
 #endif
     return &kernels_generic();
   }();
@@ -116,21 +118,14 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& s, const m
   }
 
   if (transpose && M <= gemv_max_rows()) {
-    const int64_t G = q.K / gs;
-    std::vector<float> xp(M * q.K), xs(M * G);
-    k.prep_x(xf, M, q.K, bits, xp.data());
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t g = 0; g < G; ++g) {
-        float acc = 0;
-        for (int64_t j = 0; j < gs; ++j) acc += xf[m * q.K + g * gs + j];
-        xs[m * G + g] = acc;
-      }
+    std::vector<uint64_t> buf((k.prep_bytes(M, q.K, bits, gs) + 7) / 8);
+    k.prep_x(xf, M, q.K, bits, gs, buf.data());
     // Tasks of rows whose packed bytes are ~32 KB: enough of them to balance, few enough to be cheap.
     const int64_t rows = std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(q.row_bytes, 1));
     const int64_t tasks = (q.N + rows - 1) / rows;
     parallel_for(tasks, [&](int64_t t) {
       int64_t n0 = t * rows, n1 = std::min(q.N, n0 + rows);
-      k.gemv(q, xp.data(), xs.data(), M, y, n0, n1);
+      k.gemv(q, buf.data(), M, y, n0, n1);
     });
   } else {
     const int nr = k.nr;

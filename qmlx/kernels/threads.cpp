@@ -29,6 +29,7 @@ inline uint64_t idx_of(uint64_t w) { return w & kMask; }
 class Pool {
  public:
   explicit Pool(int threads) {
+    if (const char* e = std::getenv("QMLX_SPIN")) spin_ = std::atoi(e);
     for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { work(); });
   }
   ~Pool() {
@@ -77,7 +78,7 @@ class Pool {
     uint64_t seen = gen_of(word_.load());
     while (true) {
       uint64_t w = word_.load();
-      for (int spin = 0; gen_of(w) == seen && spin < 200000 && !stop_.load(std::memory_order_relaxed); ++spin) {
+      for (int spin = 0; gen_of(w) == seen && spin < spin_ && !stop_.load(std::memory_order_relaxed); ++spin) {
         QK_PAUSE();
         w = word_.load(std::memory_order_relaxed);
       }
@@ -101,6 +102,9 @@ class Pool {
   std::atomic<int> sleepers_{0};
   std::atomic<bool> stop_{false};
   const std::function<void(int64_t)>* fn_ = nullptr;
+  // Pause instructions a worker spins before it sleeps: long enough to bridge the gap between the
+  // matmuls of one layer, short enough not to take a core from MLX's own threads between layers.
+  int spin_ = 2000;
 };
 
 int threads_wanted() {
