@@ -12,6 +12,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -24,17 +25,28 @@ class RoPE(nn.Module):
         self.base = float(config.rope_theta)
         inv_freq, self.attention_factor = config.rope_frequencies()
         # mx.fast.rope takes wavelengths (1/inv_freq) when frequencies are custom.
-        self._freqs = None if inv_freq is None else mx.array([1.0 / f for f in inv_freq], mx.float32)
+        self._freq_list = None if inv_freq is None else [1.0 / f for f in inv_freq]
+        self._freqs = None if inv_freq is None else mx.array(self._freq_list, mx.float32)
 
     def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
         if self.attention_factor != 1.0:
             # YaRN scales cos and sin; RoPE is linear, so scaling x is the same.
             x = x * self.attention_factor
         if self._freqs is None:
-            return mx.fast.rope(x, self.dims, traditional=False, base=self.base, scale=1.0, offset=offset)
-        return mx.fast.rope(
-            x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs
-        )
+            return kernels.rope(x, self.dims, base=self.base, offset=offset)
+        return kernels.rope(x, self.dims, base=None, offset=offset, freqs=self._freqs, freq_list=self._freq_list)
+
+
+class RMSNorm(nn.Module):
+    """nn.RMSNorm's parameters and result, through qmlx.kernels (one op on the CPU)."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def attend(queries, keys, values, scale: float, mask, cache=None) -> mx.array:
@@ -94,8 +106,8 @@ class Block(nn.Module):
         super().__init__()
         self.self_attn = Attention(config)
         self.mlp = MLP(config)
-        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
@@ -107,7 +119,7 @@ class Qwen2Model(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [Block(config) for _ in range(config.num_hidden_layers)]
-        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings

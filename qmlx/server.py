@@ -375,9 +375,10 @@ class Engine:
             return
         if ev.generation_tokens == 1 and ev.token is not None:
             self.stats["prompt_tokens_reused"] += slot.prompt_cache.reused
+        if ev.finish_reason is not None:
+            self.stats["completed"] += 1  # before the client can see its last event
         job.post("event", ev)
         if ev.finish_reason is not None:
-            self.stats["completed"] += 1
             self._release(entry)
 
     def _generate(self, job: Job, slot: Slot) -> Iterator:

@@ -168,3 +168,47 @@ def test_turned_off_by_environment():
     assert p.returncode == 0 and "QMLX_KERNELS=0" in p.stdout, p.stdout + p.stderr
     p = subprocess.run([sys.executable, "-m", "qmlx", "--version"], capture_output=True, text=True, timeout=120)
     assert "quantized matmuls: qmlx " in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_rms_norm_matches_mlx_and_its_gradient(dtype):
+    x = mx.random.normal((3, 5, 96), key=mx.random.key(12)).astype(dtype)
+    w = (1.0 + 0.1 * mx.random.normal((96,), key=mx.random.key(13))).astype(dtype)
+    ours, ref = kernels._ext.rms_norm(x, w, 1e-6), mx.fast.rms_norm(x, w, 1e-6)
+    assert ours.dtype == ref.dtype and ours.shape == ref.shape
+    tol = 1e-5 if dtype == mx.float32 else 1e-2
+    assert mx.allclose(ours.astype(mx.float32), ref.astype(mx.float32), rtol=tol, atol=tol).item()
+    xt = x.astype(mx.float32).transpose(1, 0, 2)  # a strided view
+    assert mx.allclose(kernels._ext.rms_norm(xt, w.astype(mx.float32), 1e-6),
+                       mx.fast.rms_norm(xt, w.astype(mx.float32), 1e-6), rtol=1e-5, atol=1e-5).item()
+    xf, wf = x.astype(mx.float32), w.astype(mx.float32)
+    g = mx.grad(lambda x, w: (kernels._ext.rms_norm(x, w, 1e-6) ** 2).sum(), argnums=(0, 1))(xf, wf)
+    r = mx.grad(lambda x, w: (mx.fast.rms_norm(x, w, 1e-6) ** 2).sum(), argnums=(0, 1))(xf, wf)
+    assert all(mx.allclose(a, b, rtol=1e-4, atol=1e-4).item() for a, b in zip(g, r))
+
+
+@pytest.mark.parametrize("freqs", [None, "custom"])
+@pytest.mark.parametrize("offset", [0, 7, 4095])
+def test_rope_matches_mlx_and_its_gradient(offset, freqs):
+    x = mx.random.normal((2, 4, 6, 64), key=mx.random.key(14)).transpose(0, 2, 1, 3)  # (B, H, L, D) view
+    f = None if freqs is None else mx.array([1.5 ** i for i in range(32)], mx.float32)
+    base = None if f is not None else 10000.0
+    ours = kernels._ext.rope(x, 64, base or 0.0, 1.0, offset, [] if f is None else f.tolist())
+    theirs = mx.fast.rope(x, 64, traditional=False, base=base, scale=1.0, offset=offset, freqs=f)
+    # float64 reference: angles lose precision in float32 as positions grow, MLX's as well as ours
+    inv = 10000.0 ** (-np.arange(32) / 32) if f is None else 1.0 / np.array(f, dtype=np.float64)
+    th = np.arange(offset, offset + 4)[:, None] * inv
+    xn = np.array(x, dtype=np.float64)
+    a, b = xn[..., :32], xn[..., 32:]
+    ref = np.concatenate([a * np.cos(th) - b * np.sin(th), a * np.sin(th) + b * np.cos(th)], axis=-1)
+    ours_err, mlx_err = np.abs(np.array(ours) - ref).max(), np.abs(np.array(theirs) - ref).max()
+    assert ours_err <= max(mlx_err, 1e-6) * 1.01 and ours_err < 1e-3, (ours_err, mlx_err)
+    part = kernels._ext.rope(x, 32, 10000.0, 1.0, offset)  # partial rotary: the rest passes through
+    assert mx.allclose(part, mx.fast.rope(x, 32, traditional=False, base=10000.0, scale=1.0, offset=offset),
+                       rtol=1e-3, atol=1e-3).item()
+    t = mx.random.normal(x.shape, key=mx.random.key(15))
+    g = mx.grad(lambda x: (kernels._ext.rope(x, 64, 10000.0, 1.0, offset) * t).sum())(x)
+    r = mx.grad(lambda x: (mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset) * t).sum())(x)
+    assert mx.allclose(g, r, rtol=1e-3, atol=1e-3).item()
+    bf = kernels._ext.rope(x.astype(mx.bfloat16), 64, 10000.0, 1.0, offset)
+    assert bf.dtype == mx.bfloat16

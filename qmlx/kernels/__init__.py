@@ -44,6 +44,29 @@ def available() -> bool:
     return _ext is not None
 
 
+def on_cpu() -> bool:
+    """True when ops run on the CPU (no Metal, or the CPU chosen as the default device)."""
+    return not mx.metal.is_available() or mx.default_device() == mx.cpu
+
+
+def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
+    """mx.fast.rms_norm; one op on the CPU (MLX's CPU version is a chain of small ops)."""
+    if _ext is not None and on_cpu():
+        return _ext.rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def rope(x: mx.array, dims: int, *, base: float | None, offset, freqs: mx.array | None = None,
+         freq_list: list[float] | None = None) -> mx.array:
+    """mx.fast.rope in the "rotate half" layout at scale 1; one op on the CPU for an integer offset.
+    `freq_list` is `freqs` as Python floats (kept by the caller so no call reads the array back)."""
+    if _ext is not None and isinstance(offset, int) and on_cpu():
+        if freqs is not None and freq_list is None:
+            freq_list = freqs.tolist()
+        return _ext.rope(x, dims, float(base or 0.0), 1.0, offset, freq_list or [])
+    return mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=offset, freqs=freqs)
+
+
 def quantized_matmul(
     x: mx.array,
     w: mx.array,

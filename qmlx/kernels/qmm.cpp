@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "fused.h"
 #include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
@@ -62,11 +63,33 @@ SB sb_type(mx::Dtype t) {
   throw std::invalid_argument("qmlx quantized matmul: scales and biases must be float32, bfloat16 or float16");
 }
 
-// A float32 view of a row-contiguous array (converted when it is bf16/f16).
-const float* as_f32(const mx::array& a, std::vector<float>& tmp) {
-  if (a.dtype() == mx::float32) return a.data<float>();
+// The bytes of an array in row-major order: its own buffer when it is row-contiguous, else a copy
+// (transposed or sliced views reach the op as they are, so the graph needs no Contiguous node per call).
+const void* row_major(const mx::array& a, std::vector<char>& tmp) {
+  if (a.flags().row_contiguous) return a.data<void>();
+  const size_t item = a.itemsize(), nd = a.ndim(), n = a.size();
+  tmp.resize(n * item);
+  const char* src = static_cast<const char*>(a.data<void>());
+  std::vector<int64_t> idx(nd, 0);
+  int64_t off = 0;
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(tmp.data() + i * item, src + off * int64_t(item), item);
+    for (int d = int(nd) - 1; d >= 0; --d) {  // next index, odometer-style
+      off += a.strides()[d];
+      if (++idx[d] < a.shape(d)) break;
+      off -= a.strides()[d] * a.shape(d);
+      idx[d] = 0;
+    }
+  }
+  return tmp.data();
+}
+
+// A float32 row-major copy or view of x (converted when it is bf16/f16).
+const float* as_f32(const mx::array& a, std::vector<float>& tmp, std::vector<char>& bytes) {
+  const void* data = row_major(a, bytes);
+  if (a.dtype() == mx::float32) return static_cast<const float*>(data);
   tmp.resize(a.size());
-  const uint16_t* p = reinterpret_cast<const uint16_t*>(a.data<void>());
+  const uint16_t* p = static_cast<const uint16_t*>(data);
   if (a.dtype() == mx::bfloat16)
     for (size_t i = 0; i < a.size(); ++i) tmp[i] = bf16_to_f32(p[i]);
   else
@@ -95,10 +118,11 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& s, const m
              bool transpose, int gs, int bits) {
   const Kernels& k = best_kernels();
   const int64_t Kx = x.shape(-1), M = Kx ? int64_t(x.size()) / Kx : 0;
+  std::vector<char> wtmp, stmp, btmp, xbytes;
   QW q;
-  q.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-  q.s = s.data<void>();
-  q.b = b.data<void>();
+  q.w = static_cast<const uint8_t*>(row_major(w, wtmp));
+  q.s = row_major(s, stmp);
+  q.b = row_major(b, btmp);
   q.sbt = sb_type(s.dtype());
   q.bits = bits;
   q.gs = gs;
@@ -108,7 +132,7 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& s, const m
   if (M == 0 || out.size() == 0) return;
 
   std::vector<float> xtmp, ytmp;
-  const float* xf = as_f32(x, xtmp);
+  const float* xf = as_f32(x, xtmp, xbytes);
   float* y;
   if (out.dtype() == mx::float32) {
     y = out.data<float>();
@@ -220,10 +244,8 @@ mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales
   sb_type(scales.dtype());
 
   auto s = mx::default_stream(mx::Device::cpu);
-  auto x = mx::contiguous(x_in, false, s);
-  auto wc = mx::contiguous(w, false, s), sc = mx::contiguous(scales, false, s), bc = mx::contiguous(biases, false, s);
-  return mx::array(QuantizedMatmul::out_shape(x, w, transpose, bits), x.dtype(),
-                   std::make_shared<QuantizedMatmul>(s, group_size, bits, transpose), {x, wc, sc, bc});
+  return mx::array(QuantizedMatmul::out_shape(x_in, w, transpose, bits), x_in.dtype(),
+                   std::make_shared<QuantizedMatmul>(s, group_size, bits, transpose), {x_in, w, scales, biases});
 }
 
 std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primals,
@@ -254,6 +276,10 @@ NB_MODULE(_qmm, m) {
   m.def("quantized_matmul", &qk::qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("transpose") = true, nb::arg("group_size") = 64, nb::arg("bits") = 4,
         "x · dequantize(w)ᵀ (transpose) or x · dequantize(w), on the CPU, as an MLX lazy op");
+  m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
+        "mx.fast.rms_norm as one CPU op");
+  m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("base"), nb::arg("scale"), nb::arg("offset"),
+        nb::arg("freqs") = std::vector<float>{}, "mx.fast.rope (traditional=False) as one CPU op");
   m.def("isa", [] { return std::string(qk::best_kernels().name); }, "the instruction set of the kernels in use");
   m.def("threads", &qk::num_threads, "threads of the kernels' pool");
   m.attr("mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +

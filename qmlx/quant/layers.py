@@ -28,7 +28,7 @@ DENSE_MIN_ROWS = 8
 
 def on_cpu_backend() -> bool:
     """True when matmuls run on the CPU (no Metal, or the CPU chosen as default device)."""
-    return not mx.metal.is_available() or mx.default_device() == mx.cpu
+    return kernels.on_cpu()
 
 
 def use_kernels() -> bool:

@@ -1,0 +1,14 @@
+#pragma once
+#include <vector>
+
+#include "mlx/array.h"
+
+namespace mx = mlx::core;
+
+namespace qk {
+// y = x * rsqrt(mean(x², axis=-1) + eps) * w (mx.fast.rms_norm), one CPU op.
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps);
+// Rotary embedding in the "rotate half" layout (mx.fast.rope with traditional=False) at positions
+// offset + l along axis -2; freqs (wavelengths, dims / 2 of them) replace base when given.
+mx::array rope(const mx::array& x, int dims, float base, float scale, int offset, const std::vector<float>& freqs);
+}  // namespace qk
