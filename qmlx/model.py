@@ -58,7 +58,7 @@ def attend(queries, keys, values, scale: float, mask, cache=None) -> mx.array:
         return quantized_attention(
             queries, keys, values, scale, mask, cache.group_size, cache.key_bits, cache.value_bits
         )
-    return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask)
+    return kernels.attention(queries, keys, values, scale, mask)
 
 
 class Attention(nn.Module):
@@ -98,7 +98,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(h, d, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -212,3 +212,38 @@ def test_rope_matches_mlx_and_its_gradient(offset, freqs):
     assert mx.allclose(g, r, rtol=1e-3, atol=1e-3).item()
     bf = kernels._ext.rope(x.astype(mx.bfloat16), 64, 10000.0, 1.0, offset)
     assert bf.dtype == mx.bfloat16
+
+
+def test_silu_mul_matches_mlx_and_its_gradient():
+    g = 4 * mx.random.normal((3, 7, 100), key=mx.random.key(16))
+    u = mx.random.normal((3, 7, 100), key=mx.random.key(17))
+    ref = lambda g, u: g * mx.sigmoid(g) * u  # noqa: E731
+    assert mx.allclose(kernels._ext.silu_mul(g, u), ref(g, u), rtol=1e-5, atol=1e-6).item()
+    assert mx.allclose(kernels._ext.silu_mul(g[:, ::2], u[:, ::2]), ref(g[:, ::2], u[:, ::2]), rtol=1e-5, atol=1e-6).item()
+    ours = mx.grad(lambda g, u: kernels._ext.silu_mul(g, u).sum(), argnums=(0, 1))(g, u)
+    theirs = mx.grad(lambda g, u: ref(g, u).sum(), argnums=(0, 1))(g, u)
+    assert all(mx.allclose(a, b, rtol=1e-5, atol=1e-5).item() for a, b in zip(ours, theirs))
+    big = mx.array([-200.0, -88.0, -20.0, 0.0, 20.0, 88.0, 200.0])  # the exp's clamps
+    assert mx.allclose(kernels._ext.silu_mul(big, mx.ones_like(big)), ref(big, mx.ones_like(big))).item()
+
+
+@pytest.mark.parametrize("shape", [(1, 14, 1, 37), (2, 2, 14, 9, 9), (1, 2, 35, 300)])
+def test_attention_matches_mlx_sdpa_with_and_without_the_causal_mask(shape):
+    """kernels.attention (matmuls around qmlx's softmax) against mx.fast.scaled_dot_product_attention, GQA
+    included, and the softmax's gradient against autograd of MLX's."""
+    B, L, S = shape[0], shape[-2], shape[-1]
+    H_kv, H = 2, 14
+    q = mx.random.normal((B, H, L, 64), key=mx.random.key(18))
+    k = mx.random.normal((B, H_kv, S, 64), key=mx.random.key(19))
+    v = mx.random.normal((B, H_kv, S, 64), key=mx.random.key(20))
+    for mask in (None, "causal") if L > 1 else (None,):
+        ours = kernels.attention(q, k, v, 0.125, mask)
+        ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        assert mx.allclose(ours, ref, rtol=1e-4, atol=1e-5).item(), mask
+    x = mx.random.normal((3, 5, 8), key=mx.random.key(21))
+    t = mx.random.normal((3, 5, 8), key=mx.random.key(22))
+    causal = mx.triu(mx.full((5, 8), -mx.inf), k=4)  # row l sees keys 0 .. 3 + l
+    ours = mx.grad(lambda x: (kernels._ext.softmax(x, 0.5, 5) * t).sum())(x)
+    theirs = mx.grad(lambda x: (mx.softmax(0.5 * x + causal, axis=-1) * t).sum())(x)
+    assert mx.allclose(kernels._ext.softmax(x, 0.5, 5), mx.softmax(0.5 * x + causal, axis=-1), atol=1e-6).item()
+    assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-6).item()

@@ -56,6 +56,29 @@ def rms_norm(x: mx.array, weight: mx.array, eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
 
 
+def silu_mul(g: mx.array, u: mx.array) -> mx.array:
+    """silu(g) * u (the SwiGLU of the MLP); one op with a vectorized exp on the CPU."""
+    if _ext is not None and g.shape == u.shape and on_cpu():
+        return _ext.silu_mul(g, u)
+    return g * mx.sigmoid(g) * u
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
+    """mx.fast.scaled_dot_product_attention for (B, H, L, D) queries over (B, H_kv, S, D) keys/values.
+
+    On the CPU (mask None or "causal") as two matmuls around one softmax op that applies the causal
+    mask itself: MLX's CPU version builds the mask and runs a softmax with a scalar exp.
+    """
+    if _ext is None or not on_cpu() or not (mask is None or (isinstance(mask, str) and mask == "causal")):
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    B, H, L, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    # GQA: the query heads of one KV head become rows of one product, (rep, L) -> rep * L
+    qg = q.reshape(B, H_kv, (H // H_kv) * L, D)
+    probs = _ext.softmax(qg @ k.swapaxes(-1, -2), scale, L if mask == "causal" and L > 1 else 0)
+    return (probs.astype(v.dtype) @ v).reshape(B, H, L, v.shape[-1])
+
+
 def rope(x: mx.array, dims: int, *, base: float | None, offset, freqs: mx.array | None = None,
          freq_list: list[float] | None = None) -> mx.array:
     """mx.fast.rope in the "rotate half" layout at scale 1; one op on the CPU for an integer offset.

@@ -4,6 +4,7 @@
 #include "fused.h"
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/fast.h"
+#include "mlx/ops.h"
 #include "mlx/primitives.h"
 #include "mlx/transforms.h"
 #include "threads.h"
@@ -189,7 +191,126 @@ class Rope : public mx::UnaryPrimitive {
   bool has_freqs_;
 };
 
+// A row of n values of a (at element offset `off`, last-axis stride `st`) as float32: the row itself when
+// it is float32 and contiguous, else converted into tmp.
+inline const float* row_f32(const mx::array& a, int64_t off, int64_t n, std::vector<float>& tmp) {
+  const int64_t st = a.strides().back();
+  const char* p = static_cast<const char*>(a.data<void>()) + off * int64_t(a.itemsize());
+  if (a.dtype() == mx::float32 && st == 1) return reinterpret_cast<const float*>(p);
+  tmp.resize(n);
+  for (int64_t j = 0; j < n; ++j) tmp[j] = load(p, a.dtype(), j * st);
+  return tmp.data();
+}
+inline void store_row(mx::array& out, int64_t r, int64_t n, const float* y) {
+  void* o = static_cast<char*>(out.data<void>()) + r * n * int64_t(out.itemsize());
+  if (out.dtype() == mx::float32) {
+    if (o != y) std::memcpy(o, y, n * 4);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) store(o, out.dtype(), j, y[j]);
+}
+
+// silu(g) * u, the SwiGLU of the MLP: one op instead of sigmoid, two multiplies (and a scalar exp).
+class SiluMul : public mx::UnaryPrimitive {
+ public:
+  explicit SiluMul(mx::Stream s) : mx::UnaryPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.dispatch([g = in[0], u = in[1], out = mx::array::unsafe_weak_copy(out)]() mutable {
+      const Kernels& k = best_kernels();
+      const int64_t D = g.shape(-1);
+      const auto go = row_offsets(g), uo = row_offsets(u);
+      for_rows(int64_t(go.size()), D, [&](int64_t r) {
+        thread_local std::vector<float> tg, tu, ty;
+        const float* a = row_f32(g, go[r], D, tg);
+        const float* b = row_f32(u, uo[r], D, tu);
+        float* y = out.dtype() == mx::float32 ? out.data<float>() + r * D : (ty.resize(D), ty.data());
+        k.silu_mul(a, b, y, D);
+        if (out.dtype() != mx::float32) store_row(out, r, D, y);
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("qmlx's silu_mul runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    auto f = [](const std::vector<mx::array>& a) {
+      return std::vector<mx::array>{mx::multiply(mx::multiply(a[0], mx::sigmoid(a[0])), a[1])};
+    };
+    auto grads = mx::vjp(f, primals, cot).second;
+    std::vector<mx::array> out;
+    for (int a : argnums) out.push_back(grads[a]);
+    return out;
+  }
+  const char* name() const override { return "QmlxSiluMul"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+};
+
+// softmax(scale * scores) over the last axis; causal: query row l of L (rows cycle through L) sees the
+// first S - L + l + 1 keys, so the mask is never built as an array.
+class Softmax : public mx::UnaryPrimitive {
+ public:
+  Softmax(mx::Stream s, float scale, int causal_rows) : mx::UnaryPrimitive(s), scale_(scale), L_(causal_rows) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.dispatch([x = in[0], out = mx::array::unsafe_weak_copy(out), scale = scale_, L = L_]() mutable {
+      const Kernels& k = best_kernels();
+      const int64_t S = x.shape(-1);
+      const auto xo = row_offsets(x);
+      for_rows(int64_t(xo.size()), S, [&](int64_t r) {
+        thread_local std::vector<float> tx, ty;
+        const float* a = row_f32(x, xo[r], S, tx);
+        float* y = out.dtype() == mx::float32 ? out.data<float>() + r * S : (ty.resize(S), ty.data());
+        const int64_t valid = L > 0 ? std::min<int64_t>(S, S - L + (r % L) + 1) : S;
+        k.softmax_row(a, y, S, valid, scale);
+        if (out.dtype() != mx::float32) store_row(out, r, S, y);
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("qmlx's softmax runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>&, const std::vector<mx::array>& cot,
+                             const std::vector<int>&, const std::vector<mx::array>& outputs) override {
+    // y = softmax(s x): dx = s * y * (dy - sum(dy * y)); masked entries have y = 0 and get 0.
+    const auto& y = outputs[0];
+    auto dy = mx::astype(cot[0], y.dtype());
+    auto inner = mx::sum(mx::multiply(dy, y), -1, true);
+    return {mx::multiply(mx::array(scale_, y.dtype()), mx::multiply(y, mx::subtract(dy, inner)))};
+  }
+  const char* name() const override { return "QmlxSoftmax"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const Softmax&>(other);
+    return scale_ == o.scale_ && L_ == o.L_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
+
+ private:
+  float scale_;
+  int L_;
+};
+
 }  // namespace
+
+mx::array silu_mul(const mx::array& g, const mx::array& u) {
+  check_float(g, "silu_mul");
+  check_float(u, "silu_mul");
+  if (g.shape() != u.shape()) throw std::invalid_argument("qmlx silu_mul: both arrays must have one shape");
+  auto s = mx::default_stream(mx::Device::cpu);
+  return mx::array(g.shape(), mx::promote_types(g.dtype(), u.dtype()), std::make_shared<SiluMul>(s), {g, u});
+}
+
+mx::array softmax(const mx::array& x, float scale, int causal_rows) {
+  check_float(x, "softmax");
+  if (x.ndim() < 1 || causal_rows < 0 || (causal_rows > 0 && (x.ndim() < 2 || causal_rows > x.shape(-1))))
+    throw std::invalid_argument("qmlx softmax: causal rows must be 0 or at most the number of keys");
+  auto s = mx::default_stream(mx::Device::cpu);
+  return mx::array(x.shape(), x.dtype(), std::make_shared<Softmax>(s, scale, causal_rows), {x});
+}
 
 mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
   check_float(x, "rms_norm");

@@ -11,4 +11,9 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps);
 // Rotary embedding in the "rotate half" layout (mx.fast.rope with traditional=False) at positions
 // offset + l along axis -2; freqs (wavelengths, dims / 2 of them) replace base when given.
 mx::array rope(const mx::array& x, int dims, float base, float scale, int offset, const std::vector<float>& freqs);
+// silu(g) * u (SwiGLU), one CPU op.
+mx::array silu_mul(const mx::array& g, const mx::array& u);
+// softmax(scale * x) over the last axis; causal_rows = L > 0 masks row l (mod L) of L queries to the
+// first S - L + l + 1 of S keys (queries are the last L positions).
+mx::array softmax(const mx::array& x, float scale, int causal_rows);
 }  // namespace qk

@@ -33,11 +33,16 @@ struct Kernels {
   void (*pack_t)(const QW& q, int64_t n0, int64_t l0, int64_t L, float* P);
   // Panel [l][nr] of W's columns k0.. (plain product): P[l][c] = W[l0 + l][k0 + c].
   void (*pack_n)(const QW& q, int64_t k0, int64_t l0, int64_t L, float* P);
+  // y = softmax(x * scale) over the first `valid` of n values (the rest 0): one attention row.
+  void (*softmax_row)(const float* x, float* y, int64_t n, int64_t valid, float scale);
+  // y = silu(g) * u = g * u / (1 + exp(-g)), n values.
+  void (*silu_mul)(const float* g, const float* u, float* y, int64_t n);
   // C[m][0:nc] (+)= A[m][0:L] . P[0:L][0:nc] for m < M; add: accumulate into C.
   void (*gemm)(const float* A, int64_t lda, int64_t M, const float* P, int64_t L, float* C, int64_t ldc, int nc,
                bool add);
 };
 
+const Kernels& best_kernels();  // the best set this CPU runs (QMLX_KERNELS_ISA may name a lesser one)
 const Kernels& kernels_generic();
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();

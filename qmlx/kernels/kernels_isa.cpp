@@ -1,6 +1,7 @@
 // The kernels, written once with GCC/Clang vector extensions and compiled once per instruction set
 // (QK_ISA = generic | avx2 | avx512; see CMakeLists.txt). `generic` is SSE2 on x86-64 and NEON on arm64.
 #include <algorithm>
+#include <cmath>
 
 #include "kernels.h"
 
@@ -426,11 +427,64 @@ static void gemm(const float* A, int64_t lda, int64_t M, const float* P, int64_t
   }
 }
 
+// exp(x) for a vector: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2, p a degree-6 polynomial
+// (Cephes' expf coefficients; ~1 ulp). MLX's CPU exp on x86-64 is scalar with a libm fma per step.
+static inline vf vexp(vf x) {
+  const vf hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
+  x = x > hi ? hi : x;  // vector ?: selects per lane
+  x = x < lo ? lo : x;
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const vf t = x * 1.44269504088896341f + magic;
+  const vf n = t - magic;
+  const vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  p = p * (r * r) + r + 1.0f;
+  const vi e = ((vi)t - (vi)magic) << 23;
+  return (vf)((vi)p + e);
+}
+
+static void softmax_row(const float* x, float* y, int64_t n, int64_t valid, float scale) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < valid; ++j) m = std::max(m, x[j] * scale);
+  vf sum = vf{};
+  float tail = 0;
+  int64_t j = 0;
+  for (; j + VW <= valid; j += VW) {
+    const vf e = vexp(loadf(x + j) * scale - m);
+    storef(y + j, e);
+    sum += e;
+  }
+  for (; j < valid; ++j) {
+    alignas(64) float t[VW] = {};
+    t[0] = x[j] * scale - m;
+    vf e = vexp(loadf(t));
+    y[j] = e[0];
+    tail += e[0];
+  }
+  const float inv = 1.0f / (hsum(sum) + tail);
+  for (j = 0; j < valid; ++j) y[j] *= inv;
+  for (; j < n; ++j) y[j] = 0.0f;
+}
+
+static void silu_mul(const float* g, const float* u, float* y, int64_t n) {
+  int64_t j = 0;
+  for (; j + VW <= n; j += VW) {
+    const vf a = loadf(g + j);
+    storef(y + j, a * loadf(u + j) / (1.0f + vexp(-a)));
+  }
+  for (; j < n; ++j) y[j] = g[j] * u[j] / (1.0f + std::exp(-g[j]));
+}
+
 }  // namespace isa_
 
 const Kernels& QK_CAT(kernels_, QK_ISA)() {
   using namespace QK_CAT(isa_, QK_ISA);
-  static const Kernels k{QK_STR(QK_ISA), NR, QK_PREP_BYTES, QK_PREP, QK_GEMV, pack_t, pack_n, gemm};
+  static const Kernels k{QK_STR(QK_ISA), NR, QK_PREP_BYTES, QK_PREP, QK_GEMV, pack_t, pack_n, softmax_row, silu_mul, gemm};
   return k;
 }
 

@@ -23,17 +23,6 @@ namespace mx = mlx::core;
 namespace nb = nanobind;
 
 namespace qk {
-namespace {
-
-// Rows of x up to which the weight-streaming GEMV runs; above it the blocked GEMM (dequantize a panel, reuse
-// it for every row). Measured on the fixture's shapes (see benchmarks/bench_kernels.py).
-int64_t gemv_max_rows() {
-  static int64_t v = [] {
-    const char* e = std::getenv("QMLX_GEMV_MAX_ROWS");
-    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(4);
-  }();
-  return v;
-}
 
 const Kernels& best_kernels() {
   static const Kernels* k = [] {
@@ -54,6 +43,18 @@ const Kernels& best_kernels() {
     return &kernels_generic();
   }();
   return *k;
+}
+
+namespace {
+
+// Rows of x up to which the weight-streaming GEMV runs; above it the blocked GEMM (dequantize a panel, reuse
+// it for every row). Measured on the fixture's shapes (see benchmarks/bench_kernels.py).
+int64_t gemv_max_rows() {
+  static int64_t v = [] {
+    const char* e = std::getenv("QMLX_GEMV_MAX_ROWS");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(4);
+  }();
+  return v;
 }
 
 SB sb_type(mx::Dtype t) {
@@ -280,6 +281,9 @@ NB_MODULE(_qmm, m) {
         "mx.fast.rms_norm as one CPU op");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("base"), nb::arg("scale"), nb::arg("offset"),
         nb::arg("freqs") = std::vector<float>{}, "mx.fast.rope (traditional=False) as one CPU op");
+  m.def("silu_mul", &qk::silu_mul, nb::arg("g"), nb::arg("u"), "silu(g) * u as one CPU op");
+  m.def("softmax", &qk::softmax, nb::arg("x"), nb::arg("scale") = 1.0f, nb::arg("causal_rows") = 0,
+        "softmax(scale * x) over the last axis, optionally causal, as one CPU op");
   m.def("isa", [] { return std::string(qk::best_kernels().name); }, "the instruction set of the kernels in use");
   m.def("threads", &qk::num_threads, "threads of the kernels' pool");
   m.attr("mlx_version") = std::to_string(MLX_VERSION_MAJOR) + "." + std::to_string(MLX_VERSION_MINOR) + "." +
