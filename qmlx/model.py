@@ -37,6 +37,13 @@ class RoPE(nn.Module):
         return kernels.rope(x, self.dims, base=None, offset=offset, freqs=self._freqs, freq_list=self._freq_list)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same result) computed through qmlx.kernels on the CPU."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return kernels.linear(x, self.weight, self.bias if "bias" in self else None)
+
+
 class RMSNorm(nn.Module):
     """nn.RMSNorm's parameters and result, through qmlx.kernels (one op on the CPU)."""
 
@@ -69,10 +76,10 @@ class Attention(nn.Module):
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.rope = RoPE(config)
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
@@ -93,9 +100,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, h = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(d, h, bias=False)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
+        self.gate_proj = Linear(d, h, bias=False)
+        self.up_proj = Linear(d, h, bias=False)
+        self.down_proj = Linear(h, d, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -146,7 +153,7 @@ class Model(nn.Module):
         self.config = config
         self.model = Qwen2Model(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
         return self.head(self.model(inputs, cache, input_embeddings))
@@ -154,7 +161,8 @@ class Model(nn.Module):
     def head(self, h: mx.array) -> mx.array:
         """Project hidden states to logits (through the embedding when the head is tied)."""
         if self.config.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
+            emb = self.model.embed_tokens
+            return kernels.linear(h, emb.weight) if isinstance(emb, nn.Embedding) else emb.as_linear(h)
         return self.lm_head(h)
 
     @property

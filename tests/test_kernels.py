@@ -247,3 +247,19 @@ def test_attention_matches_mlx_sdpa_with_and_without_the_causal_mask(shape):
     theirs = mx.grad(lambda x: (mx.softmax(0.5 * x + causal, axis=-1) * t).sum())(x)
     assert mx.allclose(kernels._ext.softmax(x, 0.5, 5), mx.softmax(0.5 * x + causal, axis=-1), atol=1e-6).item()
     assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-6).item()
+
+
+def test_float_matmul_and_linear_match_mlx():
+    """The kernels' float GEMM (attention's two products, a float model's prompt): strided and
+    bfloat16 operands, and the float layers' result through kernels.linear."""
+    a = mx.random.normal((2, 3, 37, 64), key=mx.random.key(23))
+    bt = mx.random.normal((2, 3, 45, 64), key=mx.random.key(24)).swapaxes(-1, -2)  # kᵀ: a transposed view
+    assert mx.allclose(kernels._ext.matmul(a, bt), a @ bt, rtol=1e-5, atol=1e-4).item()
+    ab = a.astype(mx.bfloat16)
+    assert mx.allclose(kernels._ext.matmul(ab, bt), ab.astype(mx.float32) @ bt, rtol=1e-5, atol=1e-4).item()
+    w = mx.random.normal((300, 64), key=mx.random.key(25))
+    b = mx.random.normal((300,), key=mx.random.key(26))
+    x = mx.random.normal((2, 9, 64), key=mx.random.key(27))
+    assert mx.allclose(kernels.linear(x, w, b), x @ w.T + b, rtol=1e-5, atol=1e-4).item()
+    g = mx.grad(lambda a: kernels._ext.matmul(a, bt).sum())(a)
+    assert mx.allclose(g, mx.grad(lambda a: (a @ bt).sum())(a), rtol=1e-5, atol=1e-4).item()

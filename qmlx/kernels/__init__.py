@@ -67,7 +67,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     """mx.fast.scaled_dot_product_attention for (B, H, L, D) queries over (B, H_kv, S, D) keys/values.
 
     On the CPU (mask None or "causal") as two matmuls around one softmax op that applies the causal
-    mask itself: MLX's CPU version builds the mask and runs a softmax with a scalar exp.
+    mask itself, all on the kernels (no BLAS): MLX's CPU version builds the mask, runs a softmax with a
+    scalar exp and its matmuls through whatever BLAS the wheel links.
     """
     if _ext is None or not on_cpu() or not (mask is None or (isinstance(mask, str) and mask == "causal")):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -75,8 +76,22 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     H_kv, S = k.shape[1], k.shape[2]
     # GQA: the query heads of one KV head become rows of one product, (rep, L) -> rep * L
     qg = q.reshape(B, H_kv, (H // H_kv) * L, D)
-    probs = _ext.softmax(qg @ k.swapaxes(-1, -2), scale, L if mask == "causal" and L > 1 else 0)
-    return (probs.astype(v.dtype) @ v).reshape(B, H, L, v.shape[-1])
+    probs = _ext.softmax(_ext.matmul(qg, k.swapaxes(-1, -2)), scale, L if mask == "causal" and L > 1 else 0)
+    return _ext.matmul(probs, v).reshape(B, H, L, v.shape[-1])
+
+
+# Rows from which a float x @ Wᵀ runs on the kernels' GEMM; fewer (decode) stay a BLAS GEMV.
+GEMM_MIN_ROWS = 5
+
+
+def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ weightᵀ (+ bias) for a float layer (nn.Linear's result): prompts on the kernels' GEMM on the
+    CPU, so a float model's prefill does not depend on the BLAS MLX links (the reference one on Linux)."""
+    rows = x.size // max(x.shape[-1], 1)
+    if _ext is None or rows < GEMM_MIN_ROWS or x.ndim < 2 or not on_cpu():
+        return x @ weight.T + bias if bias is not None else x @ weight.T
+    y = _ext.matmul(x.reshape(rows, x.shape[-1]), weight.T).reshape(*x.shape[:-1], weight.shape[0])
+    return y + bias if bias is not None else y
 
 
 def rope(x: mx.array, dims: int, *, base: float | None, offset, freqs: mx.array | None = None,

@@ -294,7 +294,134 @@ class Softmax : public mx::UnaryPrimitive {
   int L_;
 };
 
+// Offsets (in elements) of each matrix of a batched array: all axes but the last two, row-major.
+std::vector<int64_t> matrix_offsets(const mx::array& a) {
+  const int nd = int(a.ndim());
+  int64_t count = 1;
+  for (int d = 0; d < nd - 2; ++d) count *= a.shape(d);
+  std::vector<int64_t> out(count);
+  std::vector<int64_t> idx(std::max(nd - 2, 0), 0);
+  int64_t off = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = off;
+    for (int d = nd - 3; d >= 0; --d) {
+      off += a.strides()[d];
+      if (++idx[d] < a.shape(d)) break;
+      off -= a.strides()[d] * a.shape(d);
+      idx[d] = 0;
+    }
+  }
+  return out;
+}
+
+// a @ b for float arrays of equal batch shape (..., M, K) x (..., K, N), on the kernels' own GEMM: what
+// attention needs (q·kᵀ, p·v) without a BLAS. b is read through its strides (kᵀ is a transposed view).
+class Matmul : public mx::UnaryPrimitive {
+ public:
+  explicit Matmul(mx::Stream s) : mx::UnaryPrimitive(s) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.dispatch([a = in[0], b = in[1], out = mx::array::unsafe_weak_copy(out)]() mutable {
+      const Kernels& k = best_kernels();
+      const int nd = int(a.ndim());
+      const int64_t M = a.shape(-2), K = a.shape(-1), N = b.shape(-1), nr = k.nr;
+      const auto ao = matrix_offsets(a), bo = matrix_offsets(b);
+      const int64_t batches = int64_t(ao.size()), panels = (N + nr - 1) / nr;
+      const int64_t sam = a.strides()[nd - 2], sal = a.strides()[nd - 1];
+      const int64_t sk = b.strides()[nd - 2], sn = b.strides()[nd - 1];
+      // b as float32 (converted once when it is not)
+      std::vector<float> bconv;
+      const float* bp = b.data<float>();
+      int64_t bsk = sk, bsn = sn;
+      std::vector<int64_t> boffs = bo;
+      if (b.dtype() != mx::float32) {
+        bconv.resize(size_t(batches) * K * N);
+        const void* raw = b.data<void>();
+        for (int64_t i = 0; i < batches; ++i)
+          for (int64_t r = 0; r < K; ++r)
+            for (int64_t c = 0; c < N; ++c) bconv[(i * K + r) * N + c] = load(raw, b.dtype(), bo[i] + r * sk + c * sn);
+        bp = bconv.data();
+        bsk = N, bsn = 1;
+        for (int64_t i = 0; i < batches; ++i) boffs[i] = i * K * N;
+      }
+      const bool a_direct = a.dtype() == mx::float32 && sal == 1;
+      float* y = out.dtype() == mx::float32 ? out.data<float>() : nullptr;
+      std::vector<float> ybuf;
+      if (!y) {
+        ybuf.resize(out.size());
+        y = ybuf.data();
+      }
+      constexpr int64_t KCF = 512;
+      parallel_for(batches * panels, [&](int64_t t) {
+        const int64_t i = t / panels, p = t % panels, c0 = p * nr;
+        thread_local std::vector<float> panel, abuf;
+        panel.resize(size_t(KCF) * nr);
+        const float* A;
+        int64_t lda;
+        if (a_direct) {
+          A = a.data<float>() + ao[i];
+          lda = sam;
+        } else {
+          abuf.resize(size_t(M) * K);
+          const void* raw = a.data<void>();
+          for (int64_t r = 0; r < M; ++r)
+            for (int64_t c = 0; c < K; ++c) abuf[r * K + c] = load(raw, a.dtype(), ao[i] + r * sam + c * sal);
+          A = abuf.data();
+          lda = K;
+        }
+        float* C = y + i * M * N + c0;
+        const int nc = int(std::min<int64_t>(nr, N - c0));
+        if (K == 0) {
+          for (int64_t r = 0; r < M; ++r) std::fill(C + r * N, C + r * N + nc, 0.0f);
+          return;
+        }
+        for (int64_t l0 = 0; l0 < K; l0 += KCF) {
+          const int64_t L = std::min(KCF, K - l0);
+          k.pack_f(bp + boffs[i], bsk, bsn, N, c0, l0, L, panel.data());
+          k.gemm(A + l0, lda, M, panel.data(), L, C, N, nc, l0 > 0);
+        }
+      });
+      if (out.dtype() != mx::float32) {
+        void* o = out.data<void>();
+        for (size_t j = 0; j < out.size(); ++j) store(o, out.dtype(), int64_t(j), y[j]);
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("qmlx's matmul runs on the CPU only");
+  }
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    std::vector<mx::array> out;
+    for (int a : argnums)  // d(a@b)/da = g @ bᵀ, d/db = aᵀ @ g (through MLX's matmul: not a hot path)
+      out.push_back(a == 0 ? mx::matmul(cot[0], mx::swapaxes(primals[1], -1, -2))
+                           : mx::matmul(mx::swapaxes(primals[0], -1, -2), cot[0]));
+    return out;
+  }
+  const char* name() const override { return "QmlxMatmul"; }
+  bool is_equivalent(const mx::Primitive&) const override { return true; }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    mx::Shape s = in[0].shape();
+    s.back() = in[1].shape(-1);
+    return {s};
+  }
+};
+
 }  // namespace
+
+mx::array matmul(const mx::array& a, const mx::array& b) {
+  check_float(a, "matmul");
+  check_float(b, "matmul");
+  if (a.ndim() < 2 || a.ndim() != b.ndim() || a.shape(-1) != b.shape(-2))
+    throw std::invalid_argument("qmlx matmul: (..., M, K) @ (..., K, N) with the same number of axes");
+  for (int d = 0; d + 2 < int(a.ndim()); ++d)
+    if (a.shape(d) != b.shape(d)) throw std::invalid_argument("qmlx matmul: batch axes must be equal");
+  mx::Shape s = a.shape();
+  s.back() = b.shape(-1);
+  auto st = mx::default_stream(mx::Device::cpu);
+  return mx::array(s, mx::promote_types(a.dtype(), b.dtype()), std::make_shared<Matmul>(st), {a, b});
+}
 
 mx::array silu_mul(const mx::array& g, const mx::array& u) {
   check_float(g, "silu_mul");

@@ -11,6 +11,8 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps);
 // Rotary embedding in the "rotate half" layout (mx.fast.rope with traditional=False) at positions
 // offset + l along axis -2; freqs (wavelengths, dims / 2 of them) replace base when given.
 mx::array rope(const mx::array& x, int dims, float base, float scale, int offset, const std::vector<float>& freqs);
+// a @ b, (..., M, K) x (..., K, N) with equal batch axes, on the kernels' GEMM (no BLAS).
+mx::array matmul(const mx::array& a, const mx::array& b);
 // silu(g) * u (SwiGLU), one CPU op.
 mx::array silu_mul(const mx::array& g, const mx::array& u);
 // softmax(scale * x) over the last axis; causal_rows = L > 0 masks row l (mod L) of L queries to the

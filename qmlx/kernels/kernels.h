@@ -33,6 +33,9 @@ struct Kernels {
   void (*pack_t)(const QW& q, int64_t n0, int64_t l0, int64_t L, float* P);
   // Panel [l][nr] of W's columns k0.. (plain product): P[l][c] = W[l0 + l][k0 + c].
   void (*pack_n)(const QW& q, int64_t k0, int64_t l0, int64_t L, float* P);
+  // Panel [l][nr] of a float matrix B (element (k, n) at B[k * sk + n * sn]): P[l][c] = B[l0 + l][c0 + c]
+  // for c < nr (0 past N).
+  void (*pack_f)(const float* B, int64_t sk, int64_t sn, int64_t N, int64_t c0, int64_t l0, int64_t L, float* P);
   // y = softmax(x * scale) over the first `valid` of n values (the rest 0): one attention row.
   void (*softmax_row)(const float* x, float* y, int64_t n, int64_t valid, float scale);
   // y = silu(g) * u = g * u / (1 + exp(-g)), n values.

@@ -427,6 +427,21 @@ static void gemm(const float* A, int64_t lda, int64_t M, const float* P, int64_t
   }
 }
 
+static void pack_f(const float* B, int64_t sk, int64_t sn, int64_t N, int64_t c0, int64_t l0, int64_t L,
+                   float* P) {
+  const int64_t nc = std::min<int64_t>(NR, N - c0);
+  for (int64_t l = 0; l < L; ++l) {
+    const float* row = B + (l0 + l) * sk + c0 * sn;
+    float* p = P + l * NR;
+    if (sn == 1) {
+      std::memcpy(p, row, sizeof(float) * nc);
+    } else {
+      for (int64_t c = 0; c < nc; ++c) p[c] = row[c * sn];
+    }
+    for (int64_t c = nc; c < NR; ++c) p[c] = 0.0f;
+  }
+}
+
 // exp(x) for a vector: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2, p a degree-6 polynomial
 // (Cephes' expf coefficients; ~1 ulp). MLX's CPU exp on x86-64 is scalar with a libm fma per step.
 static inline vf vexp(vf x) {
@@ -484,7 +499,7 @@ static void silu_mul(const float* g, const float* u, float* y, int64_t n) {
 
 const Kernels& QK_CAT(kernels_, QK_ISA)() {
   using namespace QK_CAT(isa_, QK_ISA);
-  static const Kernels k{QK_STR(QK_ISA), NR, QK_PREP_BYTES, QK_PREP, QK_GEMV, pack_t, pack_n, softmax_row, silu_mul, gemm};
+  static const Kernels k{QK_STR(QK_ISA), NR, QK_PREP_BYTES, QK_PREP, QK_GEMV, pack_t, pack_n, pack_f, softmax_row, silu_mul, gemm};
   return k;
 }
 

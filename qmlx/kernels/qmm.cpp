@@ -281,6 +281,7 @@ NB_MODULE(_qmm, m) {
         "mx.fast.rms_norm as one CPU op");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("base"), nb::arg("scale"), nb::arg("offset"),
         nb::arg("freqs") = std::vector<float>{}, "mx.fast.rope (traditional=False) as one CPU op");
+  m.def("matmul", &qk::matmul, nb::arg("a"), nb::arg("b"), "a @ b on the kernels' own GEMM (CPU)");
   m.def("silu_mul", &qk::silu_mul, nb::arg("g"), nb::arg("u"), "silu(g) * u as one CPU op");
   m.def("softmax", &qk::softmax, nb::arg("x"), nb::arg("scale") = 1.0f, nb::arg("causal_rows") = 0,
         "softmax(scale * x) over the last axis, optionally causal, as one CPU op");
