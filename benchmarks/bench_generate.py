@@ -237,6 +237,7 @@ print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=(n - 1) / (t1 
 LLAMA_CPP_QUANT = PROMPT_IDS + r"""
 import json, os, time
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file(os.path.join({model!r}, "tokenizer.json"))
@@ -247,13 +248,16 @@ ids = prompt_ids(_T(), {texts!r}, {n_prompt})
 threads = os.cpu_count()
 llm = Llama(model_path={gguf!r}, n_ctx={n_ctx}, n_batch=512, n_ubatch=512, n_threads=threads,
             n_threads_batch=threads, verbose=False)
+n_vocab = llm.n_vocab()
+def last_logits():  # the last evaluated token's logits, read in place
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,))
 t0 = time.perf_counter()
 llm.eval(ids)
-y = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+y = int(np.argmax(last_logits()))
 first = time.perf_counter()
 for _ in range({n_gen} - 1):
     llm.eval([y])
-    y = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    y = int(np.argmax(last_logits()))
 t1 = time.perf_counter()
 print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=({n_gen} - 1) / (t1 - first),
                       threads=threads)))

@@ -34,6 +34,15 @@ def preload() -> str:
         status = "off (QMLX_OPENBLAS=0): reference BLAS"
     elif "mlx.core" in sys.modules:
         status = "not loaded: mlx.core was imported before qmlx (import qmlx first)"
+        if any(os.path.exists(p) for p in CANDIDATES):
+            import warnings
+
+            warnings.warn(
+                "mlx.core was imported before qmlx, so qmlx could not load OpenBLAS for MLX: the few "
+                "matmuls left to MLX use the reference BLAS (qmlx's own kernels are unaffected); "
+                "import qmlx first",
+                stacklevel=3,
+            )
     else:
         path = os.environ.get("QMLX_OPENBLAS_PATH") or next(
             (p for p in CANDIDATES if os.path.exists(p)), None

@@ -52,3 +52,18 @@ def test_cpu_backend_wires_nothing():
     called = []
     assert wire_memory(GB, available=False, set_wired_limit=called.append) is None
     assert called == []
+
+
+def test_importing_mlx_before_qmlx_is_said_once():
+    """The OpenBLAS preload cannot happen after mlx.core is loaded: qmlx says so (once), not silently."""
+    import subprocess
+    import sys
+
+    from qmlx import _blas
+
+    code = "import mlx.core, qmlx, qmlx._blas as b; print(b.status)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "mlx.core was imported before qmlx" in p.stdout
+    if any(__import__("os").path.exists(c) for c in _blas.CANDIDATES):
+        assert p.stderr.count("import qmlx first") == 1, p.stderr

@@ -20,16 +20,17 @@
 namespace qk {
 namespace {
 
-// Element offsets of every row (all but the last axis) of a, in row-major order of the leading axes.
-std::vector<int64_t> row_offsets(const mx::array& a) {
-  const int nd = int(a.ndim());
-  const int64_t rows = a.shape(-1) ? int64_t(a.size()) / a.shape(-1) : 0;
-  std::vector<int64_t> out(rows);
-  std::vector<int64_t> idx(std::max(nd - 1, 0), 0);
+// Element offsets of every position of a's leading axes (all but the last `inner` ones), row-major.
+std::vector<int64_t> leading_offsets(const mx::array& a, int inner) {
+  const int lead = std::max(int(a.ndim()) - inner, 0);
+  int64_t count = 1;
+  for (int d = 0; d < lead; ++d) count *= a.shape(d);
+  std::vector<int64_t> out(count);
+  std::vector<int64_t> idx(lead, 0);
   int64_t off = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    out[r] = off;
-    for (int d = nd - 2; d >= 0; --d) {
+  for (int64_t i = 0; i < count; ++i) {
+    out[i] = off;
+    for (int d = lead - 1; d >= 0; --d) {  // odometer
       off += a.strides()[d];
       if (++idx[d] < a.shape(d)) break;
       off -= a.strides()[d] * a.shape(d);
@@ -38,6 +39,9 @@ std::vector<int64_t> row_offsets(const mx::array& a) {
   }
   return out;
 }
+// Offsets of every row (all but the last axis) and of every matrix (all but the last two).
+std::vector<int64_t> row_offsets(const mx::array& a) { return leading_offsets(a, 1); }
+std::vector<int64_t> matrix_offsets(const mx::array& a) { return leading_offsets(a, 2); }
 
 inline float load(const void* p, mx::Dtype t, int64_t i) {
   if (t == mx::float32) return static_cast<const float*>(p)[i];
@@ -293,26 +297,6 @@ class Softmax : public mx::UnaryPrimitive {
   float scale_;
   int L_;
 };
-
-// Offsets (in elements) of each matrix of a batched array: all axes but the last two, row-major.
-std::vector<int64_t> matrix_offsets(const mx::array& a) {
-  const int nd = int(a.ndim());
-  int64_t count = 1;
-  for (int d = 0; d < nd - 2; ++d) count *= a.shape(d);
-  std::vector<int64_t> out(count);
-  std::vector<int64_t> idx(std::max(nd - 2, 0), 0);
-  int64_t off = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    out[i] = off;
-    for (int d = nd - 3; d >= 0; --d) {
-      off += a.strides()[d];
-      if (++idx[d] < a.shape(d)) break;
-      off -= a.strides()[d] * a.shape(d);
-      idx[d] = 0;
-    }
-  }
-  return out;
-}
 
 // a @ b for float arrays of equal batch shape (..., M, K) x (..., K, N), on the kernels' own GEMM: what
 // attention needs (q·kᵀ, p·v) without a BLAS. b is read through its strides (kᵀ is a transposed view).
