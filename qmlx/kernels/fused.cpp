@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "arrays.h"
 #include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/fast.h"
@@ -19,43 +20,6 @@
 
 namespace qk {
 namespace {
-
-// Element offsets of every position of a's leading axes (all but the last `inner` ones), row-major.
-std::vector<int64_t> leading_offsets(const mx::array& a, int inner) {
-  const int lead = std::max(int(a.ndim()) - inner, 0);
-  int64_t count = 1;
-  for (int d = 0; d < lead; ++d) count *= a.shape(d);
-  std::vector<int64_t> out(count);
-  std::vector<int64_t> idx(lead, 0);
-  int64_t off = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    out[i] = off;
-    for (int d = lead - 1; d >= 0; --d) {  // odometer
-      off += a.strides()[d];
-      if (++idx[d] < a.shape(d)) break;
-      off -= a.strides()[d] * a.shape(d);
-      idx[d] = 0;
-    }
-  }
-  return out;
-}
-// Offsets of every row (all but the last axis) and of every matrix (all but the last two).
-std::vector<int64_t> row_offsets(const mx::array& a) { return leading_offsets(a, 1); }
-std::vector<int64_t> matrix_offsets(const mx::array& a) { return leading_offsets(a, 2); }
-
-inline float load(const void* p, mx::Dtype t, int64_t i) {
-  if (t == mx::float32) return static_cast<const float*>(p)[i];
-  if (t == mx::bfloat16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
-  return f16_to_f32(static_cast<const uint16_t*>(p)[i]);
-}
-inline void store(void* p, mx::Dtype t, int64_t i, float v) {
-  if (t == mx::float32)
-    static_cast<float*>(p)[i] = v;
-  else if (t == mx::bfloat16)
-    static_cast<uint16_t*>(p)[i] = f32_to_bf16(v);
-  else
-    static_cast<uint16_t*>(p)[i] = f32_to_f16(v);
-}
 
 void check_float(const mx::array& a, const char* what) {
   if (a.dtype() != mx::float32 && a.dtype() != mx::bfloat16 && a.dtype() != mx::float16)
@@ -131,9 +95,8 @@ class RmsNorm : public mx::UnaryPrimitive {
 class Rope : public mx::UnaryPrimitive {
  public:
   // inv_freq: dims / 2 inverse frequencies (already including the position scale)
-  Rope(mx::Stream s, int dims, int offset, std::vector<float> inv_freq, float base, bool has_freqs)
-      : mx::UnaryPrimitive(s), dims_(dims), offset_(offset), inv_(std::move(inv_freq)), base_(base),
-        has_freqs_(has_freqs) {}
+  Rope(mx::Stream s, int dims, int offset, std::vector<float> inv_freq)
+      : mx::UnaryPrimitive(s), dims_(dims), offset_(offset), inv_(std::move(inv_freq)) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
@@ -176,7 +139,7 @@ class Rope : public mx::UnaryPrimitive {
     std::vector<float> neg(inv_.size());
     for (size_t i = 0; i < inv_.size(); ++i) neg[i] = -inv_[i];
     auto g = mx::array(primals[0].shape(), cot[0].dtype(),
-                       std::make_shared<Rope>(stream(), dims_, offset_, neg, base_, has_freqs_), {cot[0]});
+                       std::make_shared<Rope>(stream(), dims_, offset_, neg), {cot[0]});
     std::vector<mx::array> out;
     for (size_t i = 0; i < argnums.size(); ++i) out.push_back(g);
     return out;
@@ -191,8 +154,6 @@ class Rope : public mx::UnaryPrimitive {
  private:
   int dims_, offset_;
   std::vector<float> inv_;
-  float base_;
-  bool has_freqs_;
 };
 
 // A row of n values of a (at element offset `off`, last-axis stride `st`) as float32: the row itself when
@@ -447,7 +408,7 @@ mx::array rope(const mx::array& x, int dims, float base, float scale, int offset
     for (int i = 0; i < h; ++i) inv[i] = scale * std::exp(float(i) * step);
   }
   auto s = mx::default_stream(mx::Device::cpu);
-  return mx::array(x.shape(), x.dtype(), std::make_shared<Rope>(s, dims, offset, inv, base, !freqs.empty()), {x});
+  return mx::array(x.shape(), x.dtype(), std::make_shared<Rope>(s, dims, offset, inv), {x});
 }
 
 }  // namespace qk

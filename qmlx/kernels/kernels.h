@@ -114,20 +114,6 @@ inline float sb_at(const void* p, SB t, int64_t i) {
   }
 }
 
-// Row n's scales and biases as floats (G = K / gs of them).
-inline void row_sb(const QW& q, int64_t n, float* s, float* b) {
-  int64_t G = q.K / q.gs, o = n * G;
-  if (q.sbt == SB::f32) {
-    std::memcpy(s, static_cast<const float*>(q.s) + o, G * 4);
-    std::memcpy(b, static_cast<const float*>(q.b) + o, G * 4);
-    return;
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    s[g] = sb_at(q.s, q.sbt, o + g);
-    b[g] = sb_at(q.b, q.sbt, o + g);
-  }
-}
-
 // Value j of a packed row, any bit width.
 inline uint32_t unpack_at(const uint8_t* row, int bits, int64_t j) {
   int64_t bit = j * bits;

@@ -33,7 +33,6 @@ constexpr int NR = 2 * VW;  // panel width: two vectors
 constexpr int MR = 6;       // rows of the GEMM micro-kernel
 
 typedef float vf __attribute__((vector_size(VW * 4)));
-typedef uint8_t vb __attribute__((vector_size(VW)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
 
 static inline vf loadf(const float* p) {
@@ -42,11 +41,6 @@ static inline vf loadf(const float* p) {
   return v;
 }
 static inline void storef(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-static inline vb loadb(const uint8_t* p) {
-  vb v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 // VW bytes widened to int32 lanes (GCC turns a generic u8 -> i32 vector conversion into byte extractions).
 static inline vi loadw(const uint8_t* p) {
 #if defined(__AVX512F__)
@@ -260,7 +254,7 @@ static void prep_x_vnni(const float* x, int64_t M, int64_t K, int bits, int gs, 
 }
 
 template <int M>
-static void gemv4_vnni(const QW& q, const IntX& v, int64_t Mt, float* y, int64_t n0, int64_t n1) {
+static void gemv4_vnni(const QW& q, const IntX& v, float* y, int64_t n0, int64_t n1) {
   const int64_t K = q.K, G = K / q.gs, Kp = padded(K), chunks = Kp / CH, tail = (K % CH) / 2;
   const __m512i m4 = _mm512_set1_epi8(15);
   // lane j of a chunk covers values 8j..8j+7: its group within the chunk
@@ -311,13 +305,13 @@ static void gemv_vnni(const QW& q, const void* buf, int64_t M, float* y, int64_t
   IntX v = int_view(const_cast<void*>(buf), M, q.K, q.gs);
   switch (M) {
     case 1:
-      return gemv4_vnni<1>(q, v, M, y, n0, n1);
+      return gemv4_vnni<1>(q, v, y, n0, n1);
     case 2:
-      return gemv4_vnni<2>(q, v, M, y, n0, n1);
+      return gemv4_vnni<2>(q, v, y, n0, n1);
     case 3:
-      return gemv4_vnni<3>(q, v, M, y, n0, n1);
+      return gemv4_vnni<3>(q, v, y, n0, n1);
     default:
-      return gemv4_vnni<4>(q, v, M, y, n0, n1);
+      return gemv4_vnni<4>(q, v, y, n0, n1);
   }
 }
 #define QK_PREP_BYTES prep_bytes_vnni

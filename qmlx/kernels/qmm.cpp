@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "arrays.h"
 #include "fused.h"
 #include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -48,11 +49,12 @@ const Kernels& best_kernels() {
 namespace {
 
 // Rows of x up to which the weight-streaming GEMV runs; above it the blocked GEMM (dequantize a panel, reuse
-// it for every row). Measured on the fixture's shapes (see benchmarks/bench_kernels.py).
+// it for every row). The GEMV is written for at most 4 rows; 4 was chosen, not tuned by a benchmark.
+// QMLX_GEMV_MAX_ROWS lowers it (0 sends every product to the GEMM).
 int64_t gemv_max_rows() {
   static int64_t v = [] {
     const char* e = std::getenv("QMLX_GEMV_MAX_ROWS");
-    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(4);
+    return e ? std::clamp<int64_t>(std::atoll(e), 0, 4) : int64_t(4);
   }();
   return v;
 }
@@ -64,51 +66,17 @@ SB sb_type(mx::Dtype t) {
   throw std::invalid_argument("qmlx quantized matmul: scales and biases must be float32, bfloat16 or float16");
 }
 
-// The bytes of an array in row-major order: its own buffer when it is row-contiguous, else a copy
-// (transposed or sliced views reach the op as they are, so the graph needs no Contiguous node per call).
-const void* row_major(const mx::array& a, std::vector<char>& tmp) {
-  if (a.flags().row_contiguous) return a.data<void>();
-  const size_t item = a.itemsize(), nd = a.ndim(), n = a.size();
-  tmp.resize(n * item);
-  const char* src = static_cast<const char*>(a.data<void>());
-  std::vector<int64_t> idx(nd, 0);
-  int64_t off = 0;
-  for (size_t i = 0; i < n; ++i) {
-    std::memcpy(tmp.data() + i * item, src + off * int64_t(item), item);
-    for (int d = int(nd) - 1; d >= 0; --d) {  // next index, odometer-style
-      off += a.strides()[d];
-      if (++idx[d] < a.shape(d)) break;
-      off -= a.strides()[d] * a.shape(d);
-      idx[d] = 0;
-    }
-  }
-  return tmp.data();
-}
-
 // A float32 row-major copy or view of x (converted when it is bf16/f16).
 const float* as_f32(const mx::array& a, std::vector<float>& tmp, std::vector<char>& bytes) {
   const void* data = row_major(a, bytes);
   if (a.dtype() == mx::float32) return static_cast<const float*>(data);
   tmp.resize(a.size());
-  const uint16_t* p = static_cast<const uint16_t*>(data);
-  if (a.dtype() == mx::bfloat16)
-    for (size_t i = 0; i < a.size(); ++i) tmp[i] = bf16_to_f32(p[i]);
-  else
-    for (size_t i = 0; i < a.size(); ++i) tmp[i] = f16_to_f32(p[i]);
+  for (size_t i = 0; i < a.size(); ++i) tmp[i] = load(data, a.dtype(), int64_t(i));
   return tmp.data();
 }
 
 void store_out(const float* y, mx::array& out) {
-  size_t n = out.size();
-  if (out.dtype() == mx::float32) {
-    if (out.data<float>() != y) std::memcpy(out.data<float>(), y, n * 4);
-    return;
-  }
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data<void>());
-  if (out.dtype() == mx::bfloat16)
-    for (size_t i = 0; i < n; ++i) o[i] = f32_to_bf16(y[i]);
-  else
-    for (size_t i = 0; i < n; ++i) o[i] = f32_to_f16(y[i]);
+  for (size_t i = 0; i < out.size(); ++i) store(out.data<void>(), out.dtype(), int64_t(i), y[i]);
 }
 
 // Panels of a blocked product are dequantized KC rows of the reduction at a time (a KC x nr float panel
