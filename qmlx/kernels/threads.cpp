@@ -124,6 +124,8 @@ Pool& pool() {
 }  // namespace
 
 void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) { pool().run(n, fn); }
-int num_threads() { return pool().size(); }
+// Without starting the pool: it must start on MLX's stream thread (the first op that uses it), whose
+// signal mask qmlx sets with SIGINT blocked, so a Ctrl-C never lands on a worker.
+int num_threads() { return threads_wanted(); }
 
 }  // namespace qk
