@@ -82,8 +82,10 @@ def main() -> None:
     for name, r in runs.items():
         print(f"{name}: turn {args.turns} / turn 1 TTFT = {ratio(r[last]['ttft'], r[0]['ttft'])}")
     q, p = runs["qmlx chat"], runs["mlx-lm chat"]
-    print(f"qmlx vs mlx-lm chat, turn-{args.turns} TTFT: {ratio(q[last]['ttft'], p[last]['ttft'])}; "
-          f"qmlx vs re-prefill: {ratio(q[last]['ttft'], runs['re-prefill'][last]['ttft'])}")
+    print(
+        f"qmlx vs mlx-lm chat, turn-{args.turns} TTFT: {ratio(q[last]['ttft'], p[last]['ttft'])}; "
+        f"qmlx vs re-prefill: {ratio(q[last]['ttft'], runs['re-prefill'][last]['ttft'])}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ CONFIG_7B = os.path.join(SHARED, "fixtures", "configs", "qwen2.5-7b-instruct.jso
 
 PEAK = "peak_rss()"
 
-QMLX = PEAK_RSS_SOURCE + f"""
+QMLX = (
+    PEAK_RSS_SOURCE
+    + f"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 import qmlx
@@ -34,14 +36,18 @@ from convert import convert
 convert({{src!r}}, {{dst!r}}, bits={{bits}}, group_size={{group_size}}, progress=False)
 print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_bytes={PEAK})))
 """
+)
 
-MLX_LM = PEAK_RSS_SOURCE + f"""
+MLX_LM = (
+    PEAK_RSS_SOURCE
+    + f"""
 import json, resource, sys, time
 t0 = time.perf_counter()
 from mlx_lm import convert
 convert({{src!r}}, {{dst!r}}, quantize=True, q_bits={{bits}}, q_group_size={{group_size}})
 print(json.dumps(dict(seconds=time.perf_counter() - t0, peak_bytes={PEAK})))
 """
+)
 
 
 def folder_bytes(path: str) -> int:
@@ -57,9 +63,7 @@ def folder_bytes(path: str) -> int:
 def run(tool: str, template: str, src: str, work: str, bits: int, group_size: int) -> dict:
     dst = os.path.join(work, tool.replace(" ", "-"))
     shutil.rmtree(dst, ignore_errors=True)
-    r = run_isolated(
-        template.format(src=src, dst=dst, bits=bits, group_size=group_size), timeout=7200
-    )
+    r = run_isolated(template.format(src=src, dst=dst, bits=bits, group_size=group_size), timeout=7200)
     r["out_bytes"] = folder_bytes(dst)
     shutil.rmtree(dst, ignore_errors=True)
     return r
@@ -111,9 +115,7 @@ def write_random_7b(folder: str) -> None:
     mx.random.seed(0)
     for i, (name, shape) in enumerate(shapes.items()):
         if len(shape) == 1:
-            block = (
-                mx.ones(shape) if name.endswith("norm.weight") else 0.02 * mx.random.normal(shape)
-            )
+            block = mx.ones(shape) if name.endswith("norm.weight") else 0.02 * mx.random.normal(shape)
             writer.write(name, 0, block.astype(mx.bfloat16))
             continue
         step = max(1, (64 << 20) // (4 * shape[1]))
@@ -142,19 +144,13 @@ def _prod(shape) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF folder (default: the shared fixture)")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--gguf", help="also time `qmlx convert` of this GGUF file")
-    ap.add_argument(
-        "--7b", dest="seven_b", action="store_true", help="run on a 7B-shaped random checkpoint"
-    )
-    ap.add_argument(
-        "--work", default=os.path.expanduser("~/.cache/qmlx-bench"), help="where to write"
-    )
+    ap.add_argument("--7b", dest="seven_b", action="store_true", help="run on a 7B-shaped random checkpoint")
+    ap.add_argument("--work", default=os.path.expanduser("~/.cache/qmlx-bench"), help="where to write")
     ap.add_argument("--skip-mlx-lm", action="store_true", help="time qmlx only")
     args = ap.parse_args()
 
@@ -171,16 +167,10 @@ def main() -> None:
             title = "fixture"
         rows = {"qmlx convert": run("qmlx convert", QMLX, src, work, args.bits, args.group_size)}
         if not args.skip_mlx_lm:
-            rows["mlx_lm.convert"] = run(
-                "mlx_lm.convert", MLX_LM, src, work, args.bits, args.group_size
-            )
+            rows["mlx_lm.convert"] = run("mlx_lm.convert", MLX_LM, src, work, args.bits, args.group_size)
         report(f"{title}, {args.bits}-bit g{args.group_size}", src, rows)
         if args.gguf:
-            r = {
-                "qmlx convert": run(
-                    "qmlx convert", QMLX, args.gguf, work, args.bits, args.group_size
-                )
-            }
+            r = {"qmlx convert": run("qmlx convert", QMLX, args.gguf, work, args.bits, args.group_size)}
             report("GGUF import", args.gguf, r)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -33,7 +33,9 @@ import tempfile
 from common import PEAK_RSS_SOURCE, fixture_dir, model_dir, ratio, run_isolated
 
 # The prompt of sections 1 and 2: the shared texts, concatenated, cut to N tokens.
-PROMPT_IDS = PEAK_RSS_SOURCE + r"""
+PROMPT_IDS = (
+    PEAK_RSS_SOURCE
+    + r"""
 def prompt_ids(tok, files, n):
     text = ""
     while True:
@@ -43,8 +45,11 @@ def prompt_ids(tok, files, n):
         if len(ids) >= n:
             return ids[:n]
 """
+)
 
-QMLX = PROMPT_IDS + r"""
+QMLX = (
+    PROMPT_IDS
+    + r"""
 import json, time, resource
 t0 = time.perf_counter()
 import qmlx
@@ -60,8 +65,11 @@ print(json.dumps(dict(load_s=load_s, prompt_tps=last.prompt_tps, gen_tps=last.ge
                       rss_gb=peak_rss() / 1e9,
                       blas=qmlx._blas.status)))
 """
+)
 
-MLX_LM = PROMPT_IDS + r"""
+MLX_LM = (
+    PROMPT_IDS
+    + r"""
 import json, time, resource
 t0 = time.perf_counter()
 import mlx.core as mx
@@ -78,6 +86,7 @@ print(json.dumps(dict(load_s=load_s, prompt_tps=last.prompt_tps, gen_tps=last.ge
                       ttft=first - start, peak_gb=last.peak_memory,
                       rss_gb=peak_rss() / 1e9, blas="as shipped")))
 """
+)
 
 # Section 2: the KV cache of a 4K-token context, per KV width. Bytes depend only on shapes,
 # so each layer's cache is filled through its own update_and_fetch with bfloat16 keys and values
@@ -100,7 +109,9 @@ def fill(cache, n_ctx, n_kv, head_dim):
     return dict(active_mb=(mx.get_active_memory() - base) / 1e6, peak_mb=(mx.get_peak_memory() - base) / 1e6)
 """
 
-QMLX_KV = KV_FILL + r"""
+QMLX_KV = (
+    KV_FILL
+    + r"""
 from qmlx.cache import cache_nbytes, make_cache
 from qmlx.loader import load_config
 cfg = load_config({model!r})
@@ -112,8 +123,11 @@ for bits in (None, 8, 4):
     del cache
 print(json.dumps(out))
 """
+)
 
-MLX_LM_KV = KV_FILL + r"""
+MLX_LM_KV = (
+    KV_FILL
+    + r"""
 import json as _json
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 cfg = _json.load(open({model!r} + "/config.json"))
@@ -127,6 +141,7 @@ for bits in (None, 8, 4):
     del cache
 print(json.dumps(out))
 """
+)
 
 # Section 3: a code edit, whose answer copies most of the prompt.
 EDIT_PROMPT = r"""
@@ -141,7 +156,9 @@ def edit_prompt(tok, file, **template_kw):
     return tok.apply_chat_template(messages, add_generation_prompt=True, **template_kw) + "```python\n"
 """
 
-QMLX_SPEC = EDIT_PROMPT + r"""
+QMLX_SPEC = (
+    EDIT_PROMPT
+    + r"""
 import json, time
 import qmlx  # first: it loads OpenBLAS before mlx.core starts
 import mlx.core as mx
@@ -172,8 +189,11 @@ for name, kw in kinds:
     out[name] = dict(tps=tps, acceptance=st.acceptance_rate, tokens_per_pass={n_gen} / st.passes)
 print(json.dumps(out))
 """
+)
 
-MLX_LM_SPEC = EDIT_PROMPT + r"""
+MLX_LM_SPEC = (
+    EDIT_PROMPT
+    + r"""
 import json, time
 import mlx.core as mx
 from mlx_lm import load, stream_generate
@@ -194,12 +214,15 @@ for name, kw in (("plain", {{}}), ("draft", dict(draft_model=draft, num_draft_to
     out[name] = dict(tps=last.generation_tps, drafted=drafted / last.generation_tokens)
 print(json.dumps(out))
 """
+)
 
 
 # Section 4: decode and prompt speed of quantized models. Greedy and never stopping early: every runtime
 # decodes exactly n_gen tokens. Prompt tok/s: the prompt's tokens over the time to the first new
 # token; decode tok/s: tokens after the first over the time from the first to the last.
-QMLX_QUANT = PROMPT_IDS + r"""
+QMLX_QUANT = (
+    PROMPT_IDS
+    + r"""
 import json, time
 import qmlx
 import mlx.core as mx
@@ -215,8 +238,11 @@ t1 = time.perf_counter()
 print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=(n - 1) / (t1 - first),
                       kernels=qmlx.kernels.status)))
 """
+)
 
-MLX_LM_QUANT = PROMPT_IDS + r"""
+MLX_LM_QUANT = (
+    PROMPT_IDS
+    + r"""
 import json, time
 import mlx.core as mx
 from mlx_lm import load
@@ -233,8 +259,11 @@ for _ in generate_step(mx.array(ids), model, max_tokens={n_gen}):
 t1 = time.perf_counter()
 print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=(n - 1) / (t1 - first))))
 """
+)
 
-LLAMA_CPP_QUANT = PROMPT_IDS + r"""
+LLAMA_CPP_QUANT = (
+    PROMPT_IDS
+    + r"""
 import json, os, time
 import numpy as np
 import llama_cpp
@@ -262,6 +291,7 @@ t1 = time.perf_counter()
 print(json.dumps(dict(prompt_tps=len(ids) / (first - t0), gen_tps=({n_gen} - 1) / (t1 - first),
                       threads=threads)))
 """
+)
 
 REQUANTIZE = r"""
 import ctypes, json, llama_cpp
@@ -293,8 +323,10 @@ def ensure_llama_cpp(build: bool) -> str | None:
     if not build:
         return "llama-cpp-python is not installed (--no-llama-build)"
     cmake_args = LLAMA_CMAKE_ARGS if platform.machine() in ("x86_64", "AMD64") else "-DGGML_NATIVE=ON"
-    print("building llama-cpp-python from PyPI for this CPU (~8 min on 2 cores; --no-llama-build skips it)…",
-          flush=True)
+    print(
+        "building llama-cpp-python from PyPI for this CPU (~8 min on 2 cores; --no-llama-build skips it)…",
+        flush=True,
+    )
     res = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "llama-cpp-python==0.3.36"],
         env={**os.environ, "CMAKE_ARGS": cmake_args}, capture_output=True, text=True,
@@ -367,27 +399,22 @@ def make_4bit_draft(model: str, folder: str) -> str | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--prompt-tokens", type=int, default=1024)
     ap.add_argument("--gen-tokens", type=int, default=64)
-    ap.add_argument(
-        "--context-tokens", type=int, default=4096, help="context of the KV-memory section"
-    )
-    ap.add_argument(
-        "--spec-tokens", type=int, default=96, help="tokens generated per speculative run"
-    )
-    ap.add_argument(
-        "--reference-blas", action="store_true", help="also time qmlx without OpenBLAS (slow)"
-    )
+    ap.add_argument("--context-tokens", type=int, default=4096, help="context of the KV-memory section")
+    ap.add_argument("--spec-tokens", type=int, default=96, help="tokens generated per speculative run")
+    ap.add_argument("--reference-blas", action="store_true", help="also time qmlx without OpenBLAS (slow)")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: speed,kv,spec,quant")
     ap.add_argument("--quant-prompt-tokens", type=int, default=512)
     ap.add_argument("--quant-gen-tokens", type=int, default=128)
     ap.add_argument("--gguf", default=None, help="the model's GGUF for llama.cpp (default: the fixture's)")
-    ap.add_argument("--no-llama-build", action="store_true",
-                    help="skip llama.cpp when llama-cpp-python is missing instead of building it")
+    ap.add_argument(
+        "--no-llama-build",
+        action="store_true",
+        help="skip llama.cpp when llama-cpp-python is missing instead of building it",
+    )
     ap.add_argument("--no-mlx-lm-quant", action="store_true", help="section 4 without mlx-lm's rows")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
@@ -397,8 +424,7 @@ def main() -> None:
     texts_dir = os.path.join(here, "..", "..", "shared", "fixtures", "texts")
     code_file = os.path.join(texts_dir, "python_textwrap.py.txt")
     texts = [code_file] + [
-        os.path.join(texts_dir, f)
-        for f in ("korean_qwen2_review.txt", "chinese_qwen25_release.txt")
+        os.path.join(texts_dir, f) for f in ("korean_qwen2_review.txt", "chinese_qwen25_release.txt")
     ]
     fmt = dict(model=model, texts=texts, n_prompt=args.prompt_tokens, n_gen=args.gen_tokens)
     print(f"model: {model}\n")
@@ -407,9 +433,7 @@ def main() -> None:
     if "speed" not in skip:
         runs = {"qmlx": run_isolated(QMLX.format(**fmt))}
         if args.reference_blas:  # ~20x slower prompts: 10 minutes for this row alone on 2 cores
-            runs["qmlx (reference BLAS)"] = run_isolated(
-                QMLX.format(**fmt), env={"QMLX_OPENBLAS": "0"}
-            )
+            runs["qmlx (reference BLAS)"] = run_isolated(QMLX.format(**fmt), env={"QMLX_OPENBLAS": "0"})
         runs["mlx-lm"] = run_isolated(MLX_LM.format(**fmt))
         results["speed"] = runs
         peer, q = runs["mlx-lm"], runs["qmlx"]
@@ -432,9 +456,7 @@ def main() -> None:
             "mlx-lm": run_isolated(MLX_LM_KV.format(**kv_fmt)),
         }
         results["kv"] = kv
-        print(
-            f"2. a {args.context_tokens}-token context: bfloat16 KV cache of the model's shapes, by width"
-        )
+        print(f"2. a {args.context_tokens}-token context: bfloat16 KV cache of the model's shapes, by width")
         print(f"{'':8} {'':8} {'KV MB':>8} {'held MB':>8} {'peak MB':>8}")
         for name, r in kv.items():
             for bits, m in r.items():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -43,15 +42,55 @@ def run(cmd: list[str], cwd: str) -> str:
 
 def bench_qmlx(model: str, data: str, work: str, a) -> dict:
     out = os.path.join(work, "qmlx-adapter")
-    run([sys.executable, "-m", "qmlx", "lora", "--model", model, "--data", data, "--adapter-path", out,
-         "--rank", "8", "--alpha", "16", "--lr", "1e-4", "--schedule", "constant", "--batch-size",
-         str(a.batch_size), "--iters", str(2 * a.steps), "--max-seq-len", str(a.max_seq_len),
-         "--report-every", str(a.steps), "--val-batches", "1", "--val-every", "100000", "--save-every",
-         "100000", "--grad-clip", "0", "--force"] + (["--grad-checkpoint"] if a.grad_checkpoint else []), work)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "qmlx",
+            "lora",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--adapter-path",
+            out,
+            "--rank",
+            "8",
+            "--alpha",
+            "16",
+            "--lr",
+            "1e-4",
+            "--schedule",
+            "constant",
+            "--batch-size",
+            str(a.batch_size),
+            "--iters",
+            str(2 * a.steps),
+            "--max-seq-len",
+            str(a.max_seq_len),
+            "--report-every",
+            str(a.steps),
+            "--val-batches",
+            "1",
+            "--val-every",
+            "100000",
+            "--save-every",
+            "100000",
+            "--grad-clip",
+            "0",
+            "--force",
+        ]
+        + (["--grad-checkpoint"] if a.grad_checkpoint else []),
+        work,
+    )
     with open(os.path.join(out, "metrics.jsonl")) as f:
         last = [r for r in map(json.loads, f) if "train_loss" in r][-1]
-    return {"step_time": last["step_time"], "tokens_per_sec": last["tokens_per_sec"],
-            "peak_gb": last["peak_memory_gb"], "loss": last["train_loss"]}
+    return {
+        "step_time": last["step_time"],
+        "tokens_per_sec": last["tokens_per_sec"],
+        "peak_gb": last["peak_memory_gb"],
+        "loss": last["train_loss"],
+    }
 
 
 # mlx_lm.lora in a child process; its own report callback hook carries the numbers out
@@ -79,19 +118,55 @@ def bench_mlx_lm(model: str, data: str, work: str, a) -> dict:
     cfg = os.path.join(work, "mlx_lm.yaml")
     with open(cfg, "w") as f:
         json.dump({"lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.0}}, f)  # JSON is YAML
-    text = run([sys.executable, "-c", MLX_LM_CHILD, "--model", model, "--train", "--data", data,
-                "--adapter-path", os.path.join(work, "mlx-lm-adapter"), "--num-layers", "-1",
-                "--batch-size", str(a.batch_size), "--iters", str(2 * a.steps), "--learning-rate", "1e-4",
-                "--optimizer", "adamw", "--max-seq-length", str(a.max_seq_len), "--mask-prompt",
-                "--steps-per-report", str(a.steps), "--steps-per-eval", "100000", "--val-batches", "1",
-                "--save-every", "100000", "-c", cfg] + (["--grad-checkpoint"] if a.grad_checkpoint else []),
-               work)
+    text = run(
+        [
+            sys.executable,
+            "-c",
+            MLX_LM_CHILD,
+            "--model",
+            model,
+            "--train",
+            "--data",
+            data,
+            "--adapter-path",
+            os.path.join(work, "mlx-lm-adapter"),
+            "--num-layers",
+            "-1",
+            "--batch-size",
+            str(a.batch_size),
+            "--iters",
+            str(2 * a.steps),
+            "--learning-rate",
+            "1e-4",
+            "--optimizer",
+            "adamw",
+            "--max-seq-length",
+            str(a.max_seq_len),
+            "--mask-prompt",
+            "--steps-per-report",
+            str(a.steps),
+            "--steps-per-eval",
+            "100000",
+            "--val-batches",
+            "1",
+            "--save-every",
+            "100000",
+            "-c",
+            cfg,
+        ]
+        + (["--grad-checkpoint"] if a.grad_checkpoint else []),
+        work,
+    )
     reports = [json.loads(line[7:]) for line in text.splitlines() if line.startswith("REPORT ")]
     if not reports:
         raise RuntimeError(f"no reports from mlx_lm.lora:\n{text[-2000:]}")
     last = reports[-1]
-    return {"step_time": 1 / last["iterations_per_second"], "tokens_per_sec": last["tokens_per_second"],
-            "peak_gb": last["peak_memory"], "loss": last["train_loss"]}
+    return {
+        "step_time": 1 / last["iterations_per_second"],
+        "tokens_per_sec": last["tokens_per_second"],
+        "peak_gb": last["peak_memory"],
+        "loss": last["train_loss"],
+    }
 
 
 def main() -> None:
@@ -103,8 +178,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--max-seq-len", type=int, default=96)
     ap.add_argument("--grad-checkpoint", action="store_true")
-    ap.add_argument("--as-shipped", action="store_true",
-                    help="mlx-lm on the wheel's reference BLAS and a bf16 base (very slow on a CPU)")
+    ap.add_argument(
+        "--as-shipped",
+        action="store_true",
+        help="mlx-lm on the wheel's reference BLAS and a bf16 base (very slow on a CPU)",
+    )
     a = ap.parse_args()
     import stdlib_instructions
 
@@ -120,17 +198,24 @@ def main() -> None:
         counts = stdlib_instructions.write(data)
         mlx_lm_side = "as shipped (reference BLAS)" if a.as_shipped else "with OpenBLAS"
         print(f"base: {model}; mlx-lm {mlx_lm_side}")
-        print(f"data: {counts}; {a.steps} steps per window; batch {a.batch_size}, max length {a.max_seq_len}, rank 8, all 7 projections, "
-              f"all blocks, 4-bit base{', gradient checkpointing' if a.grad_checkpoint else ''}", flush=True)
+        print(
+            f"data: {counts}; {a.steps} steps per window; batch {a.batch_size}, max length {a.max_seq_len}, rank 8, all 7 projections, "
+            f"all blocks, 4-bit base{', gradient checkpointing' if a.grad_checkpoint else ''}",
+            flush=True,
+        )
         results = {"qmlx": bench_qmlx(model, data, work, a)}
         print("qmlx:", json.dumps(results["qmlx"]), flush=True)  # kept if mlx-lm's run is cut short
         results["mlx-lm"] = bench_mlx_lm(model, data, work, a)
     q, m = results["qmlx"], results["mlx-lm"]
     print(f"{'':8} {'step time':>10} {'tokens/s':>9} {'peak mem':>9} {'loss':>7}")
     for name, r in results.items():
-        print(f"{name:8} {r['step_time']:9.2f}s {r['tokens_per_sec']:9.1f} {r['peak_gb']:7.2f}GB {r['loss']:7.3f}")
-    print(f"qmlx / mlx-lm: step time {ratio(q['step_time'], m['step_time'])}, "
-          f"tokens/s {ratio(q['tokens_per_sec'], m['tokens_per_sec'])}, peak memory {ratio(q['peak_gb'], m['peak_gb'])}")
+        print(
+            f"{name:8} {r['step_time']:9.2f}s {r['tokens_per_sec']:9.1f} {r['peak_gb']:7.2f}GB {r['loss']:7.3f}"
+        )
+    print(
+        f"qmlx / mlx-lm: step time {ratio(q['step_time'], m['step_time'])}, "
+        f"tokens/s {ratio(q['tokens_per_sec'], m['tokens_per_sec'])}, peak memory {ratio(q['peak_gb'], m['peak_gb'])}"
+    )
     print(json.dumps(results))
 
 

@@ -87,9 +87,7 @@ def body(prompt: str, max_tokens: int, stream: bool) -> dict:
 async def stream_client(client, prompt, max_tokens, hang_up_after: int | None) -> dict:
     """One streaming chat; returns its text, usage, timing, or that it hung up."""
     start, first, text, usage, done, n = time.perf_counter(), None, [], None, False, 0
-    async with client.stream(
-        "POST", "/v1/chat/completions", json=body(prompt, max_tokens, True)
-    ) as r:
+    async with client.stream("POST", "/v1/chat/completions", json=body(prompt, max_tokens, True)) as r:
         if r.status_code != 200:
             return {"status": r.status_code}
         async for line in r.aiter_lines():
@@ -165,9 +163,7 @@ async def raw_abuse(port: int, kind: str) -> str:
     """Connection-level abuse: a half-sent request, or bytes that are not HTTP at all."""
     reader, writer = await asyncio.open_connection(HOST, port)
     if kind == "half request":
-        writer.write(
-            b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"mess'
-        )
+        writer.write(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"mess')
     else:
         writer.write(os.urandom(512))
     await writer.drain()
@@ -189,9 +185,7 @@ async def malformed_stream(url: str, port: int, count: int, outcomes: collection
                 continue
             kind, data, ctype = MALFORMED_BODIES[(i - i // 10) % len(MALFORMED_BODIES)]
             try:
-                r = await client.post(
-                    "/v1/chat/completions", content=data, headers={"content-type": ctype}
-                )
+                r = await client.post("/v1/chat/completions", content=data, headers={"content-type": ctype})
                 ok = r.status_code < 500 and "error" in r.json()
                 outcomes[(kind, r.status_code if ok else f"BAD {r.status_code}")] += 1
             except httpx.HTTPError as e:  # a refused oversized upload may be cut off while sending
@@ -237,9 +231,7 @@ def main() -> int:
         # 1. reference answers, one request at a time (this also warms the server up)
         expected, ref_tokens, ref_start = {}, 0, time.perf_counter()
         for p in PROMPTS:
-            r = httpx.post(
-                url + "/v1/chat/completions", json=body(p, args.max_tokens, False), timeout=600
-            )
+            r = httpx.post(url + "/v1/chat/completions", json=body(p, args.max_tokens, False), timeout=600)
             expected[p] = r.json()["choices"][0]["message"]["content"]
             ref_tokens += r.json()["usage"]["completion_tokens"]
         ref_rate = ref_tokens / (time.perf_counter() - ref_start)
@@ -287,12 +279,8 @@ def main() -> int:
             f"({rate / ref_rate:.2f}x one at a time), {len(finished) / elapsed:.2f} requests/s"
         )
         if ttfts:
-            print(
-                f"  time to first token: median {statistics.median(ttfts):.2f} s, max {max(ttfts):.2f} s"
-            )
-        print(
-            f"server counters: {json.dumps({k: v for k, v in h.items() if k not in ('status', 'model')})}"
-        )
+            print(f"  time to first token: median {statistics.median(ttfts):.2f} s, max {max(ttfts):.2f} s")
+        print(f"server counters: {json.dumps({k: v for k, v in h.items() if k not in ('status', 'model')})}")
         print("malformed requests, by kind and answer:")
         for (kind, status), n in sorted(outcomes.items(), key=lambda kv: str(kv[0])):
             print(f"  {kind:22s} -> {status}: {n}")

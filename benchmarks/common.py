@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-
 # Source for scripts run in a child process: `peak_rss()` is that process's peak resident
 # memory in bytes. On Linux it reads VmHWM, which starts afresh at exec; ru_maxrss would also
 # count the memory of the (possibly large) process the child was forked from.
@@ -26,7 +25,9 @@ def fixture_dir() -> str:
         return os.environ["QMLX_FIXTURE_DIR"]
     here = os.path.dirname(os.path.abspath(__file__))
     script = os.path.join(here, "..", "..", "shared", "fixtures", "qwen-fixture")
-    return subprocess.run([script], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    return (
+        subprocess.run([script], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    )
 
 
 def model_dir(given: str | None) -> str:
@@ -63,11 +64,7 @@ def ppl_row(label: str, size_bytes: float, bpw: float, ppls: list, deltas: list 
     else:
         cells = [f"{p:.3f} ({d:+.1%})" for p, d in zip(ppls, deltas)]
         mean = f"{sum(deltas) / len(deltas):+.2%}"
-    return (
-        f"| {label} | {size_bytes / 1e6:.0f} MB | {bpw:.2f} | "
-        + " | ".join([*cells, mean, *extra])
-        + " |"
-    )
+    return f"| {label} | {size_bytes / 1e6:.0f} MB | {bpw:.2f} | " + " | ".join([*cells, mean, *extra]) + " |"
 
 
 def replace_section(path: str, begin: str, end: str, text: str) -> None:

@@ -25,10 +25,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import qmlx  # noqa: E402,I001  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
-
 from common import fixture_dir  # noqa: E402
+
 from convert.calib import calibration_tokens  # noqa: E402
 from convert.errors import ConvertError  # noqa: E402
 from qmlx.evaluate import perplexity  # noqa: E402
@@ -52,14 +51,24 @@ def main() -> None:
     ap.add_argument("--damp", type=float, default=gptq.DAMP)
     ap.add_argument("--act-order", action="store_true")
     ap.add_argument("--no-sink", action="store_true", help="leave each sample's first token out of H")
-    ap.add_argument("--token-rms", action="store_true",
-                    help="weigh each token's row of H by 1/its mean square (tames the sink token)")
+    ap.add_argument(
+        "--token-rms",
+        action="store_true",
+        help="weigh each token's row of H by 1/its mean square (tames the sink token)",
+    )
     ap.add_argument("--kv8", action="store_true", help="k_proj/v_proj at 8 bits (the kv-8 recipe)")
-    ap.add_argument("--head", choices=("rtn", "gptq"), default="rtn",
-                    help="how the tied embedding/head is rounded (gptq: on the final hidden "
-                    "states, as convert --calib-head)")
-    ap.add_argument("--sequential", action="store_true",
-                    help="site by site: each site's H with the sites before it quantized")
+    ap.add_argument(
+        "--head",
+        choices=("rtn", "gptq"),
+        default="rtn",
+        help="how the tied embedding/head is rounded (gptq: on the final hidden "
+        "states, as convert --calib-head)",
+    )
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="site by site: each site's H with the sites before it quantized",
+    )
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
@@ -117,7 +126,9 @@ def main() -> None:
         packed = gptq.gptq(emb, gptq.Hessian(xtx, damp=a.damp), a.bits, a.group_size)
     else:
         packed = mx.quantize(emb.astype(mx.bfloat16), group_size=a.group_size, bits=a.bits)
-    model.model.embed_tokens.weight = mx.dequantize(*packed, group_size=a.group_size, bits=a.bits).astype(mx.float32)
+    model.model.embed_tokens.weight = mx.dequantize(*packed, group_size=a.group_size, bits=a.bits).astype(
+        mx.float32
+    )
     mx.eval(model.parameters())
     got = scores(model, texts)
     deltas = [g / r - 1 for g, r in zip(got, ref)]

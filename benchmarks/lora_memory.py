@@ -62,22 +62,28 @@ def main() -> None:
     config = read_config(fx)
     bits = a.bits or None
     e = estimate(config, bits, 64, 8, batch_size=a.batch_size, seq_len=a.seq_len, dtype_bytes=4, cpu=True)
-    print(f"fixture, {a.bits or 'dense'}-bit, rank 8, batch {a.batch_size}, sequence {a.seq_len}, CPU float32")
+    print(
+        f"fixture, {a.bits or 'dense'}-bit, rank 8, batch {a.batch_size}, sequence {a.seq_len}, CPU float32"
+    )
     ratios = {}
     for ckpt in (False, True):
         got = run_isolated(CHILD.format(model=fx, bits=a.bits, ckpt=ckpt, b=a.batch_size, L=a.seq_len))
         est = e.total_checkpointed if ckpt else e.total
         ratios[ckpt] = got["peak"] / est
-        print(f"  {'--grad-checkpoint' if ckpt else 'no checkpointing':18} measured {got['peak'] / 1e9:6.2f} GB, "
-              f"estimate {est / 1e9:6.2f} GB (measured/estimate {ratios[ckpt]:.2f})")
+        print(
+            f"  {'--grad-checkpoint' if ckpt else 'no checkpointing':18} measured {got['peak'] / 1e9:6.2f} GB, "
+            f"estimate {est / 1e9:6.2f} GB (measured/estimate {ratios[ckpt]:.2f})"
+        )
     path = os.path.join(ROOT, "..", "shared", "fixtures", "configs", "qwen2.5-7b-instruct.json")
     if os.path.exists(path):
         with open(path) as f:
             big = estimate(json.load(f), 4, 64, 8, batch_size=8, seq_len=512, dtype_bytes=2)
         print("Qwen2.5-7B, 4-bit, rank 8, batch 8, sequence 512, Metal bf16:")
         for ckpt, total in ((False, big.total), (True, big.total_checkpointed)):
-            print(f"  {'--grad-checkpoint' if ckpt else 'no checkpointing':18} estimate {total / 1e9:6.2f} GB, "
-                  f"scaled by the fixture's measured/estimate ratio {total * ratios[ckpt] / 1e9:6.2f} GB")
+            print(
+                f"  {'--grad-checkpoint' if ckpt else 'no checkpointing':18} estimate {total / 1e9:6.2f} GB, "
+                f"scaled by the fixture's measured/estimate ratio {total * ratios[ckpt] / 1e9:6.2f} GB"
+            )
 
 
 if __name__ == "__main__":

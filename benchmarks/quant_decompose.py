@@ -19,10 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import qmlx  # noqa: E402,I001  (OpenBLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
-
 from common import fixture_dir  # noqa: E402
+
 from qmlx.evaluate import perplexity  # noqa: E402
 from qmlx.loader import load_model, tokenizer_for  # noqa: E402
 from qmlx.quant.calibrate import LINEARS  # noqa: E402
@@ -67,7 +66,9 @@ def main() -> None:
     rows.append(("everything, k/v at 8 bits (kv-8)", True,
                  lambda p: 8 if p.endswith(("k_proj", "v_proj")) else a.bits))  # fmt: skip
     short = [n.split("_")[0].split(".")[0] for n in names]
-    print(f"| {a.bits}-bit g{a.group_size}, rounded | " + " | ".join(f"ppl {s}" for s in short) + " | mean Δ |")
+    print(
+        f"| {a.bits}-bit g{a.group_size}, rounded | " + " | ".join(f"ppl {s}" for s in short) + " | mean Δ |"
+    )
     print("|---" * (2 + len(names)) + "|")
     base = None
     for label, embedding, bits_of in rows:

@@ -167,9 +167,7 @@ def score(folder: str, src: str, texts: list[str]) -> dict:
 
 def safetensors_bytes(folder: str) -> int:
     return sum(
-        os.path.getsize(os.path.join(folder, f))
-        for f in os.listdir(folder)
-        if f.endswith(".safetensors")
+        os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
     )
 
 
@@ -196,15 +194,11 @@ def table(rows: list[dict], params: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="bf16 HF folder (default: the shared fixture)")
     ap.add_argument("--bits", default="4,3", help="comma-separated bit widths (default 4,3)")
     ap.add_argument("--only", help="comma-separated labels to run (default: all)")
-    ap.add_argument(
-        "--results", default=os.path.expanduser("~/.cache/qmlx-bench/quant_methods.json")
-    )
+    ap.add_argument("--results", default=os.path.expanduser("~/.cache/qmlx-bench/quant_methods.json"))
     ap.add_argument("--write-docs", action="store_true", help="update docs/quantization.md")
     ap.add_argument("--jobs", type=int, default=1, help="rows run at once (default 1)")
     ap.add_argument(

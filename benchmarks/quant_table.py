@@ -53,9 +53,7 @@ print(json.dumps(out))
 
 def safetensors_bytes(folder: str) -> int:
     return sum(
-        os.path.getsize(os.path.join(folder, f))
-        for f in os.listdir(folder)
-        if f.endswith(".safetensors")
+        os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors")
     )
 
 
@@ -76,9 +74,7 @@ def measure(label, bits, group_size, recipe, src, work, texts, params) -> dict:
         from convert import convert
 
         folder = os.path.join(work, label.replace(" ", "_"))
-        convert(
-            src, folder, bits=bits, group_size=group_size, recipe=recipe, progress=False, force=True
-        )
+        convert(src, folder, bits=bits, group_size=group_size, recipe=recipe, progress=False, force=True)
     size = safetensors_bytes(folder)
     row = {"label": label, "bytes": size, "bpw": 8 * size / params, "ppl": score(folder, texts)}
     if folder != src:
@@ -101,9 +97,7 @@ def table(rows: list[dict], texts: list[str]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="bf16 HF folder (default: the shared fixture)")
     ap.add_argument("--results", default=os.path.expanduser("~/.cache/qmlx-bench/quant_table.json"))
     ap.add_argument("--only", help="comma-separated labels to run (default: all)")

@@ -44,9 +44,7 @@ def _files(path: str) -> list[str]:
     if os.path.isfile(p):
         return [p]
     if os.path.isdir(p):
-        found = sorted(
-            os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(TEXT_SUFFIXES)
-        )
+        found = sorted(os.path.join(d, f) for d, _, fs in os.walk(p) for f in fs if f.endswith(TEXT_SUFFIXES))
         if not found:
             raise ConvertError(f"--calib {path}: no text files ({', '.join(TEXT_SUFFIXES)}) in it")
         return found
@@ -102,7 +100,6 @@ def calibration_tokens(tokenizer, calib: str | None, n_samples: int, seq_len: in
     if n == 0:
         where = calib or "the standard library"
         raise ConvertError(
-            f"--calib {where}: has {len(ids)} tokens, fewer than one sample of --calib-seq-len "
-            f"{seq_len}"
+            f"--calib {where}: has {len(ids)} tokens, fewer than one sample of --calib-seq-len {seq_len}"
         )
     return mx.array(ids[: n * seq_len]).reshape(n, seq_len)

@@ -80,10 +80,7 @@ def convert_block(
     block = Block(config)
     names = [n for n in tensors if n.startswith(prefix)]
     block.load_weights(
-        [
-            (n.removeprefix(prefix), _read(tensors[n]).astype(out_dtype).astype(mx.float32))
-            for n in names
-        ]
+        [(n.removeprefix(prefix), _read(tensors[n]).astype(out_dtype).astype(mx.float32)) for n in names]
     )
     mx.eval(block.parameters())
     params = block_params(quantization, index, tensors)
@@ -110,8 +107,9 @@ def convert_block(
     return h_next
 
 
-def convert_head(t, outs, params: dict, h: mx.array, tensors: dict, config: ModelConfig,
-                 out_dtype, writer) -> None:
+def convert_head(
+    t, outs, params: dict, h: mx.array, tensors: dict, config: ModelConfig, out_dtype, writer
+) -> None:
     """GPTQ the output head on its calibration inputs (the final norm of h, the last block's
     outputs) and write it, a block of vocabulary rows at a time (GPTQ treats rows
     independently, so the blocks together are the whole matrix's result).
@@ -133,8 +131,15 @@ def convert_head(t, outs, params: dict, h: mx.array, tensors: dict, config: Mode
             writer.write(spec.name, start, part)
 
 
-def measure(tensors: dict, config: ModelConfig, tokens: mx.array, bits: int, group_size: int,
-            out_dtype, samples: int = 8) -> dict:
+def measure(
+    tensors: dict,
+    config: ModelConfig,
+    tokens: mx.array,
+    bits: int,
+    group_size: int,
+    out_dtype,
+    samples: int = 8,
+) -> dict:
     """{block layer path: {"damage", "numel"}}: each layer alone rounded to `bits`, measured on
     the first `samples` calibration samples, block by block (unquantized blocks between)."""
     h = embed(tensors[EMBED], tokens[:samples], out_dtype)

@@ -8,17 +8,13 @@ import os
 from qmlx.quant.recipes import RECIPES, summarize
 
 
-def write_config(
-    folder: str, source_config: dict, quantization: dict | None, dtype_name: str
-) -> None:
+def write_config(folder: str, source_config: dict, quantization: dict | None, dtype_name: str) -> None:
     """config.json: the source's, with the output dtype and (if quantized) the quantization.
 
     `quantization_config` repeats `quantization` because mlx-lm writes both (Hugging Face tools
     look for the former).
     """
-    config = {
-        k: v for k, v in source_config.items() if k not in ("quantization", "quantization_config")
-    }
+    config = {k: v for k, v in source_config.items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype_name
     if quantization is not None:
         config["quantization"] = quantization

@@ -236,9 +236,7 @@ def _tensor(path: str, info: GGUFTensor, name: str) -> SourceTensor:
             f.seek(info.offset + start * row_bytes)
             data = np.fromfile(f, dtype=np.uint8, count=(end - start) * row_bytes)
         if data.size != (end - start) * row_bytes:
-            raise ConvertError(
-                f"{path}: truncated: tensor {info.name!r} runs past the end of the file"
-            )
+            raise ConvertError(f"{path}: truncated: tensor {info.name!r} runs past the end of the file")
         data = data.reshape(end - start, row_bytes)
         if qtype == GGMLQuantizationType.F32:
             out = data.view(np.float32)
@@ -258,11 +256,7 @@ def _tensor(path: str, info: GGUFTensor, name: str) -> SourceTensor:
 def _config(meta: _Metadata, tensors: dict) -> dict:
     arch = "qwen2"
     heads = int(meta.require(f"{arch}.attention.head_count"))
-    vocab = (
-        tensors["model.embed_tokens.weight"].shape[0]
-        if "model.embed_tokens.weight" in tensors
-        else None
-    )
+    vocab = tensors["model.embed_tokens.weight"].shape[0] if "model.embed_tokens.weight" in tensors else None
     if vocab is None:
         raise ConvertError(f"{meta.path}: tensor 'token_embd.weight' is missing")
     eps = float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6))

@@ -19,8 +19,8 @@ import mlx.core as mx
 
 from qmlx.config import ModelConfig
 from qmlx.quant import check_params, layer_params, plan, quantize
-from qmlx.quant.recipes import choose_by_sensitivity, layer_index, measured_recipe
 from qmlx.quant.calibrate import CALIBRATED, GPTQ_METHODS, METHODS
+from qmlx.quant.recipes import choose_by_sensitivity, layer_index, measured_recipe
 from qmlx.quant.search import quantize_searched
 from qmlx.tokenizer import Tokenizer
 
@@ -74,9 +74,7 @@ def convert(
     if not dequantize:
         check_params(bits, group_size, "--bits/--group-size")
     elif recipe is not None:
-        raise ConvertError(
-            "--recipe chooses bits for quantized output; it has no use with --dequantize"
-        )
+        raise ConvertError("--recipe chooses bits for quantized output; it has no use with --dequantize")
     max_shard = parse_size(shard_size)
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -94,9 +92,7 @@ def convert(
     dtype_name = dtype or _default_dtype(source.config)
     out_dtype = DTYPES[dtype_name]
 
-    layers = {
-        n.removesuffix(".weight"): t.shape[1] for n, t in tensors.items() if quantizable(n, t.shape)
-    }
+    layers = {n.removesuffix(".weight"): t.shape[1] for n, t in tensors.items() if quantizable(n, t.shape)}
     measured = None if dequantize else measured_recipe(recipe)
     if measured and method not in CALIBRATED:
         raise ConvertError(
@@ -120,9 +116,7 @@ def convert(
         _complete_side_files(tmp, source.config)
         tokens = None
         if method in CALIBRATED and not dequantize:
-            tokens = calibration_tokens(
-                Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len
-            )
+            tokens = calibration_tokens(Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len)
         if measured:
             low, high = measured
             damage = calibrated.measure(tensors, config, tokens, low, group_size, out_dtype)
@@ -220,8 +214,9 @@ def _job(t, quantization: dict | None, out_dtype):
     return t, outs, params
 
 
-def _run(jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, tensors,
-         calib_head: bool = False) -> None:
+def _run(
+    jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, tensors, calib_head: bool = False
+) -> None:
     """Write every job's outputs; with `calib_state`, decoder blocks go through calibration
     (and with `calib_head`, the output head too, after them)."""
     from rich.console import Console

@@ -79,9 +79,7 @@ def read_rows(path: str, offset: int, dtype: str, shape: tuple[int, ...], start:
         f.seek(offset + start * row * np.dtype(np_dtype).itemsize)
         data = np.fromfile(f, dtype=np_dtype, count=count)
     if data.size != count:
-        raise ConvertError(
-            f"{path}: truncated while reading a tensor (file changed during conversion?)"
-        )
+        raise ConvertError(f"{path}: truncated while reading a tensor (file changed during conversion?)")
     a = mx.array(data.reshape((end - start,) + tuple(shape[1:])))
     return a.view(mx_dtype) if mx_dtype == mx.bfloat16 else a
 
@@ -182,9 +180,7 @@ def open_folder(folder: str, description: str | None = None) -> Source:
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and not os.path.isfile(
         os.path.join(folder, "vocab.json")
     ):
-        raise ConvertError(
-            f"{folder}: no tokenizer.json (the converted model would have no tokenizer)"
-        )
+        raise ConvertError(f"{folder}: no tokenizer.json (the converted model would have no tokenizer)")
     return Source(
         description=description or folder,
         config=raw_config,
@@ -204,9 +200,7 @@ def _dequantized(path: str, infos, offsets, config: ModelConfig, config_path: st
         parts[part] = infos[name]
     params = layer_params(config.quantization, path, config_path)
     if params is None:
-        raise ConvertError(
-            f"{config_path}: layer {path!r} has scales but its quantization entry is false"
-        )
+        raise ConvertError(f"{config_path}: layer {path!r} has scales but its quantization entry is false")
     bits, group_size = params["bits"], params["group_size"]
     packed, scales = parts["weight"], parts["scales"]
     rows, cols = scales.shape[0], scales.shape[1] * group_size
@@ -217,9 +211,7 @@ def _dequantized(path: str, infos, offsets, config: ModelConfig, config_path: st
         )
 
     def read(s: int, e: int) -> mx.array:
-        w, sc, b = (
-            read_rows(i.file, offsets[i.name], i.dtype, i.shape, s, e) for i in parts.values()
-        )
+        w, sc, b = (read_rows(i.file, offsets[i.name], i.dtype, i.shape, s, e) for i in parts.values())
         return dequantize(w, sc, b, bits, group_size)
 
     nbytes = sum(i.nbytes for i in parts.values())

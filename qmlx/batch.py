@@ -124,9 +124,7 @@ def stream_batch_generate(
     if sampler is None:
         s = sampling_settings(tokenizer.generation_defaults, temperature=temperature, top_p=top_p,
                               top_k=top_k, min_p=min_p)  # fmt: skip
-        sampler = make_sampler(
-            s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"]
-        )
+        sampler = make_sampler(s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
     samplers = list(sampler) if isinstance(sampler, Sequence) else None
     stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
     rows = [_Row(tokenizer, stops, m) for m in limits]
@@ -151,9 +149,7 @@ def stream_batch_generate(
         if samplers is None:
             next_y = sampler(logprobs)
         else:
-            next_y = mx.concatenate(
-                [samplers[i](logprobs[r : r + 1]) for r, i in enumerate(active)]
-            )
+            next_y = mx.concatenate([samplers[i](logprobs[r : r + 1]) for r, i in enumerate(active)])
         new = next_y.tolist()
         now = time.perf_counter()
         first = first or now
@@ -163,16 +159,19 @@ def stream_batch_generate(
             row = rows[i]
             text = row.add(token)
             ttft = first - start
-            yield i, GenerationEvent(
-                text=text,
-                token=None if token in row.eos else token,  # as stream_generate: EOS is not output
-                finish_reason=row.finish,
-                prompt_tokens=len(ids[i]),
-                generation_tokens=row.n,
-                time_to_first_token=ttft,
-                prompt_tps=sum(len(x) for x in ids) / ttft if ttft > 0 else 0.0,
-                generation_tps=generated / (now - start - ttft) if now - start > ttft else 0.0,
-                peak_memory_gb=mx.get_peak_memory() / 1e9,
+            yield (
+                i,
+                GenerationEvent(
+                    text=text,
+                    token=None if token in row.eos else token,  # as stream_generate: EOS is not output
+                    finish_reason=row.finish,
+                    prompt_tokens=len(ids[i]),
+                    generation_tokens=row.n,
+                    time_to_first_token=ttft,
+                    prompt_tps=sum(len(x) for x in ids) / ttft if ttft > 0 else 0.0,
+                    generation_tps=generated / (now - start - ttft) if now - start > ttft else 0.0,
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                ),
             )
             if row.finish is None:
                 keep.append(r)

@@ -230,9 +230,7 @@ class RotatingKVCache(_Cache):
         n, idx = self._stored(), self._idx
         if n < self.max_size or idx == self.keep:
             return _slice(buffer, 0, n)
-        return _concat(
-            _slice(buffer, 0, self.keep), _slice(buffer, idx, n), _slice(buffer, self.keep, idx)
-        )
+        return _concat(_slice(buffer, 0, self.keep), _slice(buffer, idx, n), _slice(buffer, self.keep, idx))
 
     def _sinks_and_window(self, parts: Parts) -> Parts:
         """The first `keep` and the newest W tokens of temporally ordered `parts`."""
@@ -243,9 +241,7 @@ class RotatingKVCache(_Cache):
         """Absolute positions of the stored tokens, in the order _temporal returns them."""
         if self.offset <= self.max_size:
             return mx.arange(self.offset)
-        return mx.concatenate(
-            [mx.arange(self.keep), mx.arange(self.offset - self._window, self.offset)]
-        )
+        return mx.concatenate([mx.arange(self.keep), mx.arange(self.offset - self._window, self.offset)])
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         """Add keys/values (B, n_kv_heads, L, head_dim); return the keys the queries may see.
@@ -426,8 +422,7 @@ class QuantizedRotatingKVCache(_QuantizedStorage, RotatingKVCache):
 
 
 CACHE_CLASSES = {
-    cls.__name__: cls
-    for cls in (KVCache, RotatingKVCache, QuantizedKVCache, QuantizedRotatingKVCache)
+    cls.__name__: cls for cls in (KVCache, RotatingKVCache, QuantizedKVCache, QuantizedRotatingKVCache)
 }
 
 
@@ -475,9 +470,7 @@ def quantized_attention(
         else:
             scores = scores + mask.astype(mx.float32)
     probs = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(
-        probs, *values, transpose=False, group_size=group_size, bits=value_bits
-    )
+    out = mx.quantized_matmul(probs, *values, transpose=False, group_size=group_size, bits=value_bits)
     return out.reshape(B, n_heads, L, -1).astype(queries.dtype)
 
 
@@ -490,10 +483,10 @@ def _mask_for_groups(mask: mx.array, n_kv: int, n_rep: int) -> mx.array:
     """A mask broadcastable to (B, n_heads, L, S) made broadcastable to (B, n_kv, n_rep, L, S)."""
     if mask.ndim < 4:
         mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    b, h, l, s = mask.shape
+    b, h, q_len, s = mask.shape
     if h == 1:
         return mask[:, :, None]
-    return mask.reshape(b, n_kv, n_rep, l, s)
+    return mask.reshape(b, n_kv, n_rep, q_len, s)
 
 
 # --------------------------------------------------------------------------- building and helpers
@@ -573,9 +566,7 @@ def save_cache(path: str, caches: Sequence, metadata: dict[str, str] | None = No
     metadata = dict(metadata or {})
     for key, value in metadata.items():
         if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(
-                f"cache metadata must map str to str, got {key!r}: {type(value).__name__}"
-            )
+            raise TypeError(f"cache metadata must map str to str, got {key!r}: {type(value).__name__}")
         if key.startswith(_RESERVED):
             raise UserError(f"cache metadata key {key!r} is reserved for qmlx")
     arrays: dict[str, mx.array] = {}
@@ -616,16 +607,12 @@ def load_cache(path: str) -> tuple[list, dict[str, str]]:
     try:
         arrays, metadata = mx.load(path, format="safetensors", return_metadata=True)
     except Exception as e:  # MLX reports unreadable files as RuntimeError
-        raise UserError(
-            f"{path} is not a KV-cache file: not a readable safetensors file ({e})"
-        ) from e
+        raise UserError(f"{path} is not a KV-cache file: not a readable safetensors file ({e})") from e
     version = metadata.get(_FORMAT_KEY)
     if version is None or _LAYERS_KEY not in metadata:
         raise UserError(f"{path} is not a qmlx KV-cache file (its metadata has no {_FORMAT_KEY})")
     if version != _FORMAT_VERSION:
-        raise UserError(
-            f"{path} is a KV-cache file of format {version}; this qmlx reads {_FORMAT_VERSION}"
-        )
+        raise UserError(f"{path} is a KV-cache file of format {version}; this qmlx reads {_FORMAT_VERSION}")
     try:
         layers = json.loads(metadata[_LAYERS_KEY])
         caches = [_load_layer(i, layer, arrays) for i, layer in enumerate(layers)]

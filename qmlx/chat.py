@@ -15,8 +15,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .errors import UserError
 from .generate import GenerationEvent, PromptCache, stream_generate
@@ -202,7 +203,9 @@ class ChatSession:
     def _set(self, arg: str) -> str:
         key, _, value = arg.partition(" ")
         if key not in SETTINGS or not value.strip():
-            return "usage: /set NAME VALUE with NAME one of " + ", ".join(sorted(set(SETTINGS) - {"temperature"}))
+            return "usage: /set NAME VALUE with NAME one of " + ", ".join(
+                sorted(set(SETTINGS) - {"temperature"})
+            )
         name, kind = SETTINGS[key]
         try:
             v = kind(value.strip())
@@ -336,7 +339,7 @@ def run_terminal(session: ChatSession, banner: str) -> int:
         # Ctrl-C while answering only raises a flag, checked between tokens: an exception
         # thrown into rich's refresh thread or a pending MLX evaluation could hang them.
         stop = threading.Event()
-        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        previous = signal.signal(signal.SIGINT, lambda *_, stop=stop: stop.set())
         try:
             with _no_echo(), Live(console=console, refresh_per_second=12, transient=False) as live:
                 for ev in events:

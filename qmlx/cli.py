@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import UserError
 
@@ -62,7 +62,7 @@ def add_generate(sub) -> None:
     p.add_argument(
         "--prompt-cache",
         metavar="FILE",
-        help="start from a cache made by `qmlx cache-prompt`; " "--prompt continues its prompt",
+        help="start from a cache made by `qmlx cache-prompt`; --prompt continues its prompt",
     )
     g = p.add_argument_group("speculative decoding (same output, fewer model passes)")
     g.add_argument("--draft-model", help="a smaller model with the same tokenizer that drafts tokens")
@@ -230,8 +230,8 @@ def run_cache_prompt(args) -> int:
 
 @command
 def add_convert(sub) -> None:
-    from .quant.groups import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
     from .quant.calibrate import METHODS
+    from .quant.groups import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
     from .quant.recipes import RECIPES
 
     p = sub.add_parser(
@@ -241,9 +241,7 @@ def add_convert(sub) -> None:
     p.add_argument("dst", help="new output folder")
     p.add_argument("--bits", "-q", type=int, default=4, choices=SUPPORTED_BITS)
     p.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES)
-    p.add_argument(
-        "--recipe", help="which layers get which bits: " + ", ".join(RECIPES) + " (or mixed-L-H)"
-    )
+    p.add_argument("--recipe", help="which layers get which bits: " + ", ".join(RECIPES) + " (or mixed-L-H)")
     p.add_argument("--shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB")
     p.add_argument(
         "--dtype",
@@ -263,7 +261,7 @@ def add_convert(sub) -> None:
     p.add_argument(
         "--calib",
         metavar="FILE|DIR",
-        help="calibration text (text files or JSONL with a \"text\" field) for awq/gptq "
+        help='calibration text (text files or JSONL with a "text" field) for awq/gptq '
         "(default: Python's standard library source)",
     )
     p.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default 32)")
@@ -366,8 +364,12 @@ def run_perplexity(args) -> int:
 @command
 def add_chat(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal")
-    p.add_argument("--model", "-m", help="model folder, hub repo id or .gguf file "
-                   "(default: Qwen/Qwen2.5-0.5B-Instruct, converted to 4-bit once)")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="model folder, hub repo id or .gguf file "
+        "(default: Qwen/Qwen2.5-0.5B-Instruct, converted to 4-bit once)",
+    )
     p.add_argument("--system", "-s", help="system prompt")
     p.add_argument("--max-tokens", "-n", type=int, default=1024, help="longest answer, in tokens")
     p.add_argument("--max-kv-size", type=int, help="keep at most N tokens of context in the cache")
@@ -452,11 +454,11 @@ def add_shard_plan(sub) -> None:
     )
     p.add_argument("--bits", type=int, help="size the weights as if quantized to B bits (unquantized config)")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size with --bits")
-    p.add_argument("--dtype", default="bfloat16", help="compute dtype of the runs (default: bfloat16, Metal's)")
-    p.add_argument("--layers", metavar="RANGES", help="check this split instead, e.g. 0-39,40-79")
     p.add_argument(
-        "--context", type=int, default=0, help="also reserve an unquantized KV cache for N tokens"
+        "--dtype", default="bfloat16", help="compute dtype of the runs (default: bfloat16, Metal's)"
     )
+    p.add_argument("--layers", metavar="RANGES", help="check this split instead, e.g. 0-39,40-79")
+    p.add_argument("--context", type=int, default=0, help="also reserve an unquantized KV cache for N tokens")
     p.set_defaults(run=run_shard_plan)
 
 
@@ -475,12 +477,19 @@ def add_lora(sub) -> None:
     from .lora.order import ORDERS
 
     p = sub.add_parser("lora", help="fine-tune a LoRA / QLoRA adapter (or --estimate its memory)")
-    p.add_argument("--model", "-m", help="base model folder or hub id (quantized base: QLoRA); with "
-                   "--estimate also a config.json")
+    p.add_argument(
+        "--model",
+        "-m",
+        help="base model folder or hub id (quantized base: QLoRA); with --estimate also a config.json",
+    )
     p.add_argument("--data", help="folder with train.jsonl (+ valid.jsonl, test.jsonl)")
     p.add_argument("--adapter-path", default="adapters", help="output folder (default: ./adapters)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its output folder "
-                   "or one of its checkpoints) with its saved settings; --iters may extend it")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run saved in DIR (its output folder "
+        "or one of its checkpoints) with its saved settings; --iters may extend it",
+    )
     p.add_argument("--force", action="store_true", help="start over in an --adapter-path that holds a run")
     g = p.add_argument_group("adapter")
     g.add_argument("--rank", type=int, default=8)
@@ -507,7 +516,9 @@ def add_lora(sub) -> None:
     g.add_argument("--order", choices=ORDERS, default="random")
     g.add_argument("--band", default="0.3,0.8", help="adaptive: quantiles of current loss to train on")
     g.add_argument("--rescore-every", type=int, default=100, help="adaptive: steps between re-scoring")
-    g.add_argument("--rescore-pool", type=int, default=512, help="adaptive: samples re-scored each time (0: all)")
+    g.add_argument(
+        "--rescore-pool", type=int, default=512, help="adaptive: samples re-scored each time (0: all)"
+    )
     g = p.add_argument_group("reporting")
     g.add_argument("--report-every", type=int, default=10)
     g.add_argument("--val-every", type=int, default=100)
@@ -586,8 +597,10 @@ def run_lora_estimate(args) -> int:
         dtype_bytes, args.dropout, cpu=args.backend == "cpu", num_layers=args.num_layers,
     )  # fmt: skip
     weights = f"{bits}-bit (group {group})" if bits else f"{dtype_bytes * 8}-bit float"
-    title = (f"{args.model}: weights {weights}, rank {args.rank}, batch {args.batch_size}, "
-             f"sequence {args.max_seq_len}, {args.backend} backend, activations {dtype_bytes * 8}-bit")
+    title = (
+        f"{args.model}: weights {weights}, rank {args.rank}, batch {args.batch_size}, "
+        f"sequence {args.max_seq_len}, {args.backend} backend, activations {dtype_bytes * 8}-bit"
+    )
     print(report(e, title))
     return 0
 
@@ -600,8 +613,11 @@ def add_fuse(sub) -> None:
     p.add_argument("dst", help="new output folder")
     p.add_argument("--bits", "-q", type=int, help="quantize the fused model (default: as the base)")
     p.add_argument("--group-size", type=int, help="quantization group size (default: 64, or the base's)")
-    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"),
-                   help="dtype of floating tensors (default: the base config's torch_dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=("float16", "bfloat16", "float32"),
+        help="dtype of floating tensors (default: the base config's torch_dtype)",
+    )
     p.add_argument("--export", choices=("peft",), help="write a Hugging Face PEFT adapter to DST instead")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=run_fuse)
@@ -613,37 +629,53 @@ def run_fuse(args) -> int:
         from .lora.peft import export_peft
 
         folder = resolve(args.model)
-        out = export_peft(args.adapter, args.dst, base_model=args.model,
-                          num_hidden_layers=load_config(folder).num_hidden_layers, force=args.force)
+        out = export_peft(
+            args.adapter,
+            args.dst,
+            base_model=args.model,
+            num_hidden_layers=load_config(folder).num_hidden_layers,
+            force=args.force,
+        )
     else:
         from .lora.fuse import fuse
 
-        out = fuse(args.model, args.adapter, args.dst, bits=args.bits, group_size=args.group_size,
-                   dtype=args.dtype, force=args.force)
+        out = fuse(
+            args.model,
+            args.adapter,
+            args.dst,
+            bits=args.bits,
+            group_size=args.group_size,
+            dtype=args.dtype,
+            force=args.force,
+        )
     print(out)
     return 0
 
 
 def version_text() -> str:
-    from . import __version__, _blas, kernels
     import mlx.core as mx
+
+    from . import __version__, _blas, kernels
 
     if mx.metal.is_available():
         return f"qmlx {__version__} (mlx {mx.__version__}, Metal GPU; quantized matmuls: MLX's Metal kernels)"
-    return (f"qmlx {__version__} (mlx {mx.__version__}, CPU; quantized matmuls: {kernels.status}; "
-            f"BLAS: {_blas.status})")
+    return (
+        f"qmlx {__version__} (mlx {mx.__version__}, CPU; quantized matmuls: {kernels.status}; "
+        f"BLAS: {_blas.status})"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qmlx", description="Run, convert, chat with and serve Qwen2/Qwen2.5 models on MLX."
     )
-    parser.add_argument("--version", action="store_true", help="print versions, the kernels and the BLAS in use")
+    parser.add_argument(
+        "--version", action="store_true", help="print versions, the kernels and the BLAS in use"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS.values():
         add(sub)
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,14 +6,13 @@ qmlx cannot honour are refused with a `ConfigError` that names the field.
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import UserError
 
 
 class ConfigError(UserError):
@@ -62,7 +61,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "source"}
@@ -80,7 +79,9 @@ class ModelConfig:
         missing = [
             f.name
             for f in dataclasses.fields(cls)
-            if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if f.init
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
             and f.name not in kwargs
         ]
         if missing:
@@ -88,7 +89,7 @@ class ModelConfig:
         return cls(**kwargs, source=source)
 
     @classmethod
-    def from_file(cls, path: str) -> "ModelConfig":
+    def from_file(cls, path: str) -> ModelConfig:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

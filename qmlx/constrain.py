@@ -177,9 +177,7 @@ class _Compiler:
                 raise SchemaError(f"{where}.properties: expected an object")
             properties = {k: self.node(v, f"{where}.properties.{k}") for k, v in props.items()}
             extra = s.get("additionalProperties", True)
-            additional = (
-                None if extra is False else self.node(extra, f"{where}.additionalProperties")
-            )
+            additional = None if extra is False else self.node(extra, f"{where}.additionalProperties")
             required = s.get("required", [])
             if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
                 raise SchemaError(f"{where}.required: expected a list of property names")
@@ -193,11 +191,7 @@ class _Compiler:
         if t == "array":
             items = self.node(s.get("items", True), f"{where}.items")
             lo, hi = s.get("minItems", 0), s.get("maxItems")
-            if (
-                not isinstance(lo, int)
-                or lo < 0
-                or (hi is not None and (not isinstance(hi, int) or hi < lo))
-            ):
+            if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
                 raise SchemaError(
                     f"{where}: minItems/maxItems must be integers with 0 <= minItems <= maxItems"
                 )
@@ -392,15 +386,11 @@ class StringFrame(Frame):
 
     __slots__ = ("hi", "lo", "need", "phase", "raw")
 
-    def __init__(
-        self, phase: str, raw: bytes | None = None, need: int = 0, lo: int = 0, hi: int = 0
-    ):
+    def __init__(self, phase: str, raw: bytes | None = None, need: int = 0, lo: int = 0, hi: int = 0):
         # phase: start, text, esc, hex1..hex4; need/lo/hi: the rest of a multi-byte character
         self.phase, self.raw, self.need, self.lo, self.hi = phase, raw, need, lo, hi
 
-    def _next(
-        self, phase: str, b: int, need: int = 0, lo: int = 0x80, hi: int = 0xBF
-    ) -> StringFrame:
+    def _next(self, phase: str, b: int, need: int = 0, lo: int = 0x80, hi: int = 0xBF) -> StringFrame:
         raw = self.raw
         if raw is not None:
             raw += bytes([b])
@@ -517,9 +507,7 @@ class ObjectFrame(Frame):
             return [("set", ObjectFrame(a, "key", self.seen), False)]
         if ph == "colon" and b == 0x3A and self.key is not None:
             node = a.value_node(self.key)
-            return [
-                ("push", ObjectFrame(a, "value", self.seen | {self.key}), ValueFrame(node), False)
-            ]
+            return [("push", ObjectFrame(a, "value", self.seen | {self.key}), ValueFrame(node), False)]
         return []
 
     def child_done(self, result):
@@ -569,11 +557,7 @@ class ArrayFrame(Frame):
         if ph == "start":
             return [("set", ArrayFrame(a, "first"), False)] if b == 0x5B else []
         if b in WS and ph != "value":
-            return (
-                [("set", ArrayFrame(a, ph, self.count, self.ws + 1), False)]
-                if self.ws < MAX_WS
-                else []
-            )
+            return [("set", ArrayFrame(a, ph, self.count, self.ws + 1), False)] if self.ws < MAX_WS else []
         if b == 0x5D and ph in ("first", "after"):
             return [("pop", None, False)] if self.count >= a.min_items else []
         room = a.max_items is None or self.count < a.max_items

@@ -6,8 +6,8 @@ Kept apart from the model so the model never reads device state or flags.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import mlx.core as mx
 

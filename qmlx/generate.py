@@ -50,7 +50,9 @@ def generate_step(
     sampler = sampler or make_sampler(0.0)
     history = None
     if logits_processors:
-        history = mx.concatenate([mx.array(list(context), dtype=prompt.dtype), prompt]) if len(context) else prompt
+        history = (
+            mx.concatenate([mx.array(list(context), dtype=prompt.dtype), prompt]) if len(context) else prompt
+        )
 
     def step(y: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
@@ -346,6 +348,4 @@ def stream_generate(
 
 def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> str:
     """The whole completion of `prompt` as one string (see stream_generate for arguments)."""
-    return "".join(
-        ev.text for ev in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs)
-    )
+    return "".join(ev.text for ev in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs))

@@ -6,8 +6,6 @@ a time, so peak memory while loading stays near the size of the loaded model.
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import json
 import os
 import re
@@ -18,6 +16,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
 from .device import parse_dtype, tree_nbytes, wire_memory
+from .errors import UserError
 from .model import Model
 from .safetensors import WeightsError, folder_index, load_folder
 from .tokenizer import Tokenizer
@@ -92,7 +91,9 @@ def _check_weights(model: nn.Module, weights: dict, infos: dict, folder: str) ->
         want_int = not mx.issubdtype(expected[name].dtype, mx.floating)
         is_int = not mx.issubdtype(w.dtype, mx.floating)
         if want_int != is_int:
-            raise WeightsError(f"{where(name)}: tensor {name!r} has dtype {w.dtype}, expected {expected[name].dtype}")
+            raise WeightsError(
+                f"{where(name)}: tensor {name!r} has dtype {w.dtype}, expected {expected[name].dtype}"
+            )
 
 
 _BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -152,9 +153,7 @@ def load_model(
         quantize_model(model, config.quantization, set(weights))
     _check_weights(model, weights, infos, folder)
     # Floating tensors take the compute dtype; packed quantized weights stay integers.
-    weights = {
-        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()
-    }
+    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=False)
     if not lazy:
         # One layer at a time, so at most one layer's source-dtype copy is alive at once.

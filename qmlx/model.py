@@ -34,7 +34,9 @@ class RoPE(nn.Module):
             x = x * self.attention_factor
         if self._freqs is None:
             return kernels.rope(x, self.dims, base=self.base, offset=offset)
-        return kernels.rope(x, self.dims, base=None, offset=offset, freqs=self._freqs, freq_list=self._freq_list)
+        return kernels.rope(
+            x, self.dims, base=None, offset=offset, freqs=self._freqs, freq_list=self._freq_list
+        )
 
 
 class Linear(nn.Linear):

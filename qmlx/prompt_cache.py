@@ -57,9 +57,7 @@ def cache_settings(cache) -> dict[str, Any]:
     if hasattr(cache, "max_size"):
         out.update(max_kv_size=cache.max_size, keep=cache.keep)
     if hasattr(cache, "key_bits"):
-        out.update(
-            kv_group_size=cache.group_size, key_bits=cache.key_bits, value_bits=cache.value_bits
-        )
+        out.update(kv_group_size=cache.group_size, key_bits=cache.key_bits, value_bits=cache.value_bits)
     return out
 
 
@@ -67,9 +65,7 @@ def _make_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k != "kind"}
 
 
-def fill_prompt_cache(
-    model, ids: list[int], prefill_step: int = 512, **cache_kwargs
-) -> PromptCache:
+def fill_prompt_cache(model, ids: list[int], prefill_step: int = 512, **cache_kwargs) -> PromptCache:
     """A PromptCache holding `ids`, computed `prefill_step` tokens at a time."""
     if not ids:
         raise UserError("--prompt: the prompt to cache is empty")
@@ -136,22 +132,16 @@ def load_prompt_cache(
                 "--key-bits/--value-bits must match those given to cache-prompt)"
             )
     if caches and caches[0].offset != len(tokens):
-        raise UserError(
-            f"{path}: damaged prompt cache ({len(tokens)} token ids, {caches[0].offset} cached)"
-        )
+        raise UserError(f"{path}: damaged prompt cache ({len(tokens)} token ids, {caches[0].offset} cached)")
     pc = PromptCache(**_make_kwargs(settings))
     pc.caches, pc.tokens = caches, list(tokens)
-    extras = {
-        k[len(_KEY + "extra.") :]: v for k, v in meta.items() if k.startswith(_KEY + "extra.")
-    }
+    extras = {k[len(_KEY + "extra.") :]: v for k, v in meta.items() if k.startswith(_KEY + "extra.")}
     return pc, extras
 
 
 def _describe(settings: dict[str, Any]) -> str:
     args = _make_kwargs(settings)
-    return (
-        "(" + (", ".join(f"{k}={v}" for k, v in args.items()) or "full precision, unbounded") + ")"
-    )
+    return "(" + (", ".join(f"{k}={v}" for k, v in args.items()) or "full precision, unbounded") + ")"
 
 
 def cache_prompt(

@@ -7,14 +7,14 @@ data itself is read lazily by `mx.load`: a tensor costs memory only when it is e
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import json
 import os
 import struct
 from dataclasses import dataclass
 
 import mlx.core as mx
+
+from .errors import UserError
 
 
 class WeightsError(UserError):
@@ -124,7 +124,11 @@ def folder_index(folder: str) -> dict[str, TensorInfo]:
         weight_map = None
     if not files:
         bins = [f for f in os.listdir(folder) if f.endswith((".bin", ".pt", ".pth"))]
-        hint = " (pickle .bin checkpoints are not loaded, for safety: convert them to safetensors)" if bins else ""
+        hint = (
+            " (pickle .bin checkpoints are not loaded, for safety: convert them to safetensors)"
+            if bins
+            else ""
+        )
         raise WeightsError(f"{folder}: no .safetensors weights found{hint}")
     out: dict[str, TensorInfo] = {}
     for file in files:

@@ -22,9 +22,7 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def make_sampler(
-    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
-) -> Sampler:
+def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
     """A callable mapping log-probabilities (B, V) to token ids (B,).
 
     temperature 0 is greedy (argmax; the filters are then irrelevant). Otherwise, in

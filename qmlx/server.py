@@ -266,9 +266,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 class Engine:
     """Runs every generation on one thread; up to `max_concurrency` interleave token by token."""
 
-    def __init__(
-        self, model, tokenizer, model_id: str, max_concurrency: int = 4, max_queue: int = MAX_QUEUE
-    ):
+    def __init__(self, model, tokenizer, model_id: str, max_concurrency: int = 4, max_queue: int = MAX_QUEUE):
         if max_concurrency < 1:
             raise UserError(f"--max-concurrency must be at least 1, got {max_concurrency}")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
@@ -418,9 +416,7 @@ class Prepared:
 
 def _sampling_kwargs(req: Sampling, tokenizer) -> dict[str, Any]:
     if req.top_k is not None and req.top_k > tokenizer.vocab_size:
-        raise APIError(
-            400, f"top_k must be at most the vocabulary size ({tokenizer.vocab_size})", "top_k"
-        )
+        raise APIError(400, f"top_k must be at most the vocabulary size ({tokenizer.vocab_size})", "top_k")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 16:
         raise APIError(400, "at most 16 stop strings are supported", "stop")
@@ -429,13 +425,9 @@ def _sampling_kwargs(req: Sampling, tokenizer) -> dict[str, Any]:
         bias = {}
         for k, v in req.logit_bias.items():
             if not k.lstrip("-").isdigit() or not 0 <= int(k) < tokenizer.vocab_size:
-                raise APIError(
-                    400, f"logit_bias key {k!r} is not a token id of this model", "logit_bias"
-                )
+                raise APIError(400, f"logit_bias key {k!r} is not a token id of this model", "logit_bias")
             if not -100 <= v <= 100:
-                raise APIError(
-                    400, f"logit_bias values must be within [-100, 100], got {v}", "logit_bias"
-                )
+                raise APIError(400, f"logit_bias values must be within [-100, 100], got {v}", "logit_bias")
             bias[int(k)] = float(v)
     return {
         "temperature": req.temperature,
@@ -465,9 +457,7 @@ def _limit_tokens(engine: Engine, ids: list[int], asked: int | None, param: str)
     if n == 0:
         raise APIError(400, "the prompt is empty", "prompt")
     if asked is not None and asked > ctx:
-        raise APIError(
-            400, f"{param} is {asked}, more than the model's context of {ctx} tokens", param
-        )
+        raise APIError(400, f"{param} is {asked}, more than the model's context of {ctx} tokens", param)
     if n >= ctx or (asked is not None and n + asked > ctx):
         raise APIError(
             400,
@@ -491,9 +481,7 @@ def _tool_call_grammar(tools: list[Tool]) -> Grammar:
             "additionalProperties": False,
         }
         try:
-            node.alts += compile_schema(
-                {**wrapper, "$defs": params.get("$defs", {})}, strict=False
-            ).alts
+            node.alts += compile_schema({**wrapper, "$defs": params.get("$defs", {})}, strict=False).alts
         except SchemaError:  # a schema we cannot follow: any object is still a valid call
             wrapper["properties"]["arguments"] = {"type": "object"}
             node.alts += compile_schema(wrapper).alts
@@ -545,18 +533,12 @@ def prepare_chat(engine: Engine, req: ChatRequest) -> Prepared:
     if choice != "none" and choice != "auto" and not tools:
         raise APIError(400, "tool_choice requires tools", "tool_choice")
     if tools_forced and grammar is not None:
-        raise APIError(
-            400, "response_format cannot be combined with a required tool call", "response_format"
-        )
-    rendered_tools = (
-        [t.model_dump(exclude_none=True) for t in tools] if tools and choice != "none" else None
-    )
+        raise APIError(400, "response_format cannot be combined with a required tool call", "response_format")
+    rendered_tools = [t.model_dump(exclude_none=True) for t in tools] if tools and choice != "none" else None
     try:
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tools=rendered_tools)
     except Exception as e:  # the template refused these messages (raise_exception, bad types)
-        raise APIError(
-            400, f"the chat template cannot render these messages: {e}", "messages"
-        ) from None
+        raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
     if tools_forced:
         # Start the answer inside a call, as the model itself would, then constrain its JSON.
         prompt += OPEN + "\n"
@@ -676,9 +658,7 @@ class EventStream(StreamingResponse):
     """Server-sent events; a client that hangs up just ends the stream (and its generation)."""
 
     def __init__(self, content, **kw):
-        super().__init__(
-            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, **kw
-        )
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, **kw)
 
     async def __call__(self, scope, receive, send):
         try:
@@ -743,9 +723,7 @@ class ChatOutput:
 # ---------------------------------------------------------------------- the app
 
 
-def create_app(
-    engine: Engine, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY
-) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
     """The FastAPI app around a started (or to-be-started) engine."""
     app = FastAPI(title="qmlx", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -762,9 +740,7 @@ def create_app(
         if err.get("type") == "json_invalid":
             return APIError(
                 400,
-                f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(
-                    ": "
-                ),
+                f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
             ).response()
         msg = err.get("msg", "invalid request")
         where = ".".join(loc)
@@ -787,9 +763,7 @@ def create_app(
     async def health():
         ok = engine.thread.is_alive()
         body = {"status": "ok" if ok else "generation thread stopped", "model": engine.model_id}
-        return JSONResponse(
-            {**body, **engine.occupancy(), **engine.stats}, status_code=200 if ok else 503
-        )
+        return JSONResponse({**body, **engine.occupancy(), **engine.stats}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -798,9 +772,7 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
         if model_id != engine.model_id:
-            raise APIError(
-                404, f"the model {model_id!r} does not exist", "model", code="model_not_found"
-            )
+            raise APIError(404, f"the model {model_id!r} does not exist", "model", code="model_not_found")
         return model_card(engine)
 
     async def start(prep: Prepared) -> Job:
@@ -891,9 +863,7 @@ def create_app(
                 yield c
             yield chunk({}, out.finish_reason(last.finish_reason))
             if include_usage:
-                yield sse(
-                    {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(last)}
-                )
+                yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(last)})
             yield "data: [DONE]\n\n"
         finally:
             job.cancel()

@@ -170,8 +170,10 @@ def format_plan(sizes: Sizes, ranges: list[range], memory: list[int], names: lis
     width = max(4, *(len(n) for n in names))
     kv = [sizes.kv * len(r) for r in ranges]
     lines = [
-        (f"{'rank':<5}{'host':<{width + 2}}{'layers':<14}{'weights':>10}{'KV cache':>10}"
-        f"{'memory':>10}{'use':>6}")
+        (
+            f"{'rank':<5}{'host':<{width + 2}}{'layers':<14}{'weights':>10}{'KV cache':>10}"
+            f"{'memory':>10}{'use':>6}"
+        )
     ]
     for k, r in enumerate(ranges):
         span = f"{r.start}-{r.stop - 1} ({len(r)})"

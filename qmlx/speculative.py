@@ -170,9 +170,7 @@ def speculative_generate_step(
     cache = cache if cache is not None else make_cache(len(model.layers))
     # A rotating cache can roll back only until it first drops a token: refuse it up front.
     if not can_trim_cache(cache) or hasattr(cache[0], "max_size"):
-        raise UserError(
-            "speculative decoding needs a KV cache that can roll back; drop --max-kv-size"
-        )
+        raise UserError("speculative decoding needs a KV cache that can roll back; drop --max-kv-size")
     draft_cache = make_cache(len(draft_model.layers)) if draft_model is not None else None
     lookup = PromptLookup(prompt_lookup) if prompt_lookup else None
     stats = stats if stats is not None else SpeculativeStats()
@@ -182,16 +180,10 @@ def speculative_generate_step(
         while n_out != max_tokens:
             # The model's cache holds seq[:-1]; seq[-1] goes in with the drafts.
             _sync(model, cache, seq, len(seq) - 1, prefill_step)
-            k = (
-                num_draft_tokens
-                if max_tokens < 0
-                else min(num_draft_tokens, max_tokens - n_out - 1)
-            )
+            k = num_draft_tokens if max_tokens < 0 else min(num_draft_tokens, max_tokens - n_out - 1)
             drafts, q = [], None
             if k > 0 and draft_model is not None:
-                drafts, q = _draft_with_model(
-                    draft_model, draft_cache, seq, k, distribution, prefill_step
-                )
+                drafts, q = _draft_with_model(draft_model, draft_cache, seq, k, distribution, prefill_step)
             elif k > 0:
                 drafts = lookup.propose(seq, k)
             logits = model(mx.array(seq[-1:] + drafts)[None], cache=cache)[0].astype(mx.float32)

@@ -8,16 +8,17 @@ variables), so prompts match token for token.
 
 from __future__ import annotations
 
-from .errors import UserError
-
 import codecs
 import json
 import os
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import UserError
 
 
 class TokenizerError(UserError):
@@ -60,7 +61,7 @@ class StreamingDetokenizer:
     The concatenation of everything yielded equals `tokenizer.decode(all_tokens)`.
     """
 
-    def __init__(self, tokenizer: "Tokenizer"):
+    def __init__(self, tokenizer: Tokenizer):
         self._tok = tokenizer
         self.reset()
 
@@ -123,7 +124,7 @@ class Tokenizer:
     @classmethod
     def from_folder(
         cls, folder: str, eos_token_ids: Iterable[int] = (), generation_defaults=None
-    ) -> "Tokenizer":
+    ) -> Tokenizer:
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.exists(path):
             raise TokenizerError(f"{path}: not found (qmlx needs the model's tokenizer.json)")

@@ -235,9 +235,7 @@ def content_text(content: Any, param: str) -> str:
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text" or not isinstance(part.get("text"), str):
-            raise MessageError(
-                f"only text content parts are supported (got type {kind!r})", f"{param}.{i}"
-            )
+            raise MessageError(f"only text content parts are supported (got type {kind!r})", f"{param}.{i}")
         parts.append(part["text"])
     return "".join(parts)
 

@@ -47,9 +47,20 @@ def main() -> None:
     data = os.path.join(args.work, "data")
     counts = stdlib_instructions.write(data)
     out = os.path.join(args.work, "adapter")
-    cfg = TrainConfig(model=q4, data=data, rank=args.rank, alpha=2.0 * args.rank, lr=args.lr,
-                      batch_size=args.batch_size, iters=args.iters, max_seq_len=args.max_seq_len,
-                      warmup=10, val_every=args.val_every, save_every=args.val_every, report_every=10)
+    cfg = TrainConfig(
+        model=q4,
+        data=data,
+        rank=args.rank,
+        alpha=2.0 * args.rank,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        iters=args.iters,
+        max_seq_len=args.max_seq_len,
+        warmup=10,
+        val_every=args.val_every,
+        save_every=args.val_every,
+        report_every=10,
+    )
     trainer = prepare(cfg, out, log=lambda m: print(m, file=sys.stderr))
     t0 = time.perf_counter()
     train_with_progress(trainer)
@@ -70,29 +81,51 @@ def main() -> None:
         valid = [json.loads(line) for line in f]
     for rec in valid[:3]:
         prompt = tok.apply_chat_template(rec["messages"][:-1], add_generation_prompt=True)
-        answers.append({
-            "question": rec["messages"][1]["content"], "docstring": rec["messages"][2]["content"],
-            "base": qmlx.generate(base, tok, prompt, max_tokens=40, temperature=0.0),
-            "adapter": qmlx.generate(tuned, tok, prompt, max_tokens=40, temperature=0.0),
-            "fused": qmlx.generate(fused, tok, prompt, max_tokens=40, temperature=0.0),
-        })
+        answers.append(
+            {
+                "question": rec["messages"][1]["content"],
+                "docstring": rec["messages"][2]["content"],
+                "base": qmlx.generate(base, tok, prompt, max_tokens=40, temperature=0.0),
+                "adapter": qmlx.generate(tuned, tok, prompt, max_tokens=40, temperature=0.0),
+                "fused": qmlx.generate(fused, tok, prompt, max_tokens=40, temperature=0.0),
+            }
+        )
     ids = mx.array([tok.encode(tok.apply_chat_template(rec["messages"], add_generation_prompt=False))])
     la, lf = tuned(ids), fused(ids)
     scale = mx.abs(la - base(ids)).max().item()
-    e = estimate(read_config(q4), 4, 64, args.rank, batch_size=args.batch_size, seq_len=args.max_seq_len,
-                 dtype_bytes=4, cpu=True)
-    print(json.dumps({
-        "data": counts, "iters": args.iters, "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
-        "val_loss_first": vals[0]["val_loss"], "val_loss_last": vals[-1]["val_loss"],
-        "val_curve": [(m["step"], round(m["val_loss"], 4)) for m in vals],
-        "train_seconds": round(train_seconds, 1),
-        "mean_step_time": sum(m["step_time"] for m in trains) / len(trains),
-        "peak_memory_gb": peak,
-        "estimate_cpu_gb": e.total / 1e9, "estimate_cpu_checkpointed_gb": e.total_checkpointed / 1e9,
-        "fused_vs_adapter_max_abs_logit_diff": mx.abs(la - lf).max().item(),
-        "adapter_vs_base_max_abs_logit_diff": scale,
-        "answers": answers,
-    }, indent=1, ensure_ascii=False))
+    e = estimate(
+        read_config(q4),
+        4,
+        64,
+        args.rank,
+        batch_size=args.batch_size,
+        seq_len=args.max_seq_len,
+        dtype_bytes=4,
+        cpu=True,
+    )
+    print(
+        json.dumps(
+            {
+                "data": counts,
+                "iters": args.iters,
+                "batch_size": args.batch_size,
+                "max_seq_len": args.max_seq_len,
+                "val_loss_first": vals[0]["val_loss"],
+                "val_loss_last": vals[-1]["val_loss"],
+                "val_curve": [(m["step"], round(m["val_loss"], 4)) for m in vals],
+                "train_seconds": round(train_seconds, 1),
+                "mean_step_time": sum(m["step_time"] for m in trains) / len(trains),
+                "peak_memory_gb": peak,
+                "estimate_cpu_gb": e.total / 1e9,
+                "estimate_cpu_checkpointed_gb": e.total_checkpointed / 1e9,
+                "fused_vs_adapter_max_abs_logit_diff": mx.abs(la - lf).max().item(),
+                "adapter_vs_base_max_abs_logit_diff": scale,
+                "answers": answers,
+            },
+            indent=1,
+            ensure_ascii=False,
+        )
+    )
 
 
 if __name__ == "__main__":

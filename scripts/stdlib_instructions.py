@@ -17,11 +17,52 @@ import json
 import os
 import sys
 
-MODULES = ("textwrap", "json", "os.path", "shutil", "itertools", "functools", "string", "re", "base64",
-           "calendar", "statistics", "fnmatch", "glob", "tempfile", "html", "difflib", "heapq", "bisect",
-           "random", "gzip", "zipfile", "tarfile", "csv", "urllib.parse", "inspect", "pathlib", "copy",
-           "pprint", "operator", "collections", "math", "decimal", "fractions", "uuid", "hashlib", "time",
-           "datetime", "locale", "logging", "argparse", "subprocess", "socket", "email.utils", "codecs")
+MODULES = (
+    "textwrap",
+    "json",
+    "os.path",
+    "shutil",
+    "itertools",
+    "functools",
+    "string",
+    "re",
+    "base64",
+    "calendar",
+    "statistics",
+    "fnmatch",
+    "glob",
+    "tempfile",
+    "html",
+    "difflib",
+    "heapq",
+    "bisect",
+    "random",
+    "gzip",
+    "zipfile",
+    "tarfile",
+    "csv",
+    "urllib.parse",
+    "inspect",
+    "pathlib",
+    "copy",
+    "pprint",
+    "operator",
+    "collections",
+    "math",
+    "decimal",
+    "fractions",
+    "uuid",
+    "hashlib",
+    "time",
+    "datetime",
+    "locale",
+    "logging",
+    "argparse",
+    "subprocess",
+    "socket",
+    "email.utils",
+    "codecs",
+)
 SYSTEM = "Answer briefly."
 MAX_ANSWER = 400  # characters of docstring kept per answer
 
@@ -42,12 +83,17 @@ def samples() -> list[tuple[str, dict]]:
             if len(answer) < 20:
                 continue
             q = f"{mod_name}.{name}"
-            out[q] = {"messages": [
-                # A short system turn: Qwen's template would otherwise add its 20-token default.
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": f"In Python, what does `{q}` do? Answer in its docstring's words."},
-                {"role": "assistant", "content": answer},
-            ]}
+            out[q] = {
+                "messages": [
+                    # A short system turn: Qwen's template would otherwise add its 20-token default.
+                    {"role": "system", "content": SYSTEM},
+                    {
+                        "role": "user",
+                        "content": f"In Python, what does `{q}` do? Answer in its docstring's words.",
+                    },
+                    {"role": "assistant", "content": answer},
+                ]
+            }
     return sorted(out.items())
 
 

@@ -73,9 +73,7 @@ def test_rows_finish_independently():
     table[ord("c")] = 258
     model, tok = BigramModel(table), _ByteTok()
     prompts = [list(b"a"), list(b"...w"), list(b"q")]
-    events = list(
-        stream_batch_generate(model, tok, prompts, [50, 50, 3], temperature=0.0, stop="END")
-    )
+    events = list(stream_batch_generate(model, tok, prompts, [50, 50, 3], temperature=0.0, stop="END"))
     by_row = {i: [e for j, e in events if j == i] for i in range(3)}
     text = {i: "".join(e.text for e in evs) for i, evs in by_row.items()}
     assert text == {0: "bc", 1: "xyz ", 2: "rst"}

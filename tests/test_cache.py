@@ -27,8 +27,7 @@ def qkv(T, seed=0, batch=B):
     """Random queries (B, N_HEADS, T, D) and keys/values (B, N_KV, T, D)."""
     rng = np.random.default_rng(seed)
     q, k, v = (
-        mx.array(rng.standard_normal((batch, h, T, D)).astype(np.float32))
-        for h in (N_HEADS, N_KV, N_KV)
+        mx.array(rng.standard_normal((batch, h, T, D)).astype(np.float32)) for h in (N_HEADS, N_KV, N_KV)
     )
     return q, k, v
 
@@ -36,9 +35,7 @@ def qkv(T, seed=0, batch=B):
 def attend(q, k, v, mask, cache=None):
     """What the model does with whatever a cache hands back."""
     if isinstance(k, tuple):
-        return quantized_attention(
-            q, k, v, SCALE, mask, cache.group_size, cache.key_bits, cache.value_bits
-        )
+        return quantized_attention(q, k, v, SCALE, mask, cache.group_size, cache.key_bits, cache.value_bits)
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=SCALE, mask=mask)
 
 
@@ -151,9 +148,7 @@ def test_rotating_equals_kvcache_while_it_fits(chunks):
 def test_rotating_attention_equals_sliding_window_with_sinks(chunks, keep):
     max_size, T = 16, 70
     q, k, v = qkv(T, seed=1)
-    want = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=SCALE, mask=window_mask(T, max_size, keep)
-    )
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=SCALE, mask=window_mask(T, max_size, keep))
     cache = RotatingKVCache(max_size, keep=keep)
     close(run_chunks(cache, q, k, v, chunks), want)
     assert cache.offset == T
@@ -197,9 +192,9 @@ def test_rotating_state_round_trip_mid_ring():
     run_chunks(a, q[:, :, :23], k[:, :, :23], v[:, :, :23], [1] * 23)  # ring slot not at keep
     b = RotatingKVCache.from_state(a.state, a.meta_state)
     assert b.offset == 23 and b.meta_state == a.meta_state
-    want = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=SCALE, mask=window_mask(T, max_size, keep)
-    )[:, :, 23:]
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=SCALE, mask=window_mask(T, max_size, keep))[
+        :, :, 23:
+    ]
     tail = (q[:, :, 23:], k[:, :, 23:], v[:, :, 23:])
     close(run_chunks(b, *tail, [2, 1, 14]), want)
     close(run_chunks(a, *tail, [1] * 17), want)
@@ -285,9 +280,7 @@ def test_quantized_cache_growth_trim_and_state():
 def test_quantized_rotating_close_to_float_rotating(chunks):
     max_size, keep, T = 16, 4, 60
     q, k, v = qkv(T, seed=6)
-    want = mx.fast.scaled_dot_product_attention(
-        q, k, v, scale=SCALE, mask=window_mask(T, max_size, keep)
-    )
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=SCALE, mask=window_mask(T, max_size, keep))
     cache = QuantizedRotatingKVCache(max_size, keep=keep, key_bits=8, value_bits=8)
     assert rel_err(run_chunks(cache, q, k, v, chunks), want) < QUANT_TOLERANCE[(8, 8)]
     assert cache.offset == T and cache.state[0][0].shape[2] == max_size

@@ -51,7 +51,13 @@ def test_real_turn_prefills_only_the_new_message(real_model):
     new = s.last.prompt_tokens - s.last.reused_tokens
     # everything of turn 1 (prompt and answer) was reused; only the new message was computed
     assert s.prompt_cache.reused >= held_after_turn1 - 1
-    assert new <= len(tok.encode("<|im_end|>\n<|im_start|>user\nAnd three animals?<|im_end|>\n<|im_start|>assistant\n")) + 1
+    assert (
+        new
+        <= len(
+            tok.encode("<|im_end|>\n<|im_start|>user\nAnd three animals?<|im_end|>\n<|im_start|>assistant\n")
+        )
+        + 1
+    )
 
 
 def test_system_prompt_is_rendered_once(tiny):
@@ -127,8 +133,14 @@ def test_split_settled_keeps_code_fences_whole():
 def test_terminal_chat_end_to_end(fixture_dir, tmp_path):
     """Drive `qmlx chat` in a pseudo-terminal: Korean, a follow-up, Ctrl-C, /reset, /save, /load."""
     pexpect = pytest.importorskip("pexpect")
-    env = {**os.environ, "HOME": str(tmp_path), "COLUMNS": "100", "LINES": "40", "TERM": "xterm-256color",
-           "PROMPT_TOOLKIT_NO_CPR": "1"}
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "COLUMNS": "100",
+        "LINES": "40",
+        "TERM": "xterm-256color",
+        "PROMPT_TOOLKIT_NO_CPR": "1",
+    }
     child = pexpect.spawn(
         sys.executable, ["-m", "qmlx.cli", "chat", "--model", fixture_dir, "--temp", "0", "--max-tokens", "60"],
         env=env, encoding="utf-8", timeout=240, dimensions=(40, 100),

@@ -351,8 +351,7 @@ run(sys.argv[1], sys.argv[2], progress=False)
 
 def test_a_killed_conversion_leaves_only_a_hidden_folder_that_the_next_run_removes(src, tmp_path):
     dst = str(tmp_path / "q")
-    p = subprocess.Popen([sys.executable, "-c", KILLED_MIDWAY, src, dst], stdout=subprocess.PIPE,
-                         text=True)
+    p = subprocess.Popen([sys.executable, "-c", KILLED_MIDWAY, src, dst], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "writing"
     finally:
@@ -456,10 +455,10 @@ def test_fixture_conversion_loads_in_mlx_lm_with_same_logits(fixture_q):
 
 def _python_text_perplexity(folder: str, reference: dict) -> tuple[float, float]:
     """(perplexity of `folder`, the bf16 reference's) on the first 1024 tokens of the code text."""
+    from test_evaluate import TEXTS
+
     import qmlx
     from qmlx.evaluate import perplexity
-
-    from test_evaluate import TEXTS
 
     entry = next(t for t in reference["texts"] if t["file"].startswith("python"))
     model, tokenizer = qmlx.load(folder, dtype="float32")
@@ -564,9 +563,7 @@ def write_gguf(path: str, arch: str = "qwen2", override: dict | None = None) -> 
         else:
             data = quantize(x, qtype)
         w.add_tensor(gname, data, raw_dtype=qtype)
-        dequantized[name] = (
-            data.astype(np.float32) if kind in ("F32", "F16") else dequantize(data, qtype)
-        )
+        dequantized[name] = data.astype(np.float32) if kind in ("F32", "F16") else dequantize(data, qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -710,7 +707,5 @@ def test_fixture_gguf_matches_the_hf_folder_conversion(fixture_dir, fixture_q, t
         model, tok = qmlx.load(folder, dtype="float32")
         text = tok.apply_chat_template(prompt, add_generation_prompt=True)
         # Plain greedy: the GGUF carries no sampling defaults (the HF folder's repetition_penalty).
-        texts.append(
-            qmlx.generate(model, tok, text, max_tokens=24, temperature=0.0, repetition_penalty=1.0)
-        )
+        texts.append(qmlx.generate(model, tok, text, max_tokens=24, temperature=0.0, repetition_penalty=1.0))
     assert texts[0] == texts[1]

@@ -11,9 +11,7 @@ from tiny import random_model, tiny_config
 
 from qmlx.evaluate import perplexity
 
-SHARED = os.environ.get(
-    "QMLX_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared")
-)
+SHARED = os.environ.get("QMLX_SHARED", os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 TEXTS = os.path.join(SHARED, "fixtures", "texts")
 
 

@@ -80,8 +80,16 @@ def test_logits_processors_see_the_whole_prompt_when_part_of_it_is_cached(tiny):
     run(model, tok, first, 3, prompt_cache=pc)
     second = first + tok.encode(" and again the same words")
     seen.clear()
-    warm = run(model, tok, second, 6, prompt_cache=pc, logits_processors=[record],
-               repetition_penalty=1.5, repetition_context_size=1000)
+    warm = run(
+        model,
+        tok,
+        second,
+        6,
+        prompt_cache=pc,
+        logits_processors=[record],
+        repetition_penalty=1.5,
+        repetition_context_size=1000,
+    )
     assert pc.reused > 0
     assert seen[0] == second  # the processors saw the cached prefix too
     cold = run(model, tok, second, 6, repetition_penalty=1.5, repetition_context_size=1000)

@@ -35,8 +35,10 @@ def _packed(n, k, bits, gs, sb_dtype, seed):
     q, s, b = mx.quantize(w, group_size=gs, bits=bits)
     s, b = s.astype(sb_dtype), b.astype(sb_dtype)
     # The float64 reference: W from the packed values exactly as stored (scale/bias in their own dtype).
-    wd = np.array(mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits),
-                  dtype=np.float64)
+    wd = np.array(
+        mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits),
+        dtype=np.float64,
+    )
     return q, s, b, wd
 
 
@@ -66,7 +68,10 @@ def test_product_matches_float64_reference(bits, gs, sb_dtype):
     q, s, b, wd = _packed(n, k, bits, gs, sb_dtype, seed=bits * 100 + gs)
     for rows in ROWS:
         for transpose in (True, False):
-            for xdt, tol in ((mx.float32, 1e-4 if _int_path(bits, rows, transpose) else 2e-6), (mx.bfloat16, 8e-3)):
+            for xdt, tol in (
+                (mx.float32, 1e-4 if _int_path(bits, rows, transpose) else 2e-6),
+                (mx.bfloat16, 8e-3),
+            ):
                 x, xr = _x((rows, k if transpose else n), xdt, seed=rows)
                 y = kernels.quantized_matmul(x, q, s, b, transpose=transpose, group_size=gs, bits=bits)
                 ref = xr @ (wd.T if transpose else wd)
@@ -100,9 +105,13 @@ def test_gradient_matches_autograd_of_the_dense_product(bits, rows):
     w = mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits)
     x = mx.random.normal((2, rows, w.shape[1]), key=mx.random.key(6))
     t = mx.random.normal((2, rows, 160), key=mx.random.key(7))
-    ours = mx.grad(lambda x: mx.square(kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits) - t).sum())(x)
+    ours = mx.grad(
+        lambda x: mx.square(kernels.quantized_matmul(x, q, s, b, group_size=gs, bits=bits) - t).sum()
+    )(x)
     ref = mx.grad(lambda x: mx.square(x @ w.T - t).sum())(x)
-    tol = 1e-3 if _int_path(bits, rows, True) else 1e-4  # the forward product's error is in the loss's gradient
+    tol = (
+        1e-3 if _int_path(bits, rows, True) else 1e-4
+    )  # the forward product's error is in the loss's gradient
     assert mx.allclose(ours, ref, rtol=tol, atol=tol).item()
     # forward-mode too
     v = mx.random.normal(x.shape, key=mx.random.key(8))
@@ -132,7 +141,9 @@ def test_bad_arguments_are_refused_with_a_message(kwargs, message):
         s = s[: kwargs["scale_rows"]]
     x = mx.zeros((1, kwargs.get("x_cols", 128)))
     with pytest.raises(ValueError, match=message):
-        kernels.quantized_matmul(x, q, s, b, group_size=kwargs.get("group_size", 32), bits=kwargs.get("bits", 4))
+        kernels.quantized_matmul(
+            x, q, s, b, group_size=kwargs.get("group_size", 32), bits=kwargs.get("bits", 4)
+        )
 
 
 def test_threads_and_instruction_sets_agree():
@@ -148,11 +159,19 @@ def test_threads_and_instruction_sets_agree():
         "print(kernels.status); np.save(__import__('sys').argv[1], np.array(y))\n"
     )
     results = {}
-    for name, env in {"default": {}, "one thread": {"QMLX_THREADS": "1"},
-                      "generic": {"QMLX_KERNELS_ISA": "generic"}}.items():
+    for name, env in {
+        "default": {},
+        "one thread": {"QMLX_THREADS": "1"},
+        "generic": {"QMLX_KERNELS_ISA": "generic"},
+    }.items():
         out = f"{os.environ.get('TMPDIR', '/tmp')}/qk-{os.getpid()}-{name.replace(' ', '')}.npy"
-        p = subprocess.run([sys.executable, "-c", code, out], env={**os.environ, **env},
-                           capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-c", code, out],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == 0, p.stderr
         results[name] = (p.stdout.strip(), np.load(out))
         os.unlink(out)
@@ -163,10 +182,17 @@ def test_threads_and_instruction_sets_agree():
 
 
 def test_turned_off_by_environment():
-    p = subprocess.run([sys.executable, "-m", "qmlx", "--version"], env={**os.environ, "QMLX_KERNELS": "0"},
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "qmlx", "--version"],
+        env={**os.environ, "QMLX_KERNELS": "0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0 and "QMLX_KERNELS=0" in p.stdout, p.stdout + p.stderr
-    p = subprocess.run([sys.executable, "-m", "qmlx", "--version"], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "qmlx", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert "quantized matmuls: qmlx " in p.stdout, p.stdout
 
 
@@ -179,8 +205,12 @@ def test_rms_norm_matches_mlx_and_its_gradient(dtype):
     tol = 1e-5 if dtype == mx.float32 else 1e-2
     assert mx.allclose(ours.astype(mx.float32), ref.astype(mx.float32), rtol=tol, atol=tol).item()
     xt = x.astype(mx.float32).transpose(1, 0, 2)  # a strided view
-    assert mx.allclose(kernels._ext.rms_norm(xt, w.astype(mx.float32), 1e-6),
-                       mx.fast.rms_norm(xt, w.astype(mx.float32), 1e-6), rtol=1e-5, atol=1e-5).item()
+    assert mx.allclose(
+        kernels._ext.rms_norm(xt, w.astype(mx.float32), 1e-6),
+        mx.fast.rms_norm(xt, w.astype(mx.float32), 1e-6),
+        rtol=1e-5,
+        atol=1e-5,
+    ).item()
     xf, wf = x.astype(mx.float32), w.astype(mx.float32)
     g = mx.grad(lambda x, w: (kernels._ext.rms_norm(x, w, 1e-6) ** 2).sum(), argnums=(0, 1))(xf, wf)
     r = mx.grad(lambda x, w: (mx.fast.rms_norm(x, w, 1e-6) ** 2).sum(), argnums=(0, 1))(xf, wf)
@@ -191,7 +221,7 @@ def test_rms_norm_matches_mlx_and_its_gradient(dtype):
 @pytest.mark.parametrize("offset", [0, 7, 4095])
 def test_rope_matches_mlx_and_its_gradient(offset, freqs):
     x = mx.random.normal((2, 4, 6, 64), key=mx.random.key(14)).transpose(0, 2, 1, 3)  # (B, H, L, D) view
-    f = None if freqs is None else mx.array([1.5 ** i for i in range(32)], mx.float32)
+    f = None if freqs is None else mx.array([1.5**i for i in range(32)], mx.float32)
     base = None if f is not None else 10000.0
     ours = kernels._ext.rope(x, 64, base or 0.0, 1.0, offset, [] if f is None else f.tolist())
     theirs = mx.fast.rope(x, 64, traditional=False, base=base, scale=1.0, offset=offset, freqs=f)
@@ -204,11 +234,17 @@ def test_rope_matches_mlx_and_its_gradient(offset, freqs):
     ours_err, mlx_err = np.abs(np.array(ours) - ref).max(), np.abs(np.array(theirs) - ref).max()
     assert ours_err <= max(mlx_err, 1e-6) * 1.01 and ours_err < 1e-3, (ours_err, mlx_err)
     part = kernels._ext.rope(x, 32, 10000.0, 1.0, offset)  # partial rotary: the rest passes through
-    assert mx.allclose(part, mx.fast.rope(x, 32, traditional=False, base=10000.0, scale=1.0, offset=offset),
-                       rtol=1e-3, atol=1e-3).item()
+    assert mx.allclose(
+        part,
+        mx.fast.rope(x, 32, traditional=False, base=10000.0, scale=1.0, offset=offset),
+        rtol=1e-3,
+        atol=1e-3,
+    ).item()
     t = mx.random.normal(x.shape, key=mx.random.key(15))
     g = mx.grad(lambda x: (kernels._ext.rope(x, 64, 10000.0, 1.0, offset) * t).sum())(x)
-    r = mx.grad(lambda x: (mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset) * t).sum())(x)
+    r = mx.grad(
+        lambda x: (mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset) * t).sum()
+    )(x)
     assert mx.allclose(g, r, rtol=1e-3, atol=1e-3).item()
     bf = kernels._ext.rope(x.astype(mx.bfloat16), 64, 10000.0, 1.0, offset)
     assert bf.dtype == mx.bfloat16
@@ -219,7 +255,9 @@ def test_silu_mul_matches_mlx_and_its_gradient():
     u = mx.random.normal((3, 7, 100), key=mx.random.key(17))
     ref = lambda g, u: g * mx.sigmoid(g) * u  # noqa: E731
     assert mx.allclose(kernels._ext.silu_mul(g, u), ref(g, u), rtol=1e-5, atol=1e-6).item()
-    assert mx.allclose(kernels._ext.silu_mul(g[:, ::2], u[:, ::2]), ref(g[:, ::2], u[:, ::2]), rtol=1e-5, atol=1e-6).item()
+    assert mx.allclose(
+        kernels._ext.silu_mul(g[:, ::2], u[:, ::2]), ref(g[:, ::2], u[:, ::2]), rtol=1e-5, atol=1e-6
+    ).item()
     ours = mx.grad(lambda g, u: kernels._ext.silu_mul(g, u).sum(), argnums=(0, 1))(g, u)
     theirs = mx.grad(lambda g, u: ref(g, u).sum(), argnums=(0, 1))(g, u)
     assert all(mx.allclose(a, b, rtol=1e-5, atol=1e-5).item() for a, b in zip(ours, theirs))
@@ -245,7 +283,9 @@ def test_attention_matches_mlx_sdpa_with_and_without_the_causal_mask(shape):
     causal = mx.triu(mx.full((5, 8), -mx.inf), k=4)  # row l sees keys 0 .. 3 + l
     ours = mx.grad(lambda x: (kernels._ext.softmax(x, 0.5, 5) * t).sum())(x)
     theirs = mx.grad(lambda x: (mx.softmax(0.5 * x + causal, axis=-1) * t).sum())(x)
-    assert mx.allclose(kernels._ext.softmax(x, 0.5, 5), mx.softmax(0.5 * x + causal, axis=-1), atol=1e-6).item()
+    assert mx.allclose(
+        kernels._ext.softmax(x, 0.5, 5), mx.softmax(0.5 * x + causal, axis=-1), atol=1e-6
+    ).item()
     assert mx.allclose(ours, theirs, rtol=1e-5, atol=1e-6).item()
 
 

@@ -176,7 +176,10 @@ def test_folder_without_tokenizer(folder):
 
 def test_generation_config_eos_ids_are_added(folder):
     path, _ = folder
-    json.dump({"eos_token_id": [258, 256], "temperature": 0.5}, open(os.path.join(path, "generation_config.json"), "w"))
+    json.dump(
+        {"eos_token_id": [258, 256], "temperature": 0.5},
+        open(os.path.join(path, "generation_config.json"), "w"),
+    )
     _, tok = qmlx.load(path)
     assert tok.eos_token_ids == [256, 258]
     assert tok.generation_defaults["temperature"] == 0.5

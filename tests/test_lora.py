@@ -42,8 +42,12 @@ def _write_jsonl(path, records):
 
 
 def _chat(i):
-    return {"messages": [{"role": "user", "content": f"q{i}" + " x" * (i % 7)},
-                         {"role": "assistant", "content": "ok" + " y" * (i % 5)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": f"q{i}" + " x" * (i % 7)},
+            {"role": "assistant", "content": "ok" + " y" * (i % 5)},
+        ]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +122,15 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny):
 # ---------------------------------------------------------------- data
 def test_chat_mask_covers_exactly_the_assistant_turns(tiny, tmp_path):
     _, tok = qmlx.load(str(tiny / "m"))
-    rec = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"},
-                        {"role": "assistant", "content": "bye"}]}
+    rec = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "more"},
+            {"role": "assistant", "content": "bye"},
+        ]
+    }
     _write_jsonl(tmp_path / "train.jsonl", [rec])
     ds = load_split(str(tmp_path / "train.jsonl"), tok, 512)
     s = ds.samples[0]
@@ -145,13 +155,19 @@ def test_completion_and_text_formats_and_truncation(tiny, tmp_path):
     assert all(s.mask.all() for s in ds.samples)
 
 
-@pytest.mark.parametrize("lines, needle", [
-    (['{"text": "ok"}', "{not json"], ":2: not valid JSON"),
-    (['{"text": "ok"}', '{"prompt": "a", "completion": "b"}'], ":2: a completion record in a file of text"),
-    (['{"messages": [{"role": "user", "content": "hi"}]}'], ":1: no assistant message"),
-    (['{"foo": 1}'], ":1: needs one of 'messages'"),
-    (['[1, 2]'], ":1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "lines, needle",
+    [
+        (['{"text": "ok"}', "{not json"], ":2: not valid JSON"),
+        (
+            ['{"text": "ok"}', '{"prompt": "a", "completion": "b"}'],
+            ":2: a completion record in a file of text",
+        ),
+        (['{"messages": [{"role": "user", "content": "hi"}]}'], ":1: no assistant message"),
+        (['{"foo": 1}'], ":1: needs one of 'messages'"),
+        (["[1, 2]"], ":1: expected a JSON object"),
+    ],
+)
 def test_bad_lines_name_file_and_line(tiny, tmp_path, lines, needle):
     _, tok = qmlx.load(str(tiny / "m"))
     _write_jsonl(tmp_path / "train.jsonl", lines)
@@ -193,10 +209,24 @@ def _trainer(tiny, out, order="random", iters=8, **kw):
     mx.random.seed(0)
     apply_lora(model, rank=4, alpha=8.0, dropout=0.1)
     os.makedirs(out, exist_ok=True)
-    cfg = TrainConfig(model=str(tiny / "m"), iters=iters, lr=5e-3, batch_size=4, grad_accum=2, warmup=2,
-                      report_every=1, val_every=3, save_every=3, order=order, rescore_every=2, rescore_pool=12,
-                      dropout=0.1,
-                      rank=4, alpha=8.0, **kw)
+    cfg = TrainConfig(
+        model=str(tiny / "m"),
+        iters=iters,
+        lr=5e-3,
+        batch_size=4,
+        grad_accum=2,
+        warmup=2,
+        report_every=1,
+        val_every=3,
+        save_every=3,
+        order=order,
+        rescore_every=2,
+        rescore_pool=12,
+        dropout=0.1,
+        rank=4,
+        alpha=8.0,
+        **kw,
+    )
     return Trainer(model, data, cfg, str(out), scores)
 
 
@@ -232,10 +262,36 @@ def test_cli_train_generate_fuse(tiny, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(score, "CACHE_DIR", str(tmp_path / "cache"))
     m, data, out = str(tiny / "m"), str(tiny / "data"), str(tmp_path / "ad")
-    assert main(["lora", "--model", m, "--data", data, "--iters", "6", "--lr", "1e-2", "--batch-size", "4",
-                 "--adapter-path", out, "--save-every", "3", "--val-every", "3", "--order",
-                 "easy-to-hard", "--grad-checkpoint"]) == 0
-    assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "train_config.json"} <= set(os.listdir(out))
+    assert (
+        main(
+            [
+                "lora",
+                "--model",
+                m,
+                "--data",
+                data,
+                "--iters",
+                "6",
+                "--lr",
+                "1e-2",
+                "--batch-size",
+                "4",
+                "--adapter-path",
+                out,
+                "--save-every",
+                "3",
+                "--val-every",
+                "3",
+                "--order",
+                "easy-to-hard",
+                "--grad-checkpoint",
+            ]
+        )
+        == 0
+    )
+    assert {"adapters.safetensors", "adapter_config.json", "metrics.jsonl", "train_config.json"} <= set(
+        os.listdir(out)
+    )
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-000003", "step-000006"]
     # The difficulties were computed once, cached, and are the base model's per-sample losses.
     (cached,) = os.listdir(tmp_path / "cache")
@@ -250,13 +306,24 @@ def test_cli_train_generate_fuse(tiny, tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["generate", "-m", m, "--adapter", out, "-p", "q3", "-n", "4", "--temp", "0"]) == 0
     text = capsys.readouterr().out.strip()
-    assert text == qmlx.generate(tuned, tok, tok.apply_chat_template([{"role": "user", "content": "q3"}]),
-                                 max_tokens=4, temperature=0.0).strip()
+    assert (
+        text
+        == qmlx.generate(
+            tuned,
+            tok,
+            tok.apply_chat_template([{"role": "user", "content": "q3"}]),
+            max_tokens=4,
+            temperature=0.0,
+        ).strip()
+    )
     # Fused dense == adapter; fused and quantized == adapter within 8-bit error.
     assert main(["fuse", "-m", m, "--adapter", out, str(tmp_path / "f"), "--dtype", "float32"]) == 0
     fused, _ = qmlx.load(str(tmp_path / "f"))
     np.testing.assert_allclose(np.array(fused(ids)), np.array(tuned(ids)), atol=1e-4)
-    assert main(["fuse", "-m", m, "--adapter", out, str(tmp_path / "f8"), "--bits", "8", "--group-size", "32"]) == 0
+    assert (
+        main(["fuse", "-m", m, "--adapter", out, str(tmp_path / "f8"), "--bits", "8", "--group-size", "32"])
+        == 0
+    )
     q8, _ = qmlx.load(str(tmp_path / "f8"))
     assert q8.config.quantization["bits"] == 8
     err = mx.abs(q8(ids) - tuned(ids)).max().item()
@@ -290,15 +357,18 @@ def test_fuse_of_a_quantized_base_requantizes(tiny, tmp_path):
     assert mx.abs(got - want).mean().item() < 0.05 * mx.abs(want).mean().item()
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["lora", "--model", "M", "--data", "nowhere"], "--data nowhere: no such folder"),
-    (["lora", "--model", "M", "--data", "D", "--targets", "q,zz"], "--targets: unknown target 'zz'"),
-    (["lora", "--model", "M", "--data", "D", "--band", "0.9"], "--band must be two quantiles"),
-    (["lora", "--model", "M", "--data", "D", "--batch-size", "64"], "fewer than --batch-size 64"),
-    (["lora", "--resume", "nowhere"], "--resume nowhere: no train_config.json"),
-    (["generate", "-m", "M", "--adapter", "nowhere", "-p", "x"], "--adapter nowhere: no such folder"),
-    (["fuse", "-m", "M", "--adapter", "nowhere", "DST"], "--adapter nowhere: no such folder"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["lora", "--model", "M", "--data", "nowhere"], "--data nowhere: no such folder"),
+        (["lora", "--model", "M", "--data", "D", "--targets", "q,zz"], "--targets: unknown target 'zz'"),
+        (["lora", "--model", "M", "--data", "D", "--band", "0.9"], "--band must be two quantiles"),
+        (["lora", "--model", "M", "--data", "D", "--batch-size", "64"], "fewer than --batch-size 64"),
+        (["lora", "--resume", "nowhere"], "--resume nowhere: no train_config.json"),
+        (["generate", "-m", "M", "--adapter", "nowhere", "-p", "x"], "--adapter nowhere: no such folder"),
+        (["fuse", "-m", "M", "--adapter", "nowhere", "DST"], "--adapter nowhere: no such folder"),
+    ],
+)
 def test_cli_user_errors_are_one_line_with_status_2(tiny, tmp_path, monkeypatch, capsys, argv, needle):
     monkeypatch.chdir(tmp_path)
     argv = [str(tiny / "m") if a == "M" else str(tiny / "data") if a == "D" else a for a in argv]
@@ -337,12 +407,28 @@ def test_estimate_counts_match_a_built_model(tiny, bits):
 
 
 def test_estimate_cli_for_a_config_file(capsys):
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "configs",
-                        "qwen2.5-7b-instruct.json")
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "..", "shared", "fixtures", "configs", "qwen2.5-7b-instruct.json"
+    )
     if not os.path.exists(path):
         pytest.skip("shared configs not present")
-    assert main(["lora", "--estimate", "--model", path, "--bits", "4", "--batch-size", "8",
-                 "--max-seq-len", "512"]) == 0
+    assert (
+        main(
+            [
+                "lora",
+                "--estimate",
+                "--model",
+                path,
+                "--bits",
+                "4",
+                "--batch-size",
+                "8",
+                "--max-seq-len",
+                "512",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "--grad-checkpoint" in out and "total" in out and "20.2M params" in out
 
@@ -378,15 +464,39 @@ def test_resume_after_a_real_kill(tiny, tmp_path):
     import time
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = ["--model", str(tiny / "m"), "--data", str(tiny / "data"), "--iters", "60", "--lr", "5e-3",
-            "--batch-size", "4", "--dropout", "0.1", "--save-every", "5", "--val-every", "10",
-            "--report-every", "1", "--warmup", "3"]
+    args = [
+        "--model",
+        str(tiny / "m"),
+        "--data",
+        str(tiny / "data"),
+        "--iters",
+        "60",
+        "--lr",
+        "5e-3",
+        "--batch-size",
+        "4",
+        "--dropout",
+        "0.1",
+        "--save-every",
+        "5",
+        "--val-every",
+        "10",
+        "--report-every",
+        "1",
+        "--warmup",
+        "3",
+    ]
     env = {**os.environ, "PYTHONPATH": root}
     lora = [sys.executable, "-m", "qmlx", "lora"]
-    subprocess.run(lora + args + ["--adapter-path", str(tmp_path / "full")], env=env, check=True,
-                   capture_output=True)
-    proc = subprocess.Popen(lora + args + ["--adapter-path", str(tmp_path / "cut")], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        lora + args + ["--adapter-path", str(tmp_path / "full")], env=env, check=True, capture_output=True
+    )
+    proc = subprocess.Popen(
+        lora + args + ["--adapter-path", str(tmp_path / "cut")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = tmp_path / "cut" / "checkpoints"
     while proc.poll() is None and not (ckpts / "step-000010").exists():
         time.sleep(0.01)

@@ -34,13 +34,17 @@ def _records() -> list[dict]:
             doc = (inspect.getdoc(fn) or "") if inspect.isfunction(fn) and not name.startswith("_") else ""
             words = doc.split("\n\n")[0].split()[:10]
             if len(words) >= 5:
-                out.append({"messages": [
-                    {"role": "system", "content": "Quote the docstring."},
-                    {"role": "user", "content": f"{mod.__name__}.{name}"},
-                    # A fixed answer shape (name, arrow, words) the base model does not
-                    # predict, so a few steps show a clear drop in validation loss.
-                    {"role": "assistant", "content": f"{name} -> " + " ".join(words)},
-                ]})
+                out.append(
+                    {
+                        "messages": [
+                            {"role": "system", "content": "Quote the docstring."},
+                            {"role": "user", "content": f"{mod.__name__}.{name}"},
+                            # A fixed answer shape (name, arrow, words) the base model does not
+                            # predict, so a few steps show a clear drop in validation loss.
+                            {"role": "assistant", "content": f"{name} -> " + " ".join(words)},
+                        ]
+                    }
+                )
     return out
 
 
@@ -59,8 +63,20 @@ def qlora_run(fixture_dir, tmp_path_factory):
     valid, train = recs[::8][:4], [r for i, r in enumerate(recs) if i % 8]
     for split, rows in (("train", train), ("valid", valid)):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(model=q4, data=str(data), rank=8, alpha=16.0, lr=1e-3, batch_size=2, iters=6,
-                      max_seq_len=48, warmup=1, val_every=6, save_every=6, report_every=4)
+    cfg = TrainConfig(
+        model=q4,
+        data=str(data),
+        rank=8,
+        alpha=16.0,
+        lr=1e-3,
+        batch_size=2,
+        iters=6,
+        max_seq_len=48,
+        warmup=1,
+        val_every=6,
+        save_every=6,
+        report_every=4,
+    )
     trainer = prepare(cfg, str(root / "adapter"), log=lambda m: None)
     events = list(trainer.run())
     return q4, str(root / "adapter"), events, valid
@@ -130,7 +146,9 @@ def _peft_python(py: str) -> str:
     return py
 
 
-def test_peft_export_loads_in_peft_with_matching_logits(fixture_dir, fixture_venv_python, real_model, tmp_path):
+def test_peft_export_loads_in_peft_with_matching_logits(
+    fixture_dir, fixture_venv_python, real_model, tmp_path
+):
     py = _peft_python(fixture_venv_python)
     model, tok = qmlx.load(fixture_dir, dtype="float32")
     mx.random.seed(0)
@@ -138,16 +156,27 @@ def test_peft_export_loads_in_peft_with_matching_logits(fixture_dir, fixture_ven
     for _, m in model.named_modules():
         if isinstance(m, LoRALinear):
             m.lora_B = 0.02 * mx.random.normal(m.lora_B.shape)
-    save_adapter(model, str(tmp_path / "ad"), {"rank": 4, "alpha": 8.0, "targets": ["q", "v", "o", "down"],
-                                                "num_layers": 6, "dropout": 0.0})
-    export_peft(str(tmp_path / "ad"), str(tmp_path / "peft"), base_model=fixture_dir,
-                num_hidden_layers=len(model.layers))
+    save_adapter(
+        model,
+        str(tmp_path / "ad"),
+        {"rank": 4, "alpha": 8.0, "targets": ["q", "v", "o", "down"], "num_layers": 6, "dropout": 0.0},
+    )
+    export_peft(
+        str(tmp_path / "ad"),
+        str(tmp_path / "peft"),
+        base_model=fixture_dir,
+        num_hidden_layers=len(model.layers),
+    )
     ids = tok.encode("def fibonacci(n):\n    ")
     ours = np.array(model(mx.array([ids]))[0, :, :2000])
     base = np.array(real_model[0](mx.array([ids]))[0, :, :2000])
     assert np.abs(ours - base).max() > 0.05, "the adapter must matter for the comparison to mean anything"
-    out = subprocess.run([py, "-c", PEFT_CHECK, fixture_dir, str(tmp_path / "peft"), json.dumps(ids)],
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [py, "-c", PEFT_CHECK, fixture_dir, str(tmp_path / "peft"), json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     theirs = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
     np.testing.assert_allclose(ours, theirs, atol=2e-3 * np.abs(theirs).max())

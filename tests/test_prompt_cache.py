@@ -45,9 +45,7 @@ def test_saved_and_reloaded_cache_continues_identically(tiny, tmp_path, kv):
     pc, _ = load_prompt_cache(path, model, kv)
     warm = list(qmlx.stream_generate(model, tok, question, 16, temperature=0.0, prompt_cache=pc))
     assert pc.reused == len(doc)
-    cold = qmlx.stream_generate(
-        model, tok, question, 16, temperature=0.0, prompt_cache=PromptCache(**kv)
-    )
+    cold = qmlx.stream_generate(model, tok, question, 16, temperature=0.0, prompt_cache=PromptCache(**kv))
     assert tokens(warm) == tokens(cold)
 
 

@@ -8,6 +8,7 @@ import pytest
 from mlx.utils import tree_flatten
 from tiny import random_model, tiny_config
 
+from qmlx import kernels
 from qmlx.quant import (
     QuantizationError,
     QuantizedEmbedding,
@@ -19,7 +20,6 @@ from qmlx.quant import (
     quantize_model,
     quantize_rows,
 )
-from qmlx import kernels
 from qmlx.quant import layers as qlayers
 from qmlx.quant.groups import group_error_bound
 from qmlx.quant.recipes import is_sensitive_layer, layer_params
@@ -177,9 +177,7 @@ def test_quantized_layers_are_frozen():
 
 def _layers(model) -> dict[str, int]:
     return {
-        p: m.weight.shape[1]
-        for p, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Embedding))
+        p: m.weight.shape[1] for p, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
     }
 
 
@@ -272,7 +270,9 @@ def test_recipes():
     assert "model.layers.0.mlp.down_proj" not in head8
     kv8 = plan({**layers, "model.layers.3.self_attn.k_proj": 896}, 24, bits=4, group_size=64, recipe="kv-8")
     high = {k for k, v in kv8.items() if isinstance(v, dict)}
-    assert high == {f"model.layers.{i}.self_attn.v_proj" for i in range(24)} | {"model.layers.3.self_attn.k_proj"}
+    assert high == {f"model.layers.{i}.self_attn.v_proj" for i in range(24)} | {
+        "model.layers.3.self_attn.k_proj"
+    }
     assert kv8["model.layers.3.self_attn.k_proj"] == {"group_size": 64, "bits": 8} and kv8["bits"] == 4
     mixed = plan(layers, 24, bits=8, group_size=64, recipe="mixed-4-6")
     assert mixed["bits"] == 4  # the recipe's low bits, whatever --bits says

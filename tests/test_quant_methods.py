@@ -230,9 +230,7 @@ def test_quality_matches_numpy_on_full_logits():
 
 
 def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "qmlx", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "qmlx", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_cli_quality_table_and_one_line_refusal(src, tmp_path):

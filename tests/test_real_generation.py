@@ -24,19 +24,13 @@ def check(path):
 @pytest.fixture(scope="module")
 def edit_prompt(real_model):
     _, tok = real_model
-    msg = (
-        "Rename UserError to InputError in this code and print all of it:\n```python\n"
-        + CODE
-        + "```"
-    )
+    msg = "Rename UserError to InputError in this code and print all of it:\n```python\n" + CODE + "```"
     # Start the answer with the code block, so the model copies code from the first token.
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": msg}]) + "```python\n")
 
 
 def greedy(model, tok, ids, n, **kw):
-    events = list(
-        qmlx.stream_generate(model, tok, ids, n, temperature=0.0, repetition_penalty=1.0, **kw)
-    )
+    events = list(qmlx.stream_generate(model, tok, ids, n, temperature=0.0, repetition_penalty=1.0, **kw))
     return [e.token for e in events if e.token is not None], events
 
 

@@ -82,8 +82,10 @@ def test_korean_and_chinese_stream_without_broken_characters(real_model, referen
     for p in reference["prompts"]:
         if p["id"] not in ("ko", "zh"):
             continue
-        pieces = [ev.text for ev in qmlx.stream_generate(model, tok, _ids(p["input_ids"]), max_tokens=40,
-                                                          temperature=0.0)]
+        pieces = [
+            ev.text
+            for ev in qmlx.stream_generate(model, tok, _ids(p["input_ids"]), max_tokens=40, temperature=0.0)
+        ]
         assert all("\ufffd" not in x for x in pieces)
         full = "".join(pieces)
         assert full and "\ufffd" not in full

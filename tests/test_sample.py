@@ -59,9 +59,7 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize(
-    "settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items())
-)
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
 def test_sampler_matches_renormalised_distribution(settings):
     mx.random.seed(0)
     freq = draw(make_sampler(**settings), LOGITS)
@@ -153,9 +151,7 @@ def test_repetition_penalty_like_transformers_over_the_recent_context():
         want[:, t] = np.where(want[:, t] < 0, want[:, t] * 1.3, want[:, t] / 1.3)
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.array_equal(got[:, [48, 49]], logits[:, [48, 49]])
-    short = apply(
-        make_logits_processors(repetition_penalty=1.3, repetition_context_size=2), tokens, logits
-    )
+    short = apply(make_logits_processors(repetition_penalty=1.3, repetition_context_size=2), tokens, logits)
     changed = np.nonzero((short != logits).any(0))[0].tolist()
     assert changed == sorted(set(tokens[-2:]))
 

@@ -66,9 +66,7 @@ def client(engine):
 
 
 def chat(client, **body):
-    return client.post(
-        "/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0.0, **body}
-    )
+    return client.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 0.0, **body})
 
 
 def sse_events(text: str) -> list:
@@ -104,15 +102,10 @@ def test_chat_non_streaming_has_usage(client):
     body = r.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     choice = body["choices"][0]
-    assert choice["message"]["role"] == "assistant" and isinstance(
-        choice["message"]["content"], str
-    )
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("stop", "length")
     u = body["usage"]
-    assert (
-        u["completion_tokens"] <= 6
-        and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
-    )
+    assert u["completion_tokens"] <= 6 and u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
 
 
 def test_chat_streaming_matches_non_streaming(client):
@@ -126,8 +119,7 @@ def test_chat_streaming_matches_non_streaming(client):
     assert text == whole["choices"][0]["message"]["content"]
     finals = [e for e in events if e["choices"] and e["choices"][0]["finish_reason"]]
     assert (
-        len(finals) == 1
-        and finals[0]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+        len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
     )
     assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
 
@@ -148,9 +140,7 @@ def test_text_completion_and_stop_string(client):
     body = r.json()
     text = body["choices"][0]["text"]
     assert body["object"] == "text_completion" and body["usage"]["prompt_tokens"] == 5
-    stop = next(
-        (text[i : i + 2] for i in range(3, len(text) - 1) if text[i : i + 2] not in text[:i]), None
-    )
+    stop = next((text[i : i + 2] for i in range(3, len(text) - 1) if text[i : i + 2] not in text[:i]), None)
     if stop is None:
         pytest.skip("the random model repeated itself")
     r = client.post(
@@ -166,9 +156,7 @@ def test_text_completion_and_stop_string(client):
     events = sse_events(r.text)
     assert events[-1]["choices"][0]["finish_reason"] == "length"
     assert all(
-        len(e["choices"][0]["logprobs"]["top_logprobs"][0]) <= 2
-        for e in events
-        if e["choices"][0]["text"]
+        len(e["choices"][0]["logprobs"]["top_logprobs"][0]) <= 2 for e in events if e["choices"][0]["text"]
     )
 
 
@@ -190,15 +178,9 @@ SCHEMA = {
 def test_json_schema_output_always_parses(client, max_tokens):
     fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}
     for temperature in (0.0, 1.0):
-        body = chat(
-            client, max_tokens=max_tokens, temperature=temperature, response_format=fmt
-        ).json()
+        body = chat(client, max_tokens=max_tokens, temperature=temperature, response_format=fmt).json()
         out = json.loads(body["choices"][0]["message"]["content"])
-        assert (
-            set(out) == {"city", "days", "unit"}
-            and isinstance(out["days"], int)
-            and out["unit"] in "CF"
-        )
+        assert set(out) == {"city", "days", "unit"} and isinstance(out["days"], int) and out["unit"] in "CF"
 
 
 def test_json_object_streamed(client):
@@ -260,9 +242,7 @@ def test_forced_call_streams_as_a_tool_call_delta(client):
     )
     events = sse_events(r.text)
     deltas = [d for e in events for d in e["choices"][0]["delta"].get("tool_calls", [])]
-    assert (
-        len(deltas) == 1 and deltas[0]["index"] == 0 and deltas[0]["function"]["name"] == "get_time"
-    )
+    assert len(deltas) == 1 and deltas[0]["index"] == 0 and deltas[0]["function"]["name"] == "get_time"
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
@@ -282,9 +262,7 @@ def test_tool_results_are_accepted_in_the_conversation(client):
         },
         {"role": "tool", "tool_call_id": "call_1", "content": "-3C"},
     ]
-    r = client.post(
-        "/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "max_tokens": 4}
-    )
+    r = client.post("/v1/chat/completions", json={"messages": messages, "tools": TOOLS, "max_tokens": 4})
     assert r.status_code == 200, r.text
 
 
@@ -333,11 +311,7 @@ def test_tool_results_are_accepted_in_the_conversation(client):
             "",
         ),
         (
-            {
-                "messages": [
-                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
-                ]
-            },
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages.0.content.0",
             "text",
         ),
@@ -391,16 +365,12 @@ def test_malformed_bodies(client):
         b"\xff\xfe",
         b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
     ]:
-        r = client.post(
-            "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
-        )
+        r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
         assert r.status_code == 400 or r.status_code == 200, (raw, r.text)
         if r.status_code == 400:
             assert "error" in r.json()
     assert_error(
-        client.post(
-            "/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"}
-        ),
+        client.post("/v1/chat/completions", content=b"{bad", headers={"content-type": "application/json"}),
         400,
         contains="JSON",
     )
@@ -409,9 +379,7 @@ def test_malformed_bodies(client):
 def test_body_size_limit(client):
     big = json.dumps({"messages": [{"role": "user", "content": "x" * 60_000}]}).encode()
     assert_error(
-        client.post(
-            "/v1/chat/completions", content=big, headers={"content-type": "application/json"}
-        ),
+        client.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"}),
         413,
     )
 
@@ -420,9 +388,7 @@ def test_body_size_limit(client):
             yield b" " * 10_000
 
     assert_error(
-        client.post(
-            "/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}
-        ),
+        client.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"}),
         413,
     )
 
@@ -451,9 +417,7 @@ def test_api_key(engine):
         {"Authorization": "Basic s3cret"},
     ):
         assert_error(c.get("/v1/models", headers=headers), 401, code="invalid_api_key")
-        assert_error(
-            c.post("/v1/chat/completions", json={"messages": MESSAGES}, headers=headers), 401
-        )
+        assert_error(c.post("/v1/chat/completions", json={"messages": MESSAGES}, headers=headers), 401)
     assert_error(c.get("/health"), 401)
     ok = {"Authorization": "Bearer s3cret"}
     assert c.get("/v1/models", headers=ok).status_code == 200
@@ -461,9 +425,7 @@ def test_api_key(engine):
 
 
 def chat_with(c, headers):
-    return c.post(
-        "/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}, headers=headers
-    )
+    return c.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2}, headers=headers)
 
 
 def test_the_server_still_serves_after_all_that(client):
@@ -491,9 +453,7 @@ def test_concurrent_requests_get_the_same_answers_as_sequential(client):
             stream = i % 2 == 0
             r = c.post("/v1/chat/completions", json={**body(prompts[i]), "stream": stream})
             if stream:
-                results[i] = "".join(
-                    e["choices"][0]["delta"].get("content", "") for e in sse_events(r.text)
-                )
+                results[i] = "".join(e["choices"][0]["delta"].get("content", "") for e in sse_events(r.text))
             else:
                 results[i] = r.json()["choices"][0]["message"]["content"]
 
@@ -519,9 +479,7 @@ def wait_idle(engine, timeout=10.0) -> dict:
 def slow_engine(tmp_path_factory):
     """A wider random model, slow enough (a few ms a token) for a client to leave mid-way."""
     folder = str(tmp_path_factory.mktemp("wide"))
-    cfg = tiny_config(
-        hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8
-    )
+    cfg = tiny_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8)
     write_folder(folder, cfg)
     eng = Engine(*qmlx.load(folder), "wide", max_concurrency=2)
     eng.start()
@@ -536,8 +494,7 @@ def test_disconnecting_clients_free_their_slots(slow_engine):
     tok = engine.tokenizer
     # Sampled, but never the end: every job runs until its client leaves.
     no_end = {str(t): -100 for t in tok.eos_token_ids}
-    body = {"messages": MESSAGES, "max_tokens": 480, "stream": True, "temperature": 1.0,
-            "logit_bias": no_end}
+    body = {"messages": MESSAGES, "max_tokens": 480, "stream": True, "temperature": 1.0, "logit_bias": no_end}
     with running_server(engine) as url:
         for _ in range(3):  # more clients than slots: each must free its slot for the next
             with httpx.Client(base_url=url, timeout=30) as c:
@@ -552,7 +509,8 @@ def test_disconnecting_clients_free_their_slots(slow_engine):
         with socket.create_connection((host, int(port)), timeout=30) as s:
             s.sendall(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
             )
             deadline = time.time() + 30
             while engine.stats["cancelled"] < 3 or engine.occupancy()["active"] == 0:
@@ -608,9 +566,7 @@ def test_a_failing_generation_fails_only_its_request(tiny, engine, client, monke
 def test_a_full_queue_answers_429(tiny):
     model, tok = tiny
     idle = Engine(model, tok, "tiny", max_queue=0)  # never started: nothing leaves the queue
-    assert_error(
-        TestClient(create_app(idle)).post("/v1/chat/completions", json={"messages": MESSAGES}), 429
-    )
+    assert_error(TestClient(create_app(idle)).post("/v1/chat/completions", json={"messages": MESSAGES}), 429)
 
 
 def test_serve_command_refuses_a_taken_port():

@@ -22,9 +22,7 @@ PERSON = {
     },
     "required": ["name", "age", "tags"],
     "additionalProperties": False,
-    "$defs": {
-        "Pet": {"type": "object", "properties": {"kind": {"const": "cat"}}, "required": ["kind"]}
-    },
+    "$defs": {"Pet": {"type": "object", "properties": {"kind": {"const": "cat"}}, "required": ["kind"]}},
 }
 
 VALID = [
@@ -170,14 +168,10 @@ def test_recursive_schemas():
     assert g.matches('{"v": 1, "kids": [{"v": 2, "kids": []}, {"v": 3}]}')
     assert not g.matches('{"v": 1, "kids": [{"kids": []}]}')
     endless = {
-        "$defs": {
-            "A": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"]}
-        }
+        "$defs": {"A": {"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"]}}
     }
     with pytest.raises(SchemaError, match="no finite value"):
-        Grammar.for_schema(
-            {"type": "object", "properties": {"x": {"$ref": "#/$defs/A"}}, **endless}
-        )
+        Grammar.for_schema({"type": "object", "properties": {"x": {"$ref": "#/$defs/A"}}, **endless})
     # A way out (null) makes it finite again.
     ok = {
         "$defs": {

@@ -84,7 +84,9 @@ def test_tool_call_round_trip(client):
     # Send the call and its result back, as an OpenAI client does; the answer must use it.
     # (The 0.5B model repeats its call after a bare result -- transformers' generate does the
     # same -- so the result, like many real tools' output, says what to do next.)
-    result = "Result of get_weather: 31 degrees Celsius, sunny. Now answer the user's question in one sentence."
+    result = (
+        "Result of get_weather: 31 degrees Celsius, sunny. Now answer the user's question in one sentence."
+    )
     messages += [
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": result},
@@ -162,8 +164,7 @@ def test_concurrent_streams_match_sequential(client):
         "extra_body": {"repetition_penalty": 1.0},
     }
     alone = [
-        client.chat.completions.create(messages=ask(q), **kw).choices[0].message.content
-        for q in questions
+        client.chat.completions.create(messages=ask(q), **kw).choices[0].message.content for q in questions
     ]
     got: dict[int, str] = {}
 

@@ -29,9 +29,7 @@ def feed_in_pieces(text: str, cuts: list[int]):
 def test_single_call():
     content, calls = parse_tool_calls(ONE)
     assert content is None
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
-        ("get_weather", {"city": "Paris"})
-    ]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
     assert calls[0].id.startswith("call_")
 
 
@@ -120,9 +118,7 @@ def test_template_messages_parse_arguments_and_flatten_content():
 
 def test_template_messages_refuse_what_cannot_be_rendered():
     with pytest.raises(MessageError) as e:
-        template_messages(
-            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
-        )
+        template_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
     assert e.value.param == "messages.0.content.0"
     bad = {
         "role": "assistant",

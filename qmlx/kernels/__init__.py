@@ -33,7 +33,9 @@ def _load() -> None:
         status = f"not built ({e}): MLX's kernels"
         return
     if _qmm.mlx_version != mx.__version__.split(".dev")[0]:
-        status = f"built for mlx {_qmm.mlx_version}, running mlx {mx.__version__}: MLX's kernels (reinstall qmlx)"
+        status = (
+            f"built for mlx {_qmm.mlx_version}, running mlx {mx.__version__}: MLX's kernels (reinstall qmlx)"
+        )
         return
     _ext = _qmm
     status = f"qmlx {_qmm.isa()}, {_qmm.threads()} threads"
@@ -73,7 +75,7 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     if _ext is None or not on_cpu() or not (mask is None or (isinstance(mask, str) and mask == "causal")):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
-    H_kv, S = k.shape[1], k.shape[2]
+    H_kv = k.shape[1]
     # GQA: the query heads of one KV head become rows of one product, (rep, L) -> rep * L
     qg = q.reshape(B, H_kv, (H // H_kv) * L, D)
     probs = _ext.softmax(_ext.matmul(qg, k.swapaxes(-1, -2)), scale, L if mask == "causal" and L > 1 else 0)
@@ -94,8 +96,15 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return y + bias if bias is not None else y
 
 
-def rope(x: mx.array, dims: int, *, base: float | None, offset, freqs: mx.array | None = None,
-         freq_list: list[float] | None = None) -> mx.array:
+def rope(
+    x: mx.array,
+    dims: int,
+    *,
+    base: float | None,
+    offset,
+    freqs: mx.array | None = None,
+    freq_list: list[float] | None = None,
+) -> mx.array:
     """mx.fast.rope in the "rotate half" layout at scale 1; one op on the CPU for an integer offset.
     `freq_list` is `freqs` as Python floats (kept by the caller so no call reads the array back)."""
     if _ext is not None and isinstance(offset, int) and on_cpu():

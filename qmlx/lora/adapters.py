@@ -69,7 +69,9 @@ def load_adapter(model: nn.Module, folder: str, weights_name: str = WEIGHTS) -> 
         raise AdapterError(f"{path}: not found")
     num_layers = cfg.get("num_layers")
     if num_layers is not None and not 0 < num_layers <= len(model.layers):
-        raise AdapterError(f"{folder}/{CONFIG}: num_layers {num_layers} does not fit a model of {len(model.layers)} layers")
+        raise AdapterError(
+            f"{folder}/{CONFIG}: num_layers {num_layers} does not fit a model of {len(model.layers)} layers"
+        )
     apply_lora(model, cfg["rank"], cfg["alpha"], cfg.get("dropout", 0.0), cfg["targets"], num_layers)
     weights = mx.load(path)
     expected = adapter_weights(model)
@@ -80,7 +82,9 @@ def load_adapter(model: nn.Module, folder: str, weights_name: str = WEIGHTS) -> 
         raise AdapterError(f"{path}: {what} (trained for another model or --targets?)")
     for k, v in weights.items():
         if v.shape != expected[k].shape:
-            raise AdapterError(f"{path}: {k!r} has shape {list(v.shape)}, this model needs {list(expected[k].shape)}")
+            raise AdapterError(
+                f"{path}: {k!r} has shape {list(v.shape)}, this model needs {list(expected[k].shape)}"
+            )
     model.load_weights(list(weights.items()), strict=False)
     mx.eval(model.parameters())
     model.eval()

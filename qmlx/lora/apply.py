@@ -32,8 +32,11 @@ def parse_targets(spec: str | list[str] | tuple[str, ...], flag: str = "--target
     names = [n.strip() for n in names if n.strip()]
     bad = [n for n in names if n not in TARGETS]
     if bad or not names:
-        raise UserError(f"{flag}: unknown target {bad[0]!r}; choose from {','.join(TARGETS)}" if bad
-                        else f"{flag}: no targets given")
+        raise UserError(
+            f"{flag}: unknown target {bad[0]!r}; choose from {','.join(TARGETS)}"
+            if bad
+            else f"{flag}: no targets given"
+        )
     return list(dict.fromkeys(names))
 
 

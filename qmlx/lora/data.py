@@ -146,11 +146,11 @@ def _encode_chat(messages, tools, tokenizer, where) -> tuple[list[int], list[boo
         after = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not before.startswith(done) or not after.startswith(before):
             raise DataError(f"{where}: the chat template does not render this conversation turn by turn")
-        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        pieces += [(before[len(done) :], False), (after[len(before) :], True)]
         done = after
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=tools)
     if full.startswith(done) and len(full) > len(done):
-        pieces.append((full[len(done):], False))
+        pieces.append((full[len(done) :], False))
     tokens, mask = [], []
     for text, trained in pieces:
         ids = tokenizer.encode(text) if text else []

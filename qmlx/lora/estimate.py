@@ -48,7 +48,9 @@ def read_config(model: str) -> dict:
 
             path = hf_hub_download(model, "config.json")
         except Exception as e:  # offline, missing repo, auth: one message for the user
-            raise ModelNotFound(f"--model {model}: the hub could not provide config.json ({type(e).__name__})") from None
+            raise ModelNotFound(
+                f"--model {model}: the hub could not provide config.json ({type(e).__name__})"
+            ) from None
     with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)
@@ -62,7 +64,15 @@ def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
     """(out, in) of each projection of one block, by short target name."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     d, i = c.hidden_size, c.intermediate_size
-    return {"q": (q, d), "k": (kv, d), "v": (kv, d), "o": (d, q), "gate": (i, d), "up": (i, d), "down": (d, i)}
+    return {
+        "q": (q, d),
+        "k": (kv, d),
+        "v": (kv, d),
+        "o": (d, q),
+        "gate": (i, d),
+        "up": (i, d),
+        "down": (d, i),
+    }
 
 
 @dataclass
@@ -82,13 +92,28 @@ class Estimate:
 
     @property
     def total_checkpointed(self) -> float:
-        return (self.weights + self.adapters + self.activations_checkpointed + self.logits
-                + self.dequantized_checkpointed)
+        return (
+            self.weights
+            + self.adapters
+            + self.activations_checkpointed
+            + self.logits
+            + self.dequantized_checkpointed
+        )
 
 
-def estimate(config: dict, bits: int | None, group_size: int = 64, rank: int = 8, targets=DEFAULT_TARGETS,
-             batch_size: int = 8, seq_len: int = 512, dtype_bytes: int = 2, dropout: float = 0.0,
-             cpu: bool = False, num_layers: int | None = None) -> Estimate:
+def estimate(
+    config: dict,
+    bits: int | None,
+    group_size: int = 64,
+    rank: int = 8,
+    targets=DEFAULT_TARGETS,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    dtype_bytes: int = 2,
+    dropout: float = 0.0,
+    cpu: bool = False,
+    num_layers: int | None = None,
+) -> Estimate:
     c = ModelConfig.from_dict(config)
     n_layers = c.num_hidden_layers
     adapted = n_layers if num_layers is None else min(num_layers, n_layers)
@@ -112,7 +137,8 @@ def estimate(config: dict, bits: int | None, group_size: int = 64, rank: int = 8
     q, kv, inter = shapes["q"][0], shapes["k"][0], c.intermediate_size
     keep = (
         4 * d  # block input, first norm output, attention residual, second norm output
-        + 2 * q + 2 * kv  # RoPE'd queries and keys, values, attention output
+        + 2 * q
+        + 2 * kv  # RoPE'd queries and keys, values, attention output
         + 4 * inter  # gate, up, silu(gate), their product (down's input)
         + rank * len(targets)  # x·A of each adapter
     )
@@ -131,7 +157,9 @@ def estimate(config: dict, bits: int | None, group_size: int = 64, rank: int = 8
 
         largest = max([o * i for o, i in shapes.values()] + [min(vocab, OUT_BLOCK) * d])
         dequant = dequant_ckpt = 2.0 * largest * 4  # the product's operand and MLX's temporary
-    return Estimate(weights, adapters, lora_params, activations, activations_ckpt, logits, dequant, dequant_ckpt)
+    return Estimate(
+        weights, adapters, lora_params, activations, activations_ckpt, logits, dequant, dequant_ckpt
+    )
 
 
 def report(e: Estimate, title: str) -> str:

@@ -20,14 +20,30 @@ from .adapters import load_adapter
 from .apply import fuse_model, lora_modules
 
 # Copied as they are from the base folder.
-SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-              "added_tokens.json", "chat_template.jinja", "generation_config.json", "LICENSE")
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "LICENSE",
+)
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SHARD_BYTES = 5 * 10**9
 
 
-def fuse(model: str, adapter: str, dst: str, bits: int | None = None, group_size: int | None = None,
-         dtype: str | None = None, force: bool = False) -> str:
+def fuse(
+    model: str,
+    adapter: str,
+    dst: str,
+    bits: int | None = None,
+    group_size: int | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+) -> str:
     from ..loader import load_model, resolve
 
     folder = resolve(model)
@@ -87,7 +103,9 @@ def _write_folder(model, src: str, dst: str, config: dict, dtype) -> None:
         weight_map = {}
         for i, names in enumerate(shards, 1):
             file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            mx.save_safetensors(os.path.join(tmp, file), {k: weights[k] for k in names}, metadata={"format": "mlx"})
+            mx.save_safetensors(
+                os.path.join(tmp, file), {k: weights[k] for k in names}, metadata={"format": "mlx"}
+            )
             weight_map.update({k: file for k in names})
         total = sum(v.nbytes for v in weights.values())
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:

@@ -17,8 +17,13 @@ from .adapters import WEIGHTS, read_adapter_config, write_json
 from .apply import TARGETS
 
 
-def export_peft(adapter: str, dst: str, base_model: str | None = None, num_hidden_layers: int | None = None,
-                force: bool = False) -> str:
+def export_peft(
+    adapter: str,
+    dst: str,
+    base_model: str | None = None,
+    num_hidden_layers: int | None = None,
+    force: bool = False,
+) -> str:
     """Write `adapter_model.safetensors` + `adapter_config.json` (PEFT LoRA) into `dst`."""
     cfg = read_adapter_config(adapter)
     if os.path.exists(os.path.join(dst, "adapter_model.safetensors")) and not force:
@@ -29,26 +34,31 @@ def export_peft(adapter: str, dst: str, base_model: str | None = None, num_hidde
     layers = None
     if cfg.get("num_layers") is not None:
         if num_hidden_layers is None:
-            raise UserError(f"{adapter}: adapts only the last {cfg['num_layers']} layers; "
-                            "exporting needs the base model (--model)")
+            raise UserError(
+                f"{adapter}: adapts only the last {cfg['num_layers']} layers; "
+                "exporting needs the base model (--model)"
+            )
         layers = list(range(num_hidden_layers - cfg["num_layers"], num_hidden_layers))
     os.makedirs(dst, exist_ok=True)
     tmp = os.path.join(dst, f".tmp{os.getpid()}.safetensors")
     mx.save_safetensors(tmp, out, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(dst, "adapter_model.safetensors"))
-    write_json(os.path.join(dst, "adapter_config.json"), {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model or cfg.get("base_model"),
-        "r": cfg["rank"],
-        "lora_alpha": cfg["alpha"],
-        "lora_dropout": cfg.get("dropout", 0.0),
-        "target_modules": sorted(TARGETS[t].split(".")[-1] for t in cfg["targets"]),
-        "layers_to_transform": layers,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "use_rslora": False,
-        "modules_to_save": None,
-    })
+    write_json(
+        os.path.join(dst, "adapter_config.json"),
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model or cfg.get("base_model"),
+            "r": cfg["rank"],
+            "lora_alpha": cfg["alpha"],
+            "lora_dropout": cfg.get("dropout", 0.0),
+            "target_modules": sorted(TARGETS[t].split(".")[-1] for t in cfg["targets"]),
+            "layers_to_transform": layers,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "use_rslora": False,
+            "modules_to_save": None,
+        },
+    )
     return dst

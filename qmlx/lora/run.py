@@ -37,8 +37,12 @@ def prepare(cfg: TrainConfig, out: str, dtype=None, resume: str | None = None, l
     scores = None
     if cfg.order != "random":
         # The base model's losses: before any adapter exists, so every seed shares them.
-        key = {"model": os.path.abspath(folder), "max_seq_len": cfg.max_seq_len,
-               "train_on_prompt": cfg.train_on_prompt, "dtype": str(model.model.norm.weight.dtype)}
+        key = {
+            "model": os.path.abspath(folder),
+            "max_seq_len": cfg.max_seq_len,
+            "train_on_prompt": cfg.train_on_prompt,
+            "dtype": str(model.model.norm.weight.dtype),
+        }
         scores, path, cached = difficulty(model, data["train"], key, cfg.batch_size)
         log(f"difficulty: {'read from' if cached else 'computed, cached in'} {path}")
     mx.random.seed(cfg.seed)
@@ -71,9 +75,14 @@ def train_with_progress(trainer: Trainer, out=sys.stderr) -> None:
     console = Console(file=out)
     stats = {"loss": "-", "tps": "-", "lr": "-", "mem": "-", "val": "-"}
     with Progress(
-        TextColumn("[bold]lora"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        TextColumn("loss {task.fields[loss]} · val {task.fields[val]} · {task.fields[tps]} tok/s · "
-                   "lr {task.fields[lr]} · peak {task.fields[mem]}"),
+        TextColumn("[bold]lora"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn(
+            "loss {task.fields[loss]} · val {task.fields[val]} · {task.fields[tps]} tok/s · "
+            "lr {task.fields[lr]} · peak {task.fields[mem]}"
+        ),
         console=console,
     ) as bar:
         task = bar.add_task("train", total=cfg.iters, completed=trainer.step, **stats)
@@ -82,8 +91,12 @@ def train_with_progress(trainer: Trainer, out=sys.stderr) -> None:
             if ev.kind == "step":
                 stats["loss"] = f"{v['loss']:.3f}"
             elif ev.kind == "train":
-                stats.update(loss=f"{v['train_loss']:.3f}", tps=f"{v['tokens_per_sec']:.0f}",
-                             lr=f"{v['lr']:.2e}", mem=f"{v['peak_memory_gb']:.2f} GB")
+                stats.update(
+                    loss=f"{v['train_loss']:.3f}",
+                    tps=f"{v['tokens_per_sec']:.0f}",
+                    lr=f"{v['lr']:.2e}",
+                    mem=f"{v['peak_memory_gb']:.2f} GB",
+                )
             elif ev.kind == "val":
                 stats["val"] = f"{v['val_loss']:.3f}"
                 bar.console.print(_describe(ev))
@@ -95,8 +108,10 @@ def train_with_progress(trainer: Trainer, out=sys.stderr) -> None:
 def _describe(ev) -> str:
     v = ev.values
     if ev.kind == "train":
-        return (f"step {ev.step}: loss {v['train_loss']:.4f}, lr {v['lr']:.3e}, "
-                f"{v['tokens_per_sec']:.0f} tok/s, peak {v['peak_memory_gb']:.2f} GB")
+        return (
+            f"step {ev.step}: loss {v['train_loss']:.4f}, lr {v['lr']:.3e}, "
+            f"{v['tokens_per_sec']:.0f} tok/s, peak {v['peak_memory_gb']:.2f} GB"
+        )
     if ev.kind == "val":
         return f"step {ev.step}: validation loss {v['val_loss']:.4f}"
     if ev.kind == "rescore":
@@ -109,8 +124,10 @@ def check_out(out: str, resume: str | None, force: bool) -> None:
     if resume or not os.path.exists(os.path.join(out, "train_config.json")):
         return
     if not force:
-        raise UserError(f"--adapter-path {out}: already holds a run; use --resume {out} to continue it "
-                        "or --force to start over")
+        raise UserError(
+            f"--adapter-path {out}: already holds a run; use --resume {out} to continue it "
+            "or --force to start over"
+        )
     # Remove only what a run writes, never anything else the user keeps there.
     shutil.rmtree(os.path.join(out, CHECKPOINTS), ignore_errors=True)
     for name in ("train_config.json", "metrics.jsonl", WEIGHTS, CONFIG):

@@ -66,15 +66,23 @@ class TrainConfig:
     save_every: int = 100
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in d.items() if k in names})
         cfg.band = tuple(cfg.band)
         return cfg
 
     def validate(self) -> None:
-        positive = ("rank", "batch_size", "iters", "grad_accum", "report_every", "val_every", "save_every",
-                    "rescore_every")
+        positive = (
+            "rank",
+            "batch_size",
+            "iters",
+            "grad_accum",
+            "report_every",
+            "val_every",
+            "save_every",
+            "rescore_every",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -123,8 +131,14 @@ class Event:
 class Trainer:
     """Trains the LoRA parameters of `model` (already wrapped, see apply_lora) on `data`."""
 
-    def __init__(self, model: nn.Module, data: dict[str, Dataset], cfg: TrainConfig, out: str,
-                 difficulty: np.ndarray | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        data: dict[str, Dataset],
+        cfg: TrainConfig,
+        out: str,
+        difficulty: np.ndarray | None = None,
+    ):
         cfg.validate()
         self.model, self.data, self.cfg, self.out = model, data, cfg, out
         self.train_set = data["train"]
@@ -198,19 +212,28 @@ class Trainer:
                 yield Event("step", self.step, {"loss": loss})
                 if self.step % cfg.report_every == 0 or self.step == cfg.iters:
                     dt = time.perf_counter() - t0
-                    yield self._log(metrics, Event("train", self.step, {
-                        "train_loss": float(np.mean(window_loss)),
-                        "lr": float(self.optimizer.learning_rate.item()),
-                        "tokens_per_sec": window_tokens / dt,
-                        "step_time": dt / len(window_loss),
-                        "trained_tokens": self.trained_tokens,
-                        "peak_memory_gb": mx.get_peak_memory() / 1e9,
-                    }))
+                    yield self._log(
+                        metrics,
+                        Event(
+                            "train",
+                            self.step,
+                            {
+                                "train_loss": float(np.mean(window_loss)),
+                                "lr": float(self.optimizer.learning_rate.item()),
+                                "tokens_per_sec": window_tokens / dt,
+                                "step_time": dt / len(window_loss),
+                                "trained_tokens": self.trained_tokens,
+                                "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                            },
+                        ),
+                    )
                     window_loss, window_tokens, t0 = [], 0, time.perf_counter()
                 if cfg.order == "adaptive" and self.step % cfg.rescore_every == 0 and self.step < cfg.iters:
                     n = self.rescore()
-                    yield self._log(metrics, Event("rescore", self.step, {
-                        "rescored": n, "in_band": len(self.order.in_band())}))
+                    yield self._log(
+                        metrics,
+                        Event("rescore", self.step, {"rescored": n, "in_band": len(self.order.in_band())}),
+                    )
                 if has_valid and (self.step % cfg.val_every == 0 or self.step == cfg.iters):
                     yield self._log(metrics, Event("val", self.step, {"val_loss": self.validate()}))
                 if self.step % cfg.save_every == 0 or self.step == cfg.iters:
@@ -245,11 +268,15 @@ class Trainer:
         if self.order.scores is not None:
             state["__order_scores__"] = mx.array(self.order.scores.astype(np.float32))
         mx.save_safetensors(os.path.join(tmp, "optimizer.safetensors"), state)
-        write_json(os.path.join(tmp, "trainer_state.json"), {
-            "step": self.step, "trained_tokens": self.trained_tokens,
-            # float64 scores exactly (the safetensors copy is float32, for inspection)
-            "order_scores": None if self.order.scores is None else self.order.scores.tolist(),
-        })
+        write_json(
+            os.path.join(tmp, "trainer_state.json"),
+            {
+                "step": self.step,
+                "trained_tokens": self.trained_tokens,
+                # float64 scores exactly (the safetensors copy is float32, for inspection)
+                "order_scores": None if self.order.scores is None else self.order.scores.tolist(),
+            },
+        )
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         return final
@@ -287,7 +314,11 @@ def latest_checkpoint(folder: str) -> str:
     if os.path.exists(os.path.join(folder, "trainer_state.json")):
         return folder
     root = os.path.join(folder, CHECKPOINTS)
-    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and ".tmp" not in d) if os.path.isdir(root) else []
+    steps = (
+        sorted(d for d in os.listdir(root) if d.startswith("step-") and ".tmp" not in d)
+        if os.path.isdir(root)
+        else []
+    )
     if not steps:
         raise UserError(f"--resume {folder}: no checkpoint found (expected {CHECKPOINTS}/step-NNNNNN/)")
     return os.path.join(root, steps[-1])

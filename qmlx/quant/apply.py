@@ -30,9 +30,7 @@ def quantize_model(
     """
     if not isinstance(quantization, dict):
         raise TypeError("quantization must be a dict")
-    check_params(
-        quantization.get("bits"), quantization.get("group_size"), f"{source}: quantization"
-    )
+    check_params(quantization.get("bits"), quantization.get("group_size"), f"{source}: quantization")
     swaps = []
     for path, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Embedding)):
@@ -41,9 +39,7 @@ def quantize_model(
         if params is None:
             continue
         if weight_names is not None:
-            if f"{path}.scales" not in weight_names and not isinstance(
-                quantization.get(path), dict
-            ):
+            if f"{path}.scales" not in weight_names and not isinstance(quantization.get(path), dict):
                 continue
             swaps.append((path, _empty_like(module, **params)))
         elif module.weight.shape[-1] % params["group_size"] == 0:

@@ -99,8 +99,12 @@ def run_block(block: nn.Module, h: mx.array) -> mx.array:
 
 
 # Each distinct input site of a block and the layers that share its input.
-SITES = {"self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"),
-         "self_attn.o_proj": (), "mlp.gate_proj": ("mlp.up_proj",), "mlp.down_proj": ()}
+SITES = {
+    "self_attn.q_proj": ("self_attn.k_proj", "self_attn.v_proj"),
+    "self_attn.o_proj": (),
+    "mlp.gate_proj": ("mlp.up_proj",),
+    "mlp.down_proj": (),
+}
 # With SEQUENTIAL, GPTQ quantizes the sites in this order, each calibrated on the outputs of the
 # ones before, already quantized ("true sequential" in the GPTQ paper's code). Off: it lowers the
 # block's error on the calibration tokens but raised the fixture's perplexity gap (4-bit kv-8,

@@ -56,9 +56,7 @@ def quantize(w: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.arra
     return mx.quantize(w, group_size=group_size, bits=bits)
 
 
-def dequantize(
-    packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int
-) -> mx.array:
+def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, group_size: int) -> mx.array:
     """The dense matrix (in the scales' dtype) a packed triple stands for."""
     return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
 

@@ -12,7 +12,7 @@ layers then choose per call. On Metal, MLX's kernels always.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -50,7 +50,7 @@ def _rows(x: mx.array) -> int:
 OUT_BLOCK = 16384
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dense_product(group_size: int, bits: int):
     """x @ dequantize(W)ᵀ holding at most one block of W in float at a time, forward and back.
 
@@ -124,7 +124,7 @@ class QuantizedLinear(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int, bits: int) -> "QuantizedLinear":
+    def from_linear(cls, linear: nn.Linear, group_size: int, bits: int) -> QuantizedLinear:
         """Quantize an existing dense layer."""
         out_dims, in_dims = linear.weight.shape
         layer = cls(in_dims, out_dims, "bias" in linear, group_size, bits)
@@ -155,7 +155,7 @@ class QuantizedEmbedding(nn.Module):
         self.freeze()
 
     @classmethod
-    def from_embedding(cls, emb: nn.Embedding, group_size: int, bits: int) -> "QuantizedEmbedding":
+    def from_embedding(cls, emb: nn.Embedding, group_size: int, bits: int) -> QuantizedEmbedding:
         """Quantize an existing embedding table."""
         n, dims = emb.weight.shape
         layer = cls(n, dims, group_size, bits)

@@ -84,9 +84,7 @@ def choose_by_sensitivity(
     layers with the most damage per weight.
     """
     fixed = plan(layers, n_layers, low, group_size, f"mixed-{low}-{high}")
-    budget = sum(
-        sensitivity.get(p, {}).get("numel", 0) for p in fixed if p in sensitivity and fixed[p]
-    )
+    budget = sum(sensitivity.get(p, {}).get("numel", 0) for p in fixed if p in sensitivity and fixed[p])
     config = {k: v for k, v in fixed.items() if k in GLOBAL_KEYS or layer_index(k) is None}
     ranked = sorted(sensitivity, key=lambda p: -sensitivity[p]["damage"] / sensitivity[p]["numel"])
     for path in ranked:
@@ -111,9 +109,7 @@ def _is_kv(path: str, n_layers: int) -> bool:
 def _is_head_or_sensitive(path: str, n_layers: int) -> bool:
     index = layer_index(path)
     return _is_head(path, n_layers) or (
-        index is not None
-        and path.endswith(SENSITIVE_PROJECTIONS)
-        and is_sensitive_layer(index, n_layers)
+        index is not None and path.endswith(SENSITIVE_PROJECTIONS) and is_sensitive_layer(index, n_layers)
     )
 
 
