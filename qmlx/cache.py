@@ -14,7 +14,7 @@ Kinds of cache:
     QuantizedRotatingKVCache  RotatingKVCache stored the same way
 
 A quantized cache hands back (packed, scales, biases) triples instead of arrays; the model
-then runs `quantized_attention` from this module. Every cache stores keys and values as
+then runs `qmlx.attention.quantized_attention` on them. Every cache stores keys and values as
 tuples of "parts" that share the token axis (axis 2): one part for float storage, three for
 quantized storage. That is what lets rotation and quantization compose: the ring-buffer code
 only slices, writes and concatenates parts along axis 2 and never looks inside them.
@@ -424,69 +424,6 @@ class QuantizedRotatingKVCache(_QuantizedStorage, RotatingKVCache):
 CACHE_CLASSES = {
     cls.__name__: cls for cls in (KVCache, RotatingKVCache, QuantizedKVCache, QuantizedRotatingKVCache)
 }
-
-
-# --------------------------------------------------------------------------- attention
-
-
-def quantized_attention(
-    queries: mx.array,
-    keys: Parts,
-    values: Parts,
-    scale: float,
-    mask,
-    group_size: int,
-    key_bits: int,
-    value_bits: int,
-) -> mx.array:
-    """Scaled dot-product attention over quantized keys and values, computed in float32.
-
-    queries: (B, n_heads, L, D); keys, values: (packed, scales, biases) triples from
-    mx.quantize of (B, n_kv_heads, S, D) arrays. mask: None, "causal" (queries are the last
-    L of the S keys), or an array broadcastable to (B, n_heads, L, S): bool (True = may
-    attend) or additive. Grouped-query attention is handled by viewing the queries as
-    (B, n_kv_heads, n_rep, L, D) against keys broadcast over n_rep, so keys are never
-    repeated. Returns (B, n_heads, L, D) in the queries' dtype.
-    """
-    B, n_heads, L, D = queries.shape
-    n_kv = keys[0].shape[1]
-    S = keys[0].shape[2]
-    n_rep = n_heads // n_kv
-    # float32 everywhere: on MLX's CPU backend quantized matmuls are slow in half precision,
-    # and the softmax wants the precision anyway.
-    q = (queries.astype(mx.float32) * scale).reshape(B, n_kv, n_rep, L, D)
-    keys = tuple(_float32_or_packed(p)[:, :, None] for p in keys)
-    values = tuple(_float32_or_packed(p)[:, :, None] for p in values)
-
-    scores = mx.quantized_matmul(q, *keys, transpose=True, group_size=group_size, bits=key_bits)
-    if mask is not None:
-        if isinstance(mask, str):
-            if mask != "causal":
-                raise ValueError(f"unknown attention mask {mask!r}")
-            mask = mx.arange(S)[None] <= (S - L + mx.arange(L))[:, None]
-        mask = _mask_for_groups(mask, n_kv, n_rep)
-        if mask.dtype == mx.bool_:
-            scores = mx.where(mask, scores, mx.finfo(mx.float32).min)
-        else:
-            scores = scores + mask.astype(mx.float32)
-    probs = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(probs, *values, transpose=False, group_size=group_size, bits=value_bits)
-    return out.reshape(B, n_heads, L, -1).astype(queries.dtype)
-
-
-def _float32_or_packed(p: mx.array) -> mx.array:
-    # Packed words stay uint32; scales and biases follow the float32 queries.
-    return p if p.dtype == mx.uint32 else p.astype(mx.float32)
-
-
-def _mask_for_groups(mask: mx.array, n_kv: int, n_rep: int) -> mx.array:
-    """A mask broadcastable to (B, n_heads, L, S) made broadcastable to (B, n_kv, n_rep, L, S)."""
-    if mask.ndim < 4:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
-    b, h, q_len, s = mask.shape
-    if h == 1:
-        return mask[:, :, None]
-    return mask.reshape(b, n_kv, n_rep, q_len, s)
 
 
 # --------------------------------------------------------------------------- building and helpers

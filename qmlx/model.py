@@ -13,6 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import kernels
+from .attention import attend
 from .config import ModelConfig
 
 
@@ -56,18 +57,6 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return kernels.rms_norm(x, self.weight, self.eps)
-
-
-def attend(queries, keys, values, scale: float, mask, cache=None) -> mx.array:
-    """Scaled dot-product attention over whatever the cache handed back."""
-    if isinstance(keys, tuple):
-        # A quantized KV cache returns (packed, scales, biases) triples.
-        from .cache import quantized_attention
-
-        return quantized_attention(
-            queries, keys, values, scale, mask, cache.group_size, cache.key_bits, cache.value_bits
-        )
-    return kernels.attention(queries, keys, values, scale, mask)
 
 
 class Attention(nn.Module):

@@ -5,6 +5,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from qmlx.attention import quantized_attention
 from qmlx.cache import (
     KVCache,
     QuantizedKVCache,
@@ -14,7 +15,6 @@ from qmlx.cache import (
     can_trim_cache,
     load_cache,
     make_cache,
-    quantized_attention,
     save_cache,
     trim_cache,
 )
