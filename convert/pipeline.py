@@ -108,10 +108,11 @@ def convert(
     os.makedirs(parent, exist_ok=True)
     _sweep_stale_partials(dst)
     tmp = os.path.join(parent, f"{_partial_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
     old_cache_limit = mx.set_cache_limit(0)  # freed blocks go back to the OS, not a cache
     writer = None
     try:
+        # Inside the try: a signal that lands while os.makedirs returns must not leave the folder.
+        os.makedirs(tmp)
         source.write_side_files(tmp)
         _complete_side_files(tmp, source.config)
         tokens = None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from .errors import Stopped, UserError
 from .generate import GenerationEvent, PromptCache, stream_generate
 
 HELP = """\
@@ -322,6 +322,8 @@ def run_terminal(session: ChatSession, banner: str) -> int:
     while True:
         try:
             line = prompt.prompt("› ")
+        except Stopped:
+            raise  # SIGTERM / SIGHUP: the CLI reports it
         except KeyboardInterrupt:
             return 0  # Ctrl-C at the prompt
         except EOFError:

@@ -8,15 +8,34 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
-from .errors import UserError
+from .errors import Stopped, UserError
 
 # Errors whose messages are for the user; anything else is a bug.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError)
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+
+# Signals that stop a command the way Ctrl-C does: `timeout`, a service manager, a closed terminal.
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _raise_stopped(signum, frame) -> None:
+    # Further stop signals are ignored from here on, so they cannot cut the clean-up short.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a wrong or missing flag is one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def command(fn):
@@ -46,6 +65,25 @@ def sampling_kwargs(args) -> dict:
     }
 
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def add_dtype_flag(p, default: str = "auto", help: str | None = None) -> None:
+    """--dtype: the compute dtype of a command that runs a model ("auto": the device's)."""
+    p.add_argument(
+        "--dtype",
+        default=default,
+        choices=COMPUTE_DTYPES,
+        help=help or "compute dtype (default: auto, the device's: float32 on the CPU, bfloat16 on Metal)",
+    )
+
+
+def add_storage_dtype_flag(p, help: str) -> None:
+    """--dtype: the dtype of the floating tensors a command writes."""
+    p.add_argument("--dtype", choices=STORAGE_DTYPES, help=help)
+
+
 @command
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
@@ -55,7 +93,7 @@ def add_generate(sub) -> None:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    add_dtype_flag(p)
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per model pass")
     add_adapter_flag(p)
     add_kv_cache_flags(p)
@@ -206,7 +244,7 @@ def add_cache_prompt(sub) -> None:
     p.add_argument("--system", "-s", help="system prompt (chat template)")
     p.add_argument("--raw", action="store_true", help="cache the prompt as is, no chat template")
     p.add_argument("--out", "-o", required=True, help="the .safetensors file to write")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    add_dtype_flag(p)
     p.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per model pass")
     add_kv_cache_flags(p)
     p.set_defaults(run=run_cache_prompt)
@@ -243,11 +281,7 @@ def add_convert(sub) -> None:
     p.add_argument("--group-size", type=int, default=64, choices=SUPPORTED_GROUP_SIZES)
     p.add_argument("--recipe", help="which layers get which bits: " + ", ".join(RECIPES) + " (or mixed-L-H)")
     p.add_argument("--shard-size", default="5GB", help="largest shard file, e.g. 5GB, 500MB")
-    p.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        help="dtype of unquantized tensors, scales and biases (default: the source's)",
-    )
+    add_storage_dtype_flag(p, "dtype of unquantized tensors, scales and biases (default: the source's)")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument(
         "--dequantize", action="store_true", help="write unquantized weights (e.g. from a quantized SRC)"
@@ -316,7 +350,7 @@ def add_quality(sub) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens scored per file")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per evaluation window")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    add_dtype_flag(p)
     p.set_defaults(run=run_quality)
 
 
@@ -334,7 +368,7 @@ def add_perplexity(sub) -> None:
     p.add_argument("--file", "-f", required=True, help="UTF-8 text file to score")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per evaluation window")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    add_dtype_flag(p)
     p.set_defaults(run=run_perplexity)
 
 
@@ -372,9 +406,8 @@ def add_chat(sub) -> None:
     )
     p.add_argument("--system", "-s", help="system prompt")
     p.add_argument("--max-tokens", "-n", type=int, default=1024, help="longest answer, in tokens")
-    p.add_argument("--max-kv-size", type=int, help="keep at most N tokens of context in the cache")
-    p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the KV cache")
-    p.add_argument("--dtype", default="auto")
+    add_dtype_flag(p)
+    add_kv_cache_flags(p)
     add_adapter_flag(p)
     add_sampling_flags(p)
     add_pipeline_flags(p)
@@ -387,14 +420,14 @@ def run_chat(args) -> int:
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     folder = args.model = resolve_chat_model(args.model)
-    cache_kwargs = {"max_kv_size": args.max_kv_size, "kv_bits": args.kv_bits}
-    loaded = load_or_join(args, {k: v for k, v in cache_kwargs.items() if v is not None})
+    cache_kwargs = kv_cache_kwargs(args)
+    loaded = load_or_join(args, cache_kwargs)
     if loaded is None:
         return 0
     model, tokenizer = loaded
     session = ChatSession(
         model, tokenizer, system=args.system, sampling=sampling_kwargs(args), max_tokens=args.max_tokens,
-        cache_kwargs={k: v for k, v in cache_kwargs.items() if v is not None},
+        cache_kwargs=cache_kwargs,
     )  # fmt: skip
     if sys.stdin.isatty() and sys.stdout.isatty():
         return run_terminal(session, banner=f"qmlx chat · {os.path.basename(folder.rstrip('/'))}")
@@ -413,7 +446,7 @@ def add_serve(sub) -> None:
         help="require 'Authorization: Bearer KEY' on every request (default: $QMLX_API_KEY)",
     )
     p.add_argument("--max-concurrency", type=int, default=4, help="requests generated at once")
-    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    add_dtype_flag(p)
     add_pipeline_flags(p)
     add_adapter_flag(p)
     p.set_defaults(run=run_serve)
@@ -454,9 +487,7 @@ def add_shard_plan(sub) -> None:
     )
     p.add_argument("--bits", type=int, help="size the weights as if quantized to B bits (unquantized config)")
     p.add_argument("--group-size", type=int, default=64, help="quantization group size with --bits")
-    p.add_argument(
-        "--dtype", default="bfloat16", help="compute dtype of the runs (default: bfloat16, Metal's)"
-    )
+    add_dtype_flag(p, default="bfloat16", help="compute dtype of the runs (default: bfloat16, Metal's)")
     p.add_argument("--layers", metavar="RANGES", help="check this split instead, e.g. 0-39,40-79")
     p.add_argument("--context", type=int, default=0, help="also reserve an unquantized KV cache for N tokens")
     p.set_defaults(run=run_shard_plan)
@@ -511,7 +542,7 @@ def add_lora(sub) -> None:
     g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16")
+    add_dtype_flag(g)
     g = p.add_argument_group("sample order (see README: Fine-tuning)")
     g.add_argument("--order", choices=ORDERS, default="random")
     g.add_argument("--band", default="0.3,0.8", help="adaptive: quantiles of current loss to train on")
@@ -613,11 +644,7 @@ def add_fuse(sub) -> None:
     p.add_argument("dst", help="new output folder")
     p.add_argument("--bits", "-q", type=int, help="quantize the fused model (default: as the base)")
     p.add_argument("--group-size", type=int, help="quantization group size (default: 64, or the base's)")
-    p.add_argument(
-        "--dtype",
-        choices=("float16", "bfloat16", "float32"),
-        help="dtype of floating tensors (default: the base config's torch_dtype)",
-    )
+    add_storage_dtype_flag(p, "dtype of floating tensors (default: the base config's torch_dtype)")
     p.add_argument("--export", choices=("peft",), help="write a Hugging Face PEFT adapter to DST instead")
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=run_fuse)
@@ -666,9 +693,7 @@ def version_text() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qmlx", description="Run, convert, chat with and serve Qwen2/Qwen2.5 models on MLX."
-    )
+    parser = Parser(prog="qmlx", description="Run, convert, chat with and serve Qwen2/Qwen2.5 models on MLX.")
     parser.add_argument(
         "--version", action="store_true", help="print versions, the kernels and the BLAS in use"
     )
@@ -689,11 +714,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS} if main_thread else {}
     try:
         return args.run(args) or 0
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = f"stopped by {signal.Signals(e.signum).name}" if isinstance(e, Stopped) else "interrupted"
+        try:
+            print(f"\n{name}", file=sys.stderr)
+        except OSError:  # SIGHUP: the terminal may be gone
+            pass
+        return 128 + e.signum if isinstance(e, Stopped) else 130
     except BrokenPipeError:
         return 0
     except USER_ERRORS as e:
@@ -712,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

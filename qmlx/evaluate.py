@@ -12,6 +12,8 @@ import math
 
 import mlx.core as mx
 
+from .errors import UserError
+
 # Logits are computed for this many positions at a time: a full 1024-token window of a
 # 152K-token vocabulary would be 0.6 GB of float32 logits at once.
 HEAD_CHUNK = 256
@@ -41,9 +43,9 @@ def perplexity(model, ids: list[int], ctx: int = 1024) -> tuple[float, float, in
     scored window by window.
     """
     if ctx < 2:
-        raise ValueError(f"ctx must be at least 2, got {ctx}")
+        raise UserError(f"ctx must be at least 2, got {ctx}")
     if len(ids) < 2:
-        raise ValueError("perplexity needs at least 2 tokens")
+        raise UserError("perplexity needs at least 2 tokens")
     nll, n = 0.0, 0
     for start in range(0, len(ids), ctx):
         window_sum, window_n = window_nll(model, ids[start : start + ctx])

@@ -66,9 +66,9 @@ def _window(model, reference, ids: list[int]) -> mx.array:
 def compare(model, reference, ids: list[int], ctx: int = 1024) -> Quality:
     """Score `model` against `reference` on `ids`, in windows of `ctx` tokens."""
     if ctx < 2:
-        raise ValueError(f"ctx must be at least 2, got {ctx}")
+        raise UserError(f"ctx must be at least 2, got {ctx}")
     if len(ids) < 2:
-        raise ValueError("quality needs at least 2 tokens")
+        raise UserError("quality needs at least 2 tokens")
     totals, n = mx.zeros((4,), dtype=mx.float32), 0
     for start in range(0, len(ids), ctx):
         window = ids[start : start + ctx]

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import mlx.core as mx
 
+from .errors import UserError
+
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
@@ -35,13 +37,13 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
     and draws from what is left, renormalised, with mx.random.categorical.
     """
     if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+        raise UserError(f"temperature must be >= 0, got {temperature}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        raise UserError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 <= min_p <= 1.0:
-        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        raise UserError(f"min_p must be in [0, 1], got {min_p}")
 
     if temperature == 0:
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
@@ -160,9 +162,9 @@ def _token_counts(tokens: mx.array, vocab_size: int) -> mx.array:
 
 def _repetition_penalty(penalty: float, context_size: int) -> LogitsProcessor:
     if penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        raise UserError(f"repetition_penalty must be > 0, got {penalty}")
     if context_size < 1:
-        raise ValueError(f"repetition_context_size must be >= 1, got {context_size}")
+        raise UserError(f"repetition_context_size must be >= 1, got {context_size}")
 
     def apply(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens is None or tokens.size == 0:
@@ -195,7 +197,7 @@ def _presence_frequency_penalty(presence: float, frequency: float) -> LogitsProc
 
 def _logit_bias(bias: dict[int, float]) -> LogitsProcessor:
     if any(int(i) < 0 for i in bias):
-        raise ValueError("logit_bias token ids must be >= 0")
+        raise UserError("logit_bias token ids must be >= 0")
     ids = mx.array([int(i) for i in bias], dtype=mx.int32)
     values = mx.array([float(v) for v in bias.values()], dtype=mx.float32)
 
