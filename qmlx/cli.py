@@ -93,8 +93,8 @@ def load_or_join(args, cache_kwargs: dict):
 
     Returns None on a follower rank, after rank 0 has finished with it.
     """
+    from . import load  # qmlx.load: the loader's load, plus the adapter
     from .distributed import launched, start
-    from .loader import load
 
     adapter = getattr(args, "adapter", None)
     if launched():

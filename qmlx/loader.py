@@ -167,20 +167,14 @@ def load_model(
     return model
 
 
-def load(
-    path_or_repo: str, dtype=None, lazy: bool = False, adapter: str | None = None
-) -> tuple[Model, Tokenizer]:
+def load(path_or_repo: str, dtype=None, lazy: bool = False) -> tuple[Model, Tokenizer]:
     """Load a Qwen2 model and its tokenizer from a folder or a hub repo id.
 
-    `dtype=None` picks per device: float32 on the CPU backend, bfloat16 on a GPU. `adapter`
-    is a folder written by `qmlx lora`; its LoRA layers are put over the model's.
+    `dtype=None` picks per device: float32 on the CPU backend, bfloat16 on a GPU. (A LoRA
+    adapter is put over the model by `qmlx.load`, above the loader.)
     """
     folder = resolve(path_or_repo)
     model = load_model(folder, dtype=dtype, lazy=lazy)
-    if adapter is not None:
-        from .lora.adapters import load_adapter
-
-        load_adapter(model, adapter)
     return model, tokenizer_for(folder, model.config)
 
 
