@@ -18,6 +18,7 @@ import uuid
 import mlx.core as mx
 
 from qmlx.config import ModelConfig
+from qmlx.folder import DTYPES, parse_dtype
 from qmlx.quant import check_params, layer_params, plan, quantize
 from qmlx.quant.calibrate import CALIBRATED, GPTQ_METHODS, METHODS
 from qmlx.quant.recipes import choose_by_sensitivity, layer_index, measured_recipe
@@ -31,7 +32,6 @@ from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantiza
 from .sources import Source, open_source
 from .writer import DTYPE_NAMES, OutTensor, ShardWriter, parse_size
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Source rows are read, cast and quantized this many bytes (as float32) at a time.
 BLOCK_BYTES = 16 * 2**20
 
@@ -76,8 +76,8 @@ def convert(
     elif recipe is not None:
         raise ConvertError("--recipe chooses bits for quantized output; it has no use with --dequantize")
     max_shard = parse_size(shard_size)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype is not None:
+        parse_dtype(dtype, "--dtype", ConvertError)
     dst = os.path.abspath(os.path.expanduser(str(dst)))
     _check_destination(src, dst, force)
 

@@ -18,26 +18,16 @@ import mlx.core as mx
 import numpy as np
 
 from qmlx.config import ModelConfig
+from qmlx.folder import SIDE_FILES, read_json, resolve
 from qmlx.quant import dequantize, layer_params
 from qmlx.safetensors import folder_index
 
 from .errors import ConvertError
 
-# Files copied as they are from a folder source.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "LICENSE",
-    "LICENSE.txt",
+# What to do when a hub id cannot be downloaded (the end of resolve's message).
+OFFLINE_HINT = (
+    "download the model elsewhere and pass its folder, e.g. `qmlx convert ~/models/Qwen2.5-0.5B-Instruct OUT`"
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "LICENSE*"]
 # safetensors dtype -> (numpy dtype of the raw bytes, the MLX dtype they hold)
 READABLE = {
     "F32": (np.float32, mx.float32),
@@ -92,29 +82,9 @@ def _data_offsets(path: str) -> dict[str, int]:
     return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
-def resolve(src: str) -> str:
-    """A local path for SRC: itself if it exists, else a hub snapshot (needs the network)."""
-    p = os.path.expanduser(str(src))
-    if os.path.exists(p):
-        return p
-    looks_like_repo = p.count("/") == 1 and not p.startswith((".", "/", "~")) and " " not in p
-    if not looks_like_repo:
-        raise ConvertError(f"{p}: no such file or folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(p, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # offline, unknown repo, auth: the user's fix is the same
-        raise ConvertError(
-            f"{p}: not a local folder, and the Hugging Face hub could not provide it "
-            f"({type(e).__name__}). If you are offline, download the model elsewhere and pass its "
-            "folder, e.g. `qmlx convert ~/models/Qwen2.5-0.5B-Instruct OUT`"
-        ) from None
-
-
 def open_source(src: str) -> Source:
     """Open SRC (folder, hub id or .gguf file) as a `Source`."""
-    path = resolve(src)
+    path = resolve(src, allow_file=True, error=ConvertError, offline_hint=OFFLINE_HINT)
     if os.path.isfile(path):
         if path.endswith(".gguf"):
             from .gguf import open_gguf
@@ -128,8 +98,7 @@ def open_folder(folder: str, description: str | None = None) -> Source:
     """A Hugging Face (or qmlx/MLX quantized) folder: config.json + safetensors."""
     config_path = os.path.join(folder, "config.json")
     config = ModelConfig.from_file(config_path)  # refuses non-Qwen2 models, naming the field
-    with open(config_path, encoding="utf-8") as f:
-        raw_config = json.load(f)
+    raw_config = read_json(config_path, ConvertError)
     infos = folder_index(folder)
     offsets: dict[str, int] = {}
     for file in sorted({i.file for i in infos.values()}):

@@ -15,23 +15,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from ..errors import UserError
+from ..folder import SIDE_FILES, parse_dtype, read_json, resolve
+from ..loader import load_model
 from ..quant import check_params, quantize_model
 from .adapters import load_adapter
 from .apply import fuse_model, lora_modules
 
-# Copied as they are from the base folder.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "LICENSE",
-)
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SHARD_BYTES = 5 * 10**9
 
 
@@ -44,18 +33,15 @@ def fuse(
     dtype: str | None = None,
     force: bool = False,
 ) -> str:
-    from ..loader import load_model, resolve
-
+    """Merge `adapter` into the base `model` (folder or hub id) and write the folder DST."""
     folder = resolve(model)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(os.path.join(folder, "config.json"), missing="a model folder needs a config.json")
     _check_destination(folder, dst, force)
     if bits is not None:
         group_size = group_size or 64
         check_params(bits, group_size, "--bits/--group-size")
     out_name = dtype or config.get("torch_dtype") or "bfloat16"
-    if out_name not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {out_name!r}")
+    out_dtype = parse_dtype(out_name, "--dtype")
     base = load_model(folder)
     load_adapter(base, adapter)
     quant = config.get("quantization")
@@ -73,7 +59,7 @@ def fuse(
     config["torch_dtype"] = out_name
     if quant is not None:
         config["quantization"] = config["quantization_config"] = quant
-    _write_folder(base, folder, dst, config, DTYPES[out_name])
+    _write_folder(base, folder, dst, config, out_dtype)
     return dst
 
 
