@@ -29,7 +29,8 @@ from . import calibrated, card
 from .calib import calibration_tokens
 from .errors import ConvertError
 from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantizable
-from .sources import Source, open_source
+from .source_types import Source
+from .sources import open_source
 from .writer import DTYPE_NAMES, OutTensor, ShardWriter, parse_size
 
 # Source rows are read, cast and quantized this many bytes (as float32) at a time.

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +21,8 @@ from qmlx.quant import dequantize, layer_params
 from qmlx.safetensors import folder_index
 
 from .errors import ConvertError
+from .gguf import open_gguf
+from .source_types import Source, SourceTensor
 
 # What to do when a hub id cannot be downloaded (the end of resolve's message).
 OFFLINE_HINT = (
@@ -35,29 +35,6 @@ READABLE = {
     "BF16": (np.uint16, mx.bfloat16),
     "U32": (np.uint32, mx.uint32),
 }
-
-
-@dataclass
-class SourceTensor:
-    """One logical tensor of the source: `read(start, end)` returns rows [start, end)."""
-
-    name: str
-    shape: tuple[int, ...]
-    nbytes: int  # bytes read from disk for the whole tensor (for progress)
-    read: Callable[[int, int], mx.array]
-    where: str  # the file it lives in, for messages
-
-
-@dataclass
-class Source:
-    """What the converter needs from any kind of source."""
-
-    description: str  # for the model card, e.g. the folder or repo id
-    config: dict  # the config.json contents
-    tensors: dict[str, SourceTensor]
-    quantized: bool = False
-    # Writes tokenizer files, generation config and chat template into a folder.
-    write_side_files: Callable[[str], None] = lambda folder: None
 
 
 def read_rows(path: str, offset: int, dtype: str, shape: tuple[int, ...], start: int, end: int):
@@ -87,8 +64,6 @@ def open_source(src: str) -> Source:
     path = resolve(src, allow_file=True, error=ConvertError, offline_hint=OFFLINE_HINT)
     if os.path.isfile(path):
         if path.endswith(".gguf"):
-            from .gguf import open_gguf
-
             return open_gguf(path)
         raise ConvertError(f"{path}: expected a model folder or a .gguf file")
     return open_folder(path, description=str(src))
