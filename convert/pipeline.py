@@ -9,11 +9,8 @@ so an error or Ctrl-C never leaves a half-written DST.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import uuid
 
 import mlx.core as mx
 
@@ -31,7 +28,15 @@ from .errors import ConvertError
 from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantizable
 from .source_types import Source
 from .sources import open_source
-from .writer import DTYPE_NAMES, OutTensor, ShardWriter, parse_size
+from .writer import (
+    DTYPE_NAMES,
+    OutTensor,
+    ShardWriter,
+    check_destination,
+    complete_side_files,
+    output_folder,
+    parse_size,
+)
 
 # Source rows are read, cast and quantized this many bytes (as float32) at a time.
 BLOCK_BYTES = 16 * 2**20
@@ -80,7 +85,7 @@ def convert(
     if dtype is not None:
         parse_dtype(dtype, "--dtype", ConvertError)
     dst = os.path.abspath(os.path.expanduser(str(dst)))
-    _check_destination(src, dst, force)
+    check_destination(src, dst, force)
 
     source = open_source(src)
     if source.quantized and not dequantize:
@@ -105,66 +110,46 @@ def convert(
         quantization = plan(layers, config.num_hidden_layers, bits, group_size, recipe)
     n_params = sum(math.prod(t.shape) for t in tensors.values())
 
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    _sweep_stale_partials(dst)
-    tmp = os.path.join(parent, f"{_partial_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
     old_cache_limit = mx.set_cache_limit(0)  # freed blocks go back to the OS, not a cache
-    writer = None
     try:
-        source.write_side_files(tmp)
-        _complete_side_files(tmp, source.config)
-        tokens = None
-        if method in CALIBRATED and not dequantize:
-            tokens = calibration_tokens(Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len)
-        if measured:
-            low, high = measured
-            damage = calibrated.measure(tensors, config, tokens, low, group_size, out_dtype)
-            quantization = choose_by_sensitivity(
-                layers, config.num_hidden_layers, low, high, group_size, damage
-            )
-        jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
-        metadata = {"format": "mlx" if quantization else "pt"}
-        writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
-        calib_state = None if tokens is None else (config, tokens, quantization, method)
-        _run(jobs, out_dtype, writer, progress, method, calib_state, tensors, calib_head)
-        weight_map = writer.close()
-        card.write_index(tmp, weight_map, writer.total_size, n_params)
-        card.write_config(tmp, source.config, quantization, dtype_name)
-        card.write_card(
-            tmp,
-            os.path.basename(dst),
-            source.description,
-            quantization,
-            recipe,
-            layers,
-            writer.total_size,
-            n_params,
-            dtype_name,
-        )
-        _replace(tmp, dst)
-    except BaseException:
         # Any failure, including Ctrl-C, leaves no trace: DST is untouched or absent.
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with output_folder(dst) as tmp:
+            source.write_side_files(tmp)
+            complete_side_files(tmp, source.config)
+            tokens = None
+            if method in CALIBRATED and not dequantize:
+                tokens = calibration_tokens(Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len)
+            if measured:
+                low, high = measured
+                damage = calibrated.measure(tensors, config, tokens, low, group_size, out_dtype)
+                quantization = choose_by_sensitivity(
+                    layers, config.num_hidden_layers, low, high, group_size, damage
+                )
+            jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
+            metadata = {"format": "mlx" if quantization else "pt"}
+            writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
+            calib_state = None if tokens is None else (config, tokens, quantization, method)
+            try:
+                _run(jobs, out_dtype, writer, progress, method, calib_state, tensors, calib_head)
+                weight_map = writer.close()
+            finally:
+                writer.abort()  # closes the open shard after a failure (a no-op after close)
+            card.write_index(tmp, weight_map, writer.total_size, n_params)
+            card.write_config(tmp, source.config, quantization, dtype_name)
+            card.write_card(
+                tmp,
+                os.path.basename(dst),
+                source.description,
+                quantization,
+                recipe,
+                layers,
+                writer.total_size,
+                n_params,
+                dtype_name,
+            )
     finally:
         mx.set_cache_limit(old_cache_limit)
     return dst
-
-
-def _check_destination(src: str, dst: str, force: bool) -> None:
-    src_path = os.path.abspath(os.path.expanduser(str(src)))
-    if os.path.exists(src_path) and (
-        dst == src_path or src_path.startswith(dst + os.sep) or dst.startswith(src_path + os.sep)
-    ):
-        raise ConvertError(f"{dst}: DST must be a new folder outside SRC ({src_path})")
-    if os.path.isfile(dst):
-        raise ConvertError(f"{dst}: exists and is a file; choose a folder name for DST")
-    if os.path.exists(dst) and not force:
-        raise ConvertError(f"{dst}: already exists; pass --force to replace it")
 
 
 def _default_dtype(config: dict) -> str:
@@ -292,61 +277,3 @@ def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter, method="rtn
         mx.eval(parts)
         for spec, part in zip(outs, parts):
             writer.write(spec.name, start, part)
-
-
-def _complete_side_files(folder: str, config: dict) -> None:
-    """Make sure DST has a chat_template.jinja and a generation_config.json."""
-    template = os.path.join(folder, "chat_template.jinja")
-    tok_config = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.exists(template) and os.path.exists(tok_config):
-        with open(tok_config, encoding="utf-8") as f:
-            t = json.load(f).get("chat_template")
-        if isinstance(t, str):
-            with open(template, "w", encoding="utf-8") as f:
-                f.write(t)
-    gen = os.path.join(folder, "generation_config.json")
-    if not os.path.exists(gen):
-        keys = ("bos_token_id", "eos_token_id")
-        with open(gen, "w", encoding="utf-8") as f:
-            json.dump({k: config[k] for k in keys if config.get(k) is not None}, f, indent=2)
-
-
-def _partial_prefix(dst: str) -> str:
-    return f".{os.path.basename(dst)}.partial-"
-
-
-def _sweep_stale_partials(dst: str) -> None:
-    """Remove work folders of earlier conversions to DST whose process is gone.
-
-    A conversion cleans up after itself on any exception or Ctrl-C; only a SIGKILL (or power
-    loss) leaves its hidden `.DST.partial-PID-…` folder behind. Folders of a live PID (another
-    conversion running now) are left alone.
-    """
-    parent, prefix = os.path.dirname(dst), _partial_prefix(dst)
-    for name in os.listdir(parent):
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _replace(tmp: str, dst: str) -> None:
-    """Move the finished folder to DST (replacing an old DST only once the new one is whole)."""
-    if os.path.exists(dst):
-        trash = f"{tmp}.old"
-        os.rename(dst, trash)
-        os.rename(tmp, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)

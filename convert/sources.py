@@ -16,13 +16,14 @@ import mlx.core as mx
 import numpy as np
 
 from qmlx.config import ModelConfig
-from qmlx.folder import SIDE_FILES, read_json, resolve
+from qmlx.folder import read_json, resolve
 from qmlx.quant import dequantize, layer_params
 from qmlx.safetensors import folder_index
 
 from .errors import ConvertError
 from .gguf import open_gguf
 from .source_types import Source, SourceTensor
+from .writer import copy_side_files
 
 # What to do when a hub id cannot be downloaded (the end of resolve's message).
 OFFLINE_HINT = (
@@ -113,14 +114,6 @@ def open_folder(folder: str, description: str | None = None) -> Source:
                 )
             tensors[name] = plain(name)
 
-    def copy_side_files(dst: str) -> None:
-        import shutil
-
-        for file in SIDE_FILES:
-            p = os.path.join(folder, file)
-            if os.path.isfile(p):
-                shutil.copyfile(p, os.path.join(dst, file))
-
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and not os.path.isfile(
         os.path.join(folder, "vocab.json")
     ):
@@ -130,7 +123,7 @@ def open_folder(folder: str, description: str | None = None) -> Source:
         config=raw_config,
         tensors=tensors,
         quantized=quantized,
-        write_side_files=copy_side_files,
+        write_side_files=lambda dst: copy_side_files(folder, dst),
     )
 
 
