@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -38,6 +39,8 @@ from .writer import (
     parse_size,
 )
 
+# progress(description, bytes done, bytes in all): what convert() reports as it goes.
+Progress = Callable[[str, int, int], None]
 # Source rows are read, cast and quantized this many bytes (as float32) at a time.
 BLOCK_BYTES = 16 * 2**20
 
@@ -52,7 +55,7 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     dequantize: bool = False,
-    progress: bool = True,
+    progress: Progress | None = None,
     method: str = "rtn",
     calib: str | None = None,
     calib_samples: int = 32,
@@ -68,9 +71,12 @@ def convert(
     `qmlx.quant.calibrate.METHODS`); calibrated methods run `calib_samples` samples of
     `calib_seq_len` tokens from `calib` (a text/JSONL file or folder; default: Python's
     standard library) through the model block by block. `calib_head` (GPTQ methods) also
-    quantizes the output head by GPTQ on the calibration text's final hidden states. Returns
-    DST's path.
+    quantizes the output head by GPTQ on the calibration text's final hidden states.
+    `progress(description, done, total)` is called as source bytes are converted (None or
+    False: not called); convert() itself prints nothing. Returns DST's path.
     """
+    if progress is not None and progress is not False and not callable(progress):
+        raise TypeError("progress is a callback (description, done, total) or None")
     if method not in METHODS:
         raise ConvertError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if dequantize and method in CALIBRATED:
@@ -130,7 +136,7 @@ def convert(
             writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
             calib_state = None if tokens is None else (config, tokens, quantization, method)
             try:
-                _run(jobs, out_dtype, writer, progress, method, calib_state, tensors, calib_head)
+                _run(jobs, out_dtype, writer, progress or None, method, calib_state, tensors, calib_head)
                 weight_map = writer.close()
             finally:
                 writer.abort()  # closes the open shard after a failure (a no-op after close)
@@ -201,57 +207,55 @@ def _job(t, quantization: dict | None, out_dtype):
 
 
 def _run(
-    jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, tensors, calib_head: bool = False
+    jobs,
+    out_dtype,
+    writer: ShardWriter,
+    progress: Progress | None,
+    method,
+    calib_state,
+    tensors,
+    calib_head: bool = False,
 ) -> None:
     """Write every job's outputs; with `calib_state`, decoder blocks go through calibration
-    (and with `calib_head`, the output head too, after them)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
+    (and with `calib_head`, the output head too, after them). `progress` hears of each step."""
     total = sum(t.nbytes for t, _, _ in jobs)
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task("converting", total=total)
-        h, done, head = None, set(), None
-        head_name = calibrated.head_name(calib_state[0]) if calib_head and calib_state else None
-        for i, (t, outs, params) in enumerate(jobs):
-            bar.update(task, description=f"tensor {i + 1}/{len(jobs)}")
-            index = layer_index(t.name)
-            if t.name == head_name and params is not None:
-                head = (t, outs, params)  # needs the last block's outputs: done after the blocks
-                continue
-            if calib_state is None or index is None:
-                # Embeddings and head are rounded to nearest unless --calib-head: the data-free
-                # range search made the tied head worse.
-                rounding = "rtn" if method in CALIBRATED else method
-                _convert_tensor(t, outs, params, out_dtype, writer, rounding)
-            elif index not in done:
-                config, tokens, quantization, method = calib_state
-                if h is None:
-                    h = calibrated.embed(tensors[calibrated.EMBED], tokens, out_dtype)
-                bar.update(task, description=f"calibrating block {index + 1}")
-                h = calibrated.convert_block(
-                    index, tensors, config, h, quantization, method, out_dtype, writer
-                )
-                done.add(index)
-            bar.advance(task, t.nbytes)
-        if head is not None:
-            bar.update(task, description="calibrating the head")
-            calibrated.convert_head(*head, h, tensors, calib_state[0], out_dtype, writer)
-            bar.advance(task, head[0].nbytes)
+    done_bytes = 0
+    description = "converting"
+
+    def report(what: str | None = None) -> None:
+        nonlocal description
+        description = what or description
+        if progress is not None:
+            progress(description, done_bytes, total)
+
+    report()
+    h, done, head = None, set(), None
+    head_name = calibrated.head_name(calib_state[0]) if calib_head and calib_state else None
+    for i, (t, outs, params) in enumerate(jobs):
+        report(f"tensor {i + 1}/{len(jobs)}")
+        index = layer_index(t.name)
+        if t.name == head_name and params is not None:
+            head = (t, outs, params)  # needs the last block's outputs: done after the blocks
+            continue
+        if calib_state is None or index is None:
+            # Embeddings and head are rounded to nearest unless --calib-head: the data-free
+            # range search made the tied head worse.
+            rounding = "rtn" if method in CALIBRATED else method
+            _convert_tensor(t, outs, params, out_dtype, writer, rounding)
+        elif index not in done:
+            config, tokens, quantization, method = calib_state
+            if h is None:
+                h = calibrated.embed(tensors[calibrated.EMBED], tokens, out_dtype)
+            report(f"calibrating block {index + 1}")
+            h = calibrated.convert_block(index, tensors, config, h, quantization, method, out_dtype, writer)
+            done.add(index)
+        done_bytes += t.nbytes
+        report()
+    if head is not None:
+        report("calibrating the head")
+        calibrated.convert_head(*head, h, tensors, calib_state[0], out_dtype, writer)
+        done_bytes += head[0].nbytes
+        report()
 
 
 def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter, method="rtn") -> None:

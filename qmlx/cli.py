@@ -280,23 +280,26 @@ def add_convert(sub) -> None:
 def run_convert(args) -> int:
     from convert import convert
 
-    out = convert(
-        args.src,
-        args.dst,
-        bits=args.bits,
-        group_size=args.group_size,
-        recipe=args.recipe,
-        shard_size=args.shard_size,
-        dtype=args.dtype,
-        force=args.force,
-        dequantize=args.dequantize,
-        progress=sys.stderr.isatty(),
-        method=args.method,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len,
-        calib_head=args.calib_head,
-    )
+    from .progress import byte_bar
+
+    with byte_bar(show=sys.stderr.isatty()) as progress:
+        out = convert(
+            args.src,
+            args.dst,
+            bits=args.bits,
+            group_size=args.group_size,
+            recipe=args.recipe,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            force=args.force,
+            dequantize=args.dequantize,
+            progress=progress,
+            method=args.method,
+            calib=args.calib,
+            calib_samples=args.calib_samples,
+            calib_seq_len=args.calib_seq_len,
+            calib_head=args.calib_head,
+        )
     print(out)
     return 0
 
