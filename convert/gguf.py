@@ -18,7 +18,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ConvertError
-from .sources import Source, SourceTensor
+from .source_types import Source, SourceTensor
 
 # Types dequantized here (gguf.quants implements each in numpy).
 SUPPORTED_TYPES = (

@@ -9,15 +9,14 @@ so an error or Ctrl-C never leaves a half-written DST.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import uuid
+from collections.abc import Callable
 
 import mlx.core as mx
 
 from qmlx.config import ModelConfig
+from qmlx.folder import DTYPES, parse_dtype
 from qmlx.quant import check_params, layer_params, plan, quantize
 from qmlx.quant.calibrate import CALIBRATED, GPTQ_METHODS, METHODS
 from qmlx.quant.recipes import choose_by_sensitivity, layer_index, measured_recipe
@@ -28,10 +27,20 @@ from . import calibrated, card
 from .calib import calibration_tokens
 from .errors import ConvertError
 from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantizable
-from .sources import Source, open_source
-from .writer import DTYPE_NAMES, OutTensor, ShardWriter, parse_size
+from .source_types import Source
+from .sources import open_source
+from .writer import (
+    DTYPE_NAMES,
+    OutTensor,
+    ShardWriter,
+    check_destination,
+    complete_side_files,
+    output_folder,
+    parse_size,
+)
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+# progress(description, bytes done, bytes in all): what convert() reports as it goes.
+Progress = Callable[[str, int, int], None]
 # Source rows are read, cast and quantized this many bytes (as float32) at a time.
 BLOCK_BYTES = 16 * 2**20
 
@@ -46,7 +55,7 @@ def convert(
     dtype: str | None = None,
     force: bool = False,
     dequantize: bool = False,
-    progress: bool = True,
+    progress: Progress | None = None,
     method: str = "rtn",
     calib: str | None = None,
     calib_samples: int = 32,
@@ -62,9 +71,12 @@ def convert(
     `qmlx.quant.calibrate.METHODS`); calibrated methods run `calib_samples` samples of
     `calib_seq_len` tokens from `calib` (a text/JSONL file or folder; default: Python's
     standard library) through the model block by block. `calib_head` (GPTQ methods) also
-    quantizes the output head by GPTQ on the calibration text's final hidden states. Returns
-    DST's path.
+    quantizes the output head by GPTQ on the calibration text's final hidden states.
+    `progress(description, done, total)` is called as source bytes are converted (None or
+    False: not called); convert() itself prints nothing. Returns DST's path.
     """
+    if progress is not None and progress is not False and not callable(progress):
+        raise TypeError("progress is a callback (description, done, total) or None")
     if method not in METHODS:
         raise ConvertError(f"--method {method!r} is not one of {', '.join(METHODS)}")
     if dequantize and method in CALIBRATED:
@@ -76,10 +88,10 @@ def convert(
     elif recipe is not None:
         raise ConvertError("--recipe chooses bits for quantized output; it has no use with --dequantize")
     max_shard = parse_size(shard_size)
-    if dtype is not None and dtype not in DTYPES:
-        raise ConvertError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype is not None:
+        parse_dtype(dtype, "--dtype", ConvertError)
     dst = os.path.abspath(os.path.expanduser(str(dst)))
-    _check_destination(src, dst, force)
+    check_destination(src, dst, force)
 
     source = open_source(src)
     if source.quantized and not dequantize:
@@ -104,67 +116,46 @@ def convert(
         quantization = plan(layers, config.num_hidden_layers, bits, group_size, recipe)
     n_params = sum(math.prod(t.shape) for t in tensors.values())
 
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    _sweep_stale_partials(dst)
-    tmp = os.path.join(parent, f"{_partial_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     old_cache_limit = mx.set_cache_limit(0)  # freed blocks go back to the OS, not a cache
-    writer = None
     try:
-        # Inside the try: a signal that lands while os.makedirs returns must not leave the folder.
-        os.makedirs(tmp)
-        source.write_side_files(tmp)
-        _complete_side_files(tmp, source.config)
-        tokens = None
-        if method in CALIBRATED and not dequantize:
-            tokens = calibration_tokens(Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len)
-        if measured:
-            low, high = measured
-            damage = calibrated.measure(tensors, config, tokens, low, group_size, out_dtype)
-            quantization = choose_by_sensitivity(
-                layers, config.num_hidden_layers, low, high, group_size, damage
-            )
-        jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
-        metadata = {"format": "mlx" if quantization else "pt"}
-        writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
-        calib_state = None if tokens is None else (config, tokens, quantization, method)
-        _run(jobs, out_dtype, writer, progress, method, calib_state, tensors, calib_head)
-        weight_map = writer.close()
-        card.write_index(tmp, weight_map, writer.total_size, n_params)
-        card.write_config(tmp, source.config, quantization, dtype_name)
-        card.write_card(
-            tmp,
-            os.path.basename(dst),
-            source.description,
-            quantization,
-            recipe,
-            layers,
-            writer.total_size,
-            n_params,
-            dtype_name,
-        )
-        _replace(tmp, dst)
-    except BaseException:
         # Any failure, including Ctrl-C, leaves no trace: DST is untouched or absent.
-        if writer is not None:
-            writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with output_folder(dst) as tmp:
+            source.write_side_files(tmp)
+            complete_side_files(tmp, source.config)
+            tokens = None
+            if method in CALIBRATED and not dequantize:
+                tokens = calibration_tokens(Tokenizer.from_folder(tmp), calib, calib_samples, calib_seq_len)
+            if measured:
+                low, high = measured
+                damage = calibrated.measure(tensors, config, tokens, low, group_size, out_dtype)
+                quantization = choose_by_sensitivity(
+                    layers, config.num_hidden_layers, low, high, group_size, damage
+                )
+            jobs = [_job(t, quantization, out_dtype) for t in tensors.values()]
+            metadata = {"format": "mlx" if quantization else "pt"}
+            writer = ShardWriter(tmp, [outs for _, outs, _ in jobs], max_shard, metadata)
+            calib_state = None if tokens is None else (config, tokens, quantization, method)
+            try:
+                _run(jobs, out_dtype, writer, progress or None, method, calib_state, tensors, calib_head)
+                weight_map = writer.close()
+            finally:
+                writer.abort()  # closes the open shard after a failure (a no-op after close)
+            card.write_index(tmp, weight_map, writer.total_size, n_params)
+            card.write_config(tmp, source.config, quantization, dtype_name)
+            card.write_card(
+                tmp,
+                os.path.basename(dst),
+                source.description,
+                quantization,
+                recipe,
+                layers,
+                writer.total_size,
+                n_params,
+                dtype_name,
+            )
     finally:
         mx.set_cache_limit(old_cache_limit)
     return dst
-
-
-def _check_destination(src: str, dst: str, force: bool) -> None:
-    src_path = os.path.abspath(os.path.expanduser(str(src)))
-    if os.path.exists(src_path) and (
-        dst == src_path or src_path.startswith(dst + os.sep) or dst.startswith(src_path + os.sep)
-    ):
-        raise ConvertError(f"{dst}: DST must be a new folder outside SRC ({src_path})")
-    if os.path.isfile(dst):
-        raise ConvertError(f"{dst}: exists and is a file; choose a folder name for DST")
-    if os.path.exists(dst) and not force:
-        raise ConvertError(f"{dst}: already exists; pass --force to replace it")
 
 
 def _default_dtype(config: dict) -> str:
@@ -216,57 +207,55 @@ def _job(t, quantization: dict | None, out_dtype):
 
 
 def _run(
-    jobs, out_dtype, writer: ShardWriter, show: bool, method, calib_state, tensors, calib_head: bool = False
+    jobs,
+    out_dtype,
+    writer: ShardWriter,
+    progress: Progress | None,
+    method,
+    calib_state,
+    tensors,
+    calib_head: bool = False,
 ) -> None:
     """Write every job's outputs; with `calib_state`, decoder blocks go through calibration
-    (and with `calib_head`, the output head too, after them)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
+    (and with `calib_head`, the output head too, after them). `progress` hears of each step."""
     total = sum(t.nbytes for t, _, _ in jobs)
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*columns, console=Console(stderr=True), disable=not show) as bar:
-        task = bar.add_task("converting", total=total)
-        h, done, head = None, set(), None
-        head_name = calibrated.head_name(calib_state[0]) if calib_head and calib_state else None
-        for i, (t, outs, params) in enumerate(jobs):
-            bar.update(task, description=f"tensor {i + 1}/{len(jobs)}")
-            index = layer_index(t.name)
-            if t.name == head_name and params is not None:
-                head = (t, outs, params)  # needs the last block's outputs: done after the blocks
-                continue
-            if calib_state is None or index is None:
-                # Embeddings and head are rounded to nearest unless --calib-head: the data-free
-                # range search made the tied head worse.
-                rounding = "rtn" if method in CALIBRATED else method
-                _convert_tensor(t, outs, params, out_dtype, writer, rounding)
-            elif index not in done:
-                config, tokens, quantization, method = calib_state
-                if h is None:
-                    h = calibrated.embed(tensors[calibrated.EMBED], tokens, out_dtype)
-                bar.update(task, description=f"calibrating block {index + 1}")
-                h = calibrated.convert_block(
-                    index, tensors, config, h, quantization, method, out_dtype, writer
-                )
-                done.add(index)
-            bar.advance(task, t.nbytes)
-        if head is not None:
-            bar.update(task, description="calibrating the head")
-            calibrated.convert_head(*head, h, tensors, calib_state[0], out_dtype, writer)
-            bar.advance(task, head[0].nbytes)
+    done_bytes = 0
+    description = "converting"
+
+    def report(what: str | None = None) -> None:
+        nonlocal description
+        description = what or description
+        if progress is not None:
+            progress(description, done_bytes, total)
+
+    report()
+    h, done, head = None, set(), None
+    head_name = calibrated.head_name(calib_state[0]) if calib_head and calib_state else None
+    for i, (t, outs, params) in enumerate(jobs):
+        report(f"tensor {i + 1}/{len(jobs)}")
+        index = layer_index(t.name)
+        if t.name == head_name and params is not None:
+            head = (t, outs, params)  # needs the last block's outputs: done after the blocks
+            continue
+        if calib_state is None or index is None:
+            # Embeddings and head are rounded to nearest unless --calib-head: the data-free
+            # range search made the tied head worse.
+            rounding = "rtn" if method in CALIBRATED else method
+            _convert_tensor(t, outs, params, out_dtype, writer, rounding)
+        elif index not in done:
+            config, tokens, quantization, method = calib_state
+            if h is None:
+                h = calibrated.embed(tensors[calibrated.EMBED], tokens, out_dtype)
+            report(f"calibrating block {index + 1}")
+            h = calibrated.convert_block(index, tensors, config, h, quantization, method, out_dtype, writer)
+            done.add(index)
+        done_bytes += t.nbytes
+        report()
+    if head is not None:
+        report("calibrating the head")
+        calibrated.convert_head(*head, h, tensors, calib_state[0], out_dtype, writer)
+        done_bytes += head[0].nbytes
+        report()
 
 
 def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter, method="rtn") -> None:
@@ -292,61 +281,3 @@ def _convert_tensor(t, outs, params, out_dtype, writer: ShardWriter, method="rtn
         mx.eval(parts)
         for spec, part in zip(outs, parts):
             writer.write(spec.name, start, part)
-
-
-def _complete_side_files(folder: str, config: dict) -> None:
-    """Make sure DST has a chat_template.jinja and a generation_config.json."""
-    template = os.path.join(folder, "chat_template.jinja")
-    tok_config = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.exists(template) and os.path.exists(tok_config):
-        with open(tok_config, encoding="utf-8") as f:
-            t = json.load(f).get("chat_template")
-        if isinstance(t, str):
-            with open(template, "w", encoding="utf-8") as f:
-                f.write(t)
-    gen = os.path.join(folder, "generation_config.json")
-    if not os.path.exists(gen):
-        keys = ("bos_token_id", "eos_token_id")
-        with open(gen, "w", encoding="utf-8") as f:
-            json.dump({k: config[k] for k in keys if config.get(k) is not None}, f, indent=2)
-
-
-def _partial_prefix(dst: str) -> str:
-    return f".{os.path.basename(dst)}.partial-"
-
-
-def _sweep_stale_partials(dst: str) -> None:
-    """Remove work folders of earlier conversions to DST whose process is gone.
-
-    A conversion cleans up after itself on any exception or Ctrl-C; only a SIGKILL (or power
-    loss) leaves its hidden `.DST.partial-PID-…` folder behind. Folders of a live PID (another
-    conversion running now) are left alone.
-    """
-    parent, prefix = os.path.dirname(dst), _partial_prefix(dst)
-    for name in os.listdir(parent):
-        if not name.startswith(prefix):
-            continue
-        pid = name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _replace(tmp: str, dst: str) -> None:
-    """Move the finished folder to DST (replacing an old DST only once the new one is whole)."""
-    if os.path.exists(dst):
-        trash = f"{tmp}.old"
-        os.rename(dst, trash)
-        os.rename(tmp, dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, dst)

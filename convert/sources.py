@@ -11,33 +11,24 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
 
 from qmlx.config import ModelConfig
+from qmlx.folder import read_json, resolve
 from qmlx.quant import dequantize, layer_params
 from qmlx.safetensors import folder_index
 
 from .errors import ConvertError
+from .gguf import open_gguf
+from .source_types import Source, SourceTensor
+from .writer import copy_side_files
 
-# Files copied as they are from a folder source.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-    "LICENSE",
-    "LICENSE.txt",
+# What to do when a hub id cannot be downloaded (the end of resolve's message).
+OFFLINE_HINT = (
+    "download the model elsewhere and pass its folder, e.g. `qmlx convert ~/models/Qwen2.5-0.5B-Instruct OUT`"
 )
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "LICENSE*"]
 # safetensors dtype -> (numpy dtype of the raw bytes, the MLX dtype they hold)
 READABLE = {
     "F32": (np.float32, mx.float32),
@@ -45,29 +36,6 @@ READABLE = {
     "BF16": (np.uint16, mx.bfloat16),
     "U32": (np.uint32, mx.uint32),
 }
-
-
-@dataclass
-class SourceTensor:
-    """One logical tensor of the source: `read(start, end)` returns rows [start, end)."""
-
-    name: str
-    shape: tuple[int, ...]
-    nbytes: int  # bytes read from disk for the whole tensor (for progress)
-    read: Callable[[int, int], mx.array]
-    where: str  # the file it lives in, for messages
-
-
-@dataclass
-class Source:
-    """What the converter needs from any kind of source."""
-
-    description: str  # for the model card, e.g. the folder or repo id
-    config: dict  # the config.json contents
-    tensors: dict[str, SourceTensor]
-    quantized: bool = False
-    # Writes tokenizer files, generation config and chat template into a folder.
-    write_side_files: Callable[[str], None] = lambda folder: None
 
 
 def read_rows(path: str, offset: int, dtype: str, shape: tuple[int, ...], start: int, end: int):
@@ -92,33 +60,11 @@ def _data_offsets(path: str) -> dict[str, int]:
     return {k: 8 + n + v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
 
 
-def resolve(src: str) -> str:
-    """A local path for SRC: itself if it exists, else a hub snapshot (needs the network)."""
-    p = os.path.expanduser(str(src))
-    if os.path.exists(p):
-        return p
-    looks_like_repo = p.count("/") == 1 and not p.startswith((".", "/", "~")) and " " not in p
-    if not looks_like_repo:
-        raise ConvertError(f"{p}: no such file or folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(p, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # offline, unknown repo, auth: the user's fix is the same
-        raise ConvertError(
-            f"{p}: not a local folder, and the Hugging Face hub could not provide it "
-            f"({type(e).__name__}). If you are offline, download the model elsewhere and pass its "
-            "folder, e.g. `qmlx convert ~/models/Qwen2.5-0.5B-Instruct OUT`"
-        ) from None
-
-
 def open_source(src: str) -> Source:
     """Open SRC (folder, hub id or .gguf file) as a `Source`."""
-    path = resolve(src)
+    path = resolve(src, allow_file=True, error=ConvertError, offline_hint=OFFLINE_HINT)
     if os.path.isfile(path):
         if path.endswith(".gguf"):
-            from .gguf import open_gguf
-
             return open_gguf(path)
         raise ConvertError(f"{path}: expected a model folder or a .gguf file")
     return open_folder(path, description=str(src))
@@ -128,8 +74,7 @@ def open_folder(folder: str, description: str | None = None) -> Source:
     """A Hugging Face (or qmlx/MLX quantized) folder: config.json + safetensors."""
     config_path = os.path.join(folder, "config.json")
     config = ModelConfig.from_file(config_path)  # refuses non-Qwen2 models, naming the field
-    with open(config_path, encoding="utf-8") as f:
-        raw_config = json.load(f)
+    raw_config = read_json(config_path, ConvertError)
     infos = folder_index(folder)
     offsets: dict[str, int] = {}
     for file in sorted({i.file for i in infos.values()}):
@@ -169,14 +114,6 @@ def open_folder(folder: str, description: str | None = None) -> Source:
                 )
             tensors[name] = plain(name)
 
-    def copy_side_files(dst: str) -> None:
-        import shutil
-
-        for file in SIDE_FILES:
-            p = os.path.join(folder, file)
-            if os.path.isfile(p):
-                shutil.copyfile(p, os.path.join(dst, file))
-
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")) and not os.path.isfile(
         os.path.join(folder, "vocab.json")
     ):
@@ -186,7 +123,7 @@ def open_folder(folder: str, description: str | None = None) -> Source:
         config=raw_config,
         tensors=tensors,
         quantized=quantized,
-        write_side_files=copy_side_files,
+        write_side_files=lambda dst: copy_side_files(folder, dst),
     )
 
 

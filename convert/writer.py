@@ -1,4 +1,7 @@
-"""Streaming safetensors shards: headers planned up front, tensor data written block by block.
+"""Writing a model folder: the destination check, a hidden work folder renamed into place only
+when complete, streamed safetensors shards, and the side files (tokenizer, chat template,
+generation config) that travel with the weights. `qmlx convert` and `qmlx fuse` both write
+through here.
 
 `mx.save_safetensors` needs every array of a file in memory at once. Instead, the converter
 knows every output tensor's dtype and shape before computing any of them (quantized shapes follow
@@ -8,13 +11,19 @@ into place one block of rows at a time. Peak memory is a block, not a shard.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
+
+from qmlx.folder import SIDE_FILES, read_json
 
 from .errors import ConvertError
 
@@ -163,3 +172,128 @@ class ShardWriter:
     def abort(self) -> None:
         """Close any open file (the caller removes the folder)."""
         self._close_current()
+
+
+def write_arrays(
+    folder: str, groups: list[dict[str, mx.array]], max_bytes: int, metadata=None
+) -> tuple[dict[str, str], int]:
+    """Write in-memory tensors (F32, F16, BF16 or U32) into shards of `folder`, one group never
+    split across shards; returns (weight map, total bytes) for the index."""
+    planned = [
+        [OutTensor(name, DTYPE_NAMES[a.dtype], tuple(a.shape)) for name, a in g.items()] for g in groups
+    ]
+    writer = ShardWriter(folder, planned, max_bytes, metadata)
+    try:
+        for group in groups:
+            for name, a in group.items():
+                mx.eval(a)
+                writer.write(name, 0, a)
+        return writer.close(), writer.total_size
+    finally:
+        writer.abort()  # closes the open file after a failure (a no-op after close)
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def check_destination(src: str, dst: str, force: bool) -> None:
+    """Refuse a DST that is SRC, inside it or holds it, is a file, or exists without `force`."""
+    src_path = os.path.abspath(os.path.expanduser(str(src)))
+    dst = os.path.abspath(os.path.expanduser(str(dst)))
+    if os.path.exists(src_path) and (
+        dst == src_path or src_path.startswith(dst + os.sep) or dst.startswith(src_path + os.sep)
+    ):
+        raise ConvertError(f"{dst}: DST must be a new folder outside SRC ({src_path})")
+    if os.path.isfile(dst):
+        raise ConvertError(f"{dst}: exists and is a file; choose a folder name for DST")
+    if os.path.exists(dst) and not force:
+        raise ConvertError(f"{dst}: already exists; pass --force to replace it")
+
+
+@contextlib.contextmanager
+def output_folder(dst: str) -> Iterator[str]:
+    """A hidden work folder beside DST, renamed to DST when the block completes.
+
+    Any failure, including Ctrl-C, leaves no trace: DST is untouched (an old DST is replaced
+    only once the new one is whole) or absent. Work folders that killed runs left are swept.
+    """
+    dst = os.path.abspath(os.path.expanduser(str(dst)))
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    _sweep_stale_partials(dst)
+    tmp = os.path.join(parent, f"{_partial_prefix(dst)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        # Inside the try: a signal that lands as os.makedirs returns must not leave the folder behind.
+        os.makedirs(tmp)
+        yield tmp
+        _replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_side_files(src: str, dst: str) -> None:
+    """Copy the side files (`qmlx.folder.SIDE_FILES`) that folder `src` has into `dst`."""
+    for file in SIDE_FILES:
+        p = os.path.join(src, file)
+        if os.path.isfile(p):
+            shutil.copyfile(p, os.path.join(dst, file))
+
+
+def complete_side_files(folder: str, config: dict) -> None:
+    """Make sure a folder has a chat_template.jinja (from tokenizer_config.json's template) and a
+    generation_config.json (from the config's BOS and EOS ids)."""
+    template = os.path.join(folder, "chat_template.jinja")
+    tok_config = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(template) and os.path.exists(tok_config):
+        t = read_json(tok_config, ConvertError)
+        t = t.get("chat_template") if isinstance(t, dict) else None
+        if isinstance(t, str):
+            with open(template, "w", encoding="utf-8") as f:
+                f.write(t)
+    gen = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(gen):
+        keys = ("bos_token_id", "eos_token_id")
+        with open(gen, "w", encoding="utf-8") as f:
+            json.dump({k: config[k] for k in keys if config.get(k) is not None}, f, indent=2)
+
+
+def _partial_prefix(dst: str) -> str:
+    return f".{os.path.basename(dst)}.partial-"
+
+
+def _sweep_stale_partials(dst: str) -> None:
+    """Remove work folders of earlier runs writing DST whose process is gone.
+
+    A run cleans up after itself on any exception or Ctrl-C; only a SIGKILL (or power loss)
+    leaves its hidden `.DST.partial-PID-…` folder behind. Folders of a live PID (another run
+    writing now) are left alone.
+    """
+    parent, prefix = os.path.dirname(dst), _partial_prefix(dst)
+    for name in os.listdir(parent):
+        if not name.startswith(prefix):
+            continue
+        pid = name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _replace(tmp: str, dst: str) -> None:
+    """Move the finished folder to DST (replacing an old DST only once the new one is whole)."""
+    if os.path.exists(dst):
+        trash = f"{tmp}.old"
+        os.rename(dst, trash)
+        os.rename(tmp, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)

@@ -27,8 +27,25 @@ def _start_mlx() -> None:
 
 _start_mlx()
 
+from . import loader as _loader  # noqa: E402
 from .generate import GenerationEvent, generate, stream_generate  # noqa: E402
-from .loader import load  # noqa: E402
+
+
+def load(path_or_repo: str, dtype=None, lazy: bool = False, adapter: str | None = None):
+    """Load a Qwen2 model and its tokenizer from a folder or a hub repo id: (model, tokenizer).
+
+    `dtype=None` picks per device: float32 on the CPU backend, bfloat16 on a GPU. `adapter`
+    is a folder written by `qmlx lora`; its LoRA layers are put over the model's (here, above
+    the loader, so that the loader needs nothing of the lora room).
+    """
+    folder = _loader.resolve(path_or_repo)
+    model = _loader.load_model(folder, dtype=dtype, lazy=lazy)
+    if adapter is not None:
+        from .lora.adapters import load_adapter
+
+        load_adapter(model, adapter)
+    return model, _loader.tokenizer_for(folder, model.config)
+
 
 __version__ = "0.1.0"
 __all__ = ["load", "generate", "stream_generate", "GenerationEvent", "__version__"]

@@ -419,8 +419,11 @@ def resolve_chat_model(model: str | None) -> str:
             raise UserError(
                 f"{source}: converting needs the qmlx convert package; pass a model folder instead"
             ) from None
+        from .progress import byte_bar
+
         print(f"converting {source} to 4-bit in {target} (once)…", file=sys.stderr)
         os.makedirs(models_dir, exist_ok=True)
-        convert(source, target, bits=4, group_size=64)
+        with byte_bar() as progress:
+            convert(source, target, bits=4, group_size=64, progress=progress)
         return target
     return resolve(model)

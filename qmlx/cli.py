@@ -131,8 +131,8 @@ def load_or_join(args, cache_kwargs: dict):
 
     Returns None on a follower rank, after rank 0 has finished with it.
     """
+    from . import load  # qmlx.load: the loader's load, plus the adapter
     from .distributed import launched, start
-    from .loader import load
 
     adapter = getattr(args, "adapter", None)
     if launched():
@@ -314,23 +314,26 @@ def add_convert(sub) -> None:
 def run_convert(args) -> int:
     from convert import convert
 
-    out = convert(
-        args.src,
-        args.dst,
-        bits=args.bits,
-        group_size=args.group_size,
-        recipe=args.recipe,
-        shard_size=args.shard_size,
-        dtype=args.dtype,
-        force=args.force,
-        dequantize=args.dequantize,
-        progress=sys.stderr.isatty(),
-        method=args.method,
-        calib=args.calib,
-        calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len,
-        calib_head=args.calib_head,
-    )
+    from .progress import byte_bar
+
+    with byte_bar(show=sys.stderr.isatty()) as progress:
+        out = convert(
+            args.src,
+            args.dst,
+            bits=args.bits,
+            group_size=args.group_size,
+            recipe=args.recipe,
+            shard_size=args.shard_size,
+            dtype=args.dtype,
+            force=args.force,
+            dequantize=args.dequantize,
+            progress=progress,
+            method=args.method,
+            calib=args.calib,
+            calib_samples=args.calib_samples,
+            calib_seq_len=args.calib_seq_len,
+            calib_head=args.calib_head,
+        )
     print(out)
     return 0
 

@@ -7,12 +7,12 @@ qmlx cannot honour are refused with a `ConfigError` that names the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError
+from .folder import read_json
 
 
 class ConfigError(UserError):
@@ -90,13 +90,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str) -> ModelConfig:
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found (a model folder needs a config.json)") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        d = read_json(path, ConfigError, missing="a model folder needs a config.json")
         return cls.from_dict(d, source=path)
 
     def to_dict(self) -> dict[str, Any]:

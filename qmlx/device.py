@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .errors import UserError
+from .folder import DTYPES
 
 
 def gpu_available() -> bool:
@@ -25,9 +26,6 @@ def default_dtype() -> mx.Dtype:
     and with fp16 ~40x slower, than with float32; on Metal, bf16 halves memory traffic.
     """
     return mx.bfloat16 if gpu_available() else mx.float32
-
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def parse_dtype(name: str | mx.Dtype | None) -> mx.Dtype:

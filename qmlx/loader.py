@@ -6,7 +6,6 @@ a time, so peak memory while loading stays near the size of the loaded model.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -16,44 +15,10 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
 from .device import parse_dtype, tree_nbytes, wire_memory
-from .errors import UserError
+from .folder import read_json, resolve
 from .model import Model
 from .safetensors import WeightsError, folder_index, load_folder
 from .tokenizer import Tokenizer
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer*", "*.model"]
-
-
-class ModelNotFound(UserError):
-    """A path or hub id that does not lead to a model folder."""
-
-
-def resolve(path_or_repo: str) -> str:
-    """A local model folder for a path or a hub repo id (downloaded through huggingface_hub)."""
-    p = os.path.expanduser(str(path_or_repo))
-    if os.path.isdir(p):
-        return p
-    if os.path.exists(p):
-        raise ModelNotFound(
-            f"{p}: is a file; qmlx loads a model folder (config.json + safetensors). "
-            "For a GGUF file, run `qmlx convert FILE.gguf OUT_DIR` first."
-        )
-    looks_like_repo = p.count("/") == 1 and not p.startswith((".", "/", "~")) and " " not in p
-    if not looks_like_repo:
-        raise ModelNotFound(f"{p}: no such folder")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:  # pragma: no cover - a declared dependency
-        raise ModelNotFound(f"{p}: not a local folder, and huggingface_hub is not installed") from None
-    try:
-        return snapshot_download(p, allow_patterns=HUB_PATTERNS)
-    except Exception as e:  # network, auth, missing repo: all end the same way for the user
-        kind = type(e).__name__
-        raise ModelNotFound(
-            f"{p}: not a local folder, and the Hugging Face hub could not provide it ({kind}). "
-            "If you are offline, pass the path of a downloaded model folder, e.g. "
-            "--model ~/models/Qwen2.5-0.5B-Instruct"
-        ) from None
 
 
 def load_config(folder: str) -> ModelConfig:
@@ -64,11 +29,7 @@ def generation_config(folder: str) -> dict:
     path = os.path.join(folder, "generation_config.json")
     if not os.path.exists(path):
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    d = read_json(path, ConfigError)
     return d if isinstance(d, dict) else {}
 
 
@@ -167,20 +128,14 @@ def load_model(
     return model
 
 
-def load(
-    path_or_repo: str, dtype=None, lazy: bool = False, adapter: str | None = None
-) -> tuple[Model, Tokenizer]:
+def load(path_or_repo: str, dtype=None, lazy: bool = False) -> tuple[Model, Tokenizer]:
     """Load a Qwen2 model and its tokenizer from a folder or a hub repo id.
 
-    `dtype=None` picks per device: float32 on the CPU backend, bfloat16 on a GPU. `adapter`
-    is a folder written by `qmlx lora`; its LoRA layers are put over the model's.
+    `dtype=None` picks per device: float32 on the CPU backend, bfloat16 on a GPU. (A LoRA
+    adapter is put over the model by `qmlx.load`, above the loader.)
     """
     folder = resolve(path_or_repo)
     model = load_model(folder, dtype=dtype, lazy=lazy)
-    if adapter is not None:
-        from .lora.adapters import load_adapter
-
-        load_adapter(model, adapter)
     return model, tokenizer_for(folder, model.config)
 
 

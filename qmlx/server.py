@@ -1032,7 +1032,7 @@ def serve(
     """
     import uvicorn
 
-    from .loader import load
+    from . import load  # qmlx.load: the loader's load, plus the adapter
 
     if max_concurrency < 1:
         raise UserError(f"--max-concurrency must be at least 1, got {max_concurrency}")

@@ -19,6 +19,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import UserError
+from .folder import read_json
 
 
 class TokenizerError(UserError):
@@ -27,14 +28,6 @@ class TokenizerError(UserError):
 
 class TemplateError(UserError):
     """The chat template refused the messages (e.g. through `raise_exception`)."""
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
 
 
 @lru_cache(maxsize=1)
@@ -133,7 +126,7 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises plain Exceptions
             raise TokenizerError(f"{path}: cannot be read ({e})") from None
         cfg_path = os.path.join(folder, "tokenizer_config.json")
-        cfg = _read_json(cfg_path) if os.path.exists(cfg_path) else {}
+        cfg = read_json(cfg_path, TokenizerError) if os.path.exists(cfg_path) else {}
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}

@@ -39,11 +39,13 @@ def main() -> None:
     from qmlx.lora.fuse import fuse
     from qmlx.lora.run import prepare, train_with_progress
     from qmlx.lora.trainer import TrainConfig
+    from qmlx.progress import byte_bar
 
     fixture = os.environ["QMLX_FIXTURE_DIR"]
     q4 = os.path.join(args.work, "fixture-4bit")
     if not os.path.exists(q4):
-        convert(fixture, q4, bits=4, group_size=64)
+        with byte_bar() as progress:
+            convert(fixture, q4, bits=4, group_size=64, progress=progress)
     data = os.path.join(args.work, "data")
     counts = stdlib_instructions.write(data)
     out = os.path.join(args.work, "adapter")

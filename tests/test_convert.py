@@ -387,6 +387,16 @@ def test_cli_convert_and_perplexity(src, tmp_path):
     assert last.startswith("perplexity: ") and float(last.split()[-1]) > 1
 
 
+def test_progress_goes_to_the_callback_and_convert_prints_nothing(src, tmp_path, capfd):
+    calls = []
+    run_convert(src, str(tmp_path / "q"), progress=lambda *a: calls.append(a))
+    assert capfd.readouterr() == ("", "")
+    (total,) = {t for _, _, t in calls}
+    done = [d for _, d, _ in calls]
+    assert done[0] == 0 and done[-1] == total > 0 and done == sorted(done)
+    assert calls[0][0] == "converting" and any(what.startswith("tensor ") for what, _, _ in calls)
+
+
 def test_cli_refusal_is_one_line_with_status_2(src, tmp_path):
     (tmp_path / "q").mkdir()
     r = _cli("convert", src, str(tmp_path / "q"))

@@ -11,7 +11,7 @@ from tiny import tiny_config, write_folder
 
 import qmlx
 from qmlx.config import ConfigError, ModelConfig
-from qmlx.loader import ModelNotFound
+from qmlx.folder import ModelNotFound
 from qmlx.safetensors import WeightsError
 
 

@@ -357,6 +357,29 @@ def test_fuse_of_a_quantized_base_requantizes(tiny, tmp_path):
     assert mx.abs(got - want).mean().item() < 0.05 * mx.abs(want).mean().item()
 
 
+def test_fused_folder_has_the_side_files_of_a_converted_one(tiny, tmp_path):
+    """Fuse writes through the converter's writer: chat_template.json and the rest travel too."""
+    import shutil
+
+    from convert import convert
+    from qmlx.folder import SIDE_FILES
+    from qmlx.lora.adapters import save_adapter
+    from qmlx.lora.fuse import fuse
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny / "m", base)
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    model, _ = qmlx.load(str(base))
+    apply_lora(model, rank=4, alpha=8.0, targets=["q"])
+    save_adapter(model, str(tmp_path / "ad"), {"rank": 4, "alpha": 8.0, "targets": ["q"]})
+    fused = fuse(str(base), str(tmp_path / "ad"), str(tmp_path / "f"))
+    convert(str(base), str(tmp_path / "c"), dequantize=True)
+    side = lambda d: {f for f in os.listdir(d) if f in SIDE_FILES}  # noqa: E731
+    assert "chat_template.json" in side(fused)
+    assert side(fused) == side(tmp_path / "c")
+    assert (base / "chat_template.json").read_text() == (tmp_path / "f" / "chat_template.json").read_text()
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import UserError
+from ..folder import read_json
 from .apply import adapter_weights, apply_lora
 
 WEIGHTS = "adapters.safetensors"
@@ -46,13 +47,7 @@ def read_adapter_config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG)
     if not os.path.isdir(folder):
         raise AdapterError(f"--adapter {folder}: no such folder")
-    if not os.path.exists(path):
-        raise AdapterError(f"{path}: not found (an adapter folder holds {WEIGHTS} and {CONFIG})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}: not valid JSON ({e.msg})") from None
+    cfg = read_json(path, AdapterError, missing=f"an adapter folder holds {WEIGHTS} and {CONFIG}")
     if cfg.get("peft_type") is not None:
         raise AdapterError(f"{path}: a PEFT adapter; qmlx loads the adapters it trains ({WEIGHTS})")
     for key in ("rank", "alpha", "targets"):

@@ -21,12 +21,11 @@ for which only config.json is fetched). Components:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..folder import ModelNotFound, looks_like_repo, read_json
 from .apply import DEFAULT_TARGETS
 from .score import LOSS_CHUNK
 
@@ -39,9 +38,7 @@ def read_config(model: str) -> dict:
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
-        from ..loader import ModelNotFound
-
-        if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        if not looks_like_repo(model):
             raise ModelNotFound(f"--model {model}: no such config.json, folder or hub id")
         try:
             from huggingface_hub import hf_hub_download
@@ -51,11 +48,7 @@ def read_config(model: str) -> dict:
             raise ModelNotFound(
                 f"--model {model}: the hub could not provide config.json ({type(e).__name__})"
             ) from None
-    with open(path, encoding="utf-8") as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: not valid JSON ({e.msg})") from None
+    d = read_json(path)
     ModelConfig.from_dict(d, source=path)  # field-named errors for configs qmlx cannot run
     return d
 

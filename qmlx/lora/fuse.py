@@ -2,36 +2,36 @@
 
 Each adapted projection becomes W + scale·B·A. A quantized base is dequantized, merged and
 re-quantized (with its own bits, or `bits`); with `bits` a dense base is quantized whole. The
-folder is written beside DST and renamed into place only when complete.
+folder is written through the converter's writer (convert/writer.py): beside DST, renamed into
+place only when complete, with the same side files (tokenizer, chat template, generation
+config) as a converted folder.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
-import shutil
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..errors import UserError
+from convert import card
+from convert.layout import expected_tensors, layer_sort_key
+from convert.writer import (
+    check_destination,
+    complete_side_files,
+    copy_side_files,
+    output_folder,
+    write_arrays,
+)
+
+from ..folder import parse_dtype, read_json, resolve
+from ..loader import load_model
 from ..quant import check_params, quantize_model
 from .adapters import load_adapter
 from .apply import fuse_model, lora_modules
 
-# Copied as they are from the base folder.
-SIDE_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "LICENSE",
-)
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 SHARD_BYTES = 5 * 10**9
 
 
@@ -44,18 +44,15 @@ def fuse(
     dtype: str | None = None,
     force: bool = False,
 ) -> str:
-    from ..loader import load_model, resolve
-
+    """Merge `adapter` into the base `model` (folder or hub id) and write the folder DST."""
     folder = resolve(model)
-    with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
-    _check_destination(folder, dst, force)
+    config = read_json(os.path.join(folder, "config.json"), missing="a model folder needs a config.json")
+    check_destination(folder, dst, force)
     if bits is not None:
         group_size = group_size or 64
         check_params(bits, group_size, "--bits/--group-size")
     out_name = dtype or config.get("torch_dtype") or "bfloat16"
-    if out_name not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {out_name!r}")
+    out_dtype = parse_dtype(out_name, "--dtype")
     base = load_model(folder)
     load_adapter(base, adapter)
     quant = config.get("quantization")
@@ -69,55 +66,24 @@ def fuse(
         for p in fused_paths:
             if (bits, group_size) != (quant.get("bits"), quant.get("group_size")):
                 quant[p] = {"group_size": group_size, "bits": bits}
-    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    config["torch_dtype"] = out_name
-    if quant is not None:
-        config["quantization"] = config["quantization_config"] = quant
-    _write_folder(base, folder, dst, config, DTYPES[out_name])
+    with output_folder(dst) as tmp:
+        copy_side_files(folder, tmp)
+        complete_side_files(tmp, config)
+        weight_map, total_size = write_arrays(
+            tmp, _weight_groups(base, out_dtype), SHARD_BYTES, {"format": "mlx"}
+        )
+        n_params = sum(math.prod(shape) for shape in expected_tensors(base.config).values())
+        card.write_index(tmp, weight_map, total_size, n_params)
+        card.write_config(tmp, config, quant, out_name)
     return dst
 
 
-def _check_destination(src: str, dst: str, force: bool) -> None:
-    if os.path.abspath(dst) == os.path.abspath(src):
-        raise UserError(f"{dst}: DST must not be the base model's folder")
-    if os.path.exists(dst) and not force:
-        raise UserError(f"{dst}: already exists (use --force to replace it)")
-
-
-def _write_folder(model, src: str, dst: str, config: dict, dtype) -> None:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(dst)), f".{os.path.basename(dst)}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        weights = {
-            k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-            for k, v in tree_flatten(model.parameters())
-        }
-        shards, size = [[]], 0
-        for k in sorted(weights):
-            if size + weights[k].nbytes > SHARD_BYTES and shards[-1]:
-                shards.append([])
-                size = 0
-            shards[-1].append(k)
-            size += weights[k].nbytes
-        weight_map = {}
-        for i, names in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            mx.save_safetensors(
-                os.path.join(tmp, file), {k: weights[k] for k in names}, metadata={"format": "mlx"}
-            )
-            weight_map.update({k: file for k in names})
-        total = sum(v.nbytes for v in weights.values())
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        for name in SIDE_FILES:
-            if os.path.exists(os.path.join(src, name)):
-                shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
-        if os.path.exists(dst):
-            shutil.rmtree(dst)
-        os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _weight_groups(model: nn.Module, dtype) -> list[dict[str, mx.array]]:
+    """The model's tensors in file order, floating ones cast to `dtype`, one group per layer
+    (a packed weight stays in one shard with its scales and biases)."""
+    groups: dict[str, dict[str, mx.array]] = {}
+    for name, v in sorted(tree_flatten(model.parameters()), key=lambda kv: layer_sort_key(kv[0])):
+        groups.setdefault(name.rsplit(".", 1)[0], {})[name] = (
+            v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+        )
+    return list(groups.values())

@@ -14,6 +14,8 @@ import sys
 import mlx.core as mx
 
 from ..errors import UserError
+from ..folder import resolve
+from ..loader import load
 from .adapters import CONFIG, WEIGHTS
 from .apply import adapter_weights, apply_lora, checkpoint_blocks
 from .data import load_data
@@ -23,8 +25,6 @@ from .trainer import CHECKPOINTS, TrainConfig, Trainer, latest_checkpoint, save_
 
 def prepare(cfg: TrainConfig, out: str, dtype=None, resume: str | None = None, log=print):
     """A Trainer ready to run (model loaded and wrapped, data tokenized, difficulty scored)."""
-    from ..loader import load, resolve
-
     cfg.validate()
     folder = resolve(cfg.model)
     model, tokenizer = load(folder, dtype=dtype)
