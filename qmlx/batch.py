@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import KVCache
+from .decode import logprobs, prefill
 from .generate import GenerationEvent, _stop_holdback, sampling_settings
 from .sample import make_sampler
 
@@ -131,25 +132,22 @@ def stream_batch_generate(
     mx.reset_peak_memory()
     start = time.perf_counter()
 
-    # Left-pad to a common length and prefill in chunks.
+    # Left-pad to a common length; prefill all but the last column in chunks.
     width = max(len(x) for x in ids)
     padding = mx.array([width - len(x) for x in ids], dtype=mx.int32)
     tokens = mx.array([[0] * (width - len(x)) + x for x in ids], dtype=mx.int32)
     cache = [PaddedKVCache(padding) for _ in model.layers]
-    for i in range(0, width - 1, prefill_step):
-        model(tokens[:, i : min(i + prefill_step, width - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
+    prefill(model, tokens[:, : width - 1], cache, prefill_step)
     y = tokens[:, -1:]
     active = list(range(B))  # prompt index of each batch row
     first = None
     generated = 0
     while active:
-        logits = model(y, cache=cache)[:, -1, :].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        lps = logprobs(model(y, cache=cache)[:, -1, :])
         if samplers is None:
-            next_y = sampler(logprobs)
+            next_y = sampler(lps)
         else:
-            next_y = mx.concatenate([samplers[i](logprobs[r : r + 1]) for r, i in enumerate(active)])
+            next_y = mx.concatenate([samplers[i](lps[r : r + 1]) for r, i in enumerate(active)])
         new = next_y.tolist()
         now = time.perf_counter()
         first = first or now

@@ -17,6 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import can_trim_cache, make_cache, trim_cache
+from .decode import logprobs, prefill
 from .sample import make_distribution, make_logits_processors, make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
@@ -60,30 +61,27 @@ def generate_step(
         if logits_processors:
             for proc in logits_processors:
                 logits = proc(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
+        lp = logprobs(logits)
+        token = sampler(lp)
         if logits_processors:
             history = mx.concatenate([history, token.reshape(-1)])
-        return token, logprobs[0]
+        return token, lp[0]
 
-    while prompt.size > prefill_step:
-        model(prompt[:prefill_step][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[prefill_step:]
-        mx.clear_cache()
-
-    y, logprobs = step(prompt)
-    mx.async_eval(y, logprobs)
+    # All but the last chunk (1..prefill_step tokens), which runs as the first step.
+    head = (prompt.size - 1) // prefill_step * prefill_step
+    prefill(model, prompt[:head], cache, prefill_step)
+    y, lp = step(prompt[head:])
+    mx.async_eval(y, lp)
     n = 0
     while n != max_tokens:
         if n + 1 != max_tokens:
-            next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
-        yield y.item(), logprobs
+            next_y, next_lp = step(y)
+            mx.async_eval(next_y, next_lp)
+        yield y.item(), lp
         n += 1
         if n == max_tokens:
             break
-        y, logprobs = next_y, next_logprobs
+        y, lp = next_y, next_lp
         if n % 256 == 0:
             mx.clear_cache()
 

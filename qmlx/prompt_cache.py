@@ -19,6 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import load_cache, make_cache, save_cache
+from .decode import prefill
 from .errors import UserError
 from .generate import PromptCache
 
@@ -71,9 +72,7 @@ def fill_prompt_cache(model, ids: list[int], prefill_step: int = 512, **cache_kw
         raise UserError("--prompt: the prompt to cache is empty")
     pc = PromptCache(**cache_kwargs)
     pc.caches = make_cache(len(model.layers), **cache_kwargs)
-    for i in range(0, len(ids), prefill_step):
-        model(mx.array(ids[i : i + prefill_step])[None], cache=pc.caches)
-        mx.eval([c.state for c in pc.caches])
+    prefill(model, ids, pc.caches, prefill_step)
     pc.tokens = list(ids)
     return pc
 
