@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import KVCache
-from .decode import logprobs, prefill
-from .generate import GenerationEvent, _stop_holdback, sampling_settings
+from .decode import StopMatcher, logprobs, prefill
+from .generate import GenerationEvent, sampling_settings
 from .sample import make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
@@ -61,12 +61,11 @@ class BatchResult:
 class _Row:
     """Per-request text state: detokenizer, stop strings held back, finish reason."""
 
-    def __init__(self, tokenizer, stops: list[str], max_tokens: int):
+    def __init__(self, tokenizer, stop: Sequence[str] | str | None, max_tokens: int):
         self.detok = tokenizer.detokenizer()
         self.eos = set(tokenizer.eos_token_ids)
-        self.stops = stops
+        self.stops = StopMatcher(stop)
         self.max_tokens = max_tokens
-        self.pending = ""
         self.n = 0
         self.finish: str | None = None
 
@@ -75,20 +74,13 @@ class _Row:
         self.n += 1
         if token in self.eos:
             self.finish = "stop"
-            return self.pending + self.detok.finalize()
-        self.pending += self.detok.add(token)
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
+            return self.stops.flush() + self.detok.finalize()
+        out = self.stops.feed(self.detok.add(token))
+        if self.stops.stopped:
             self.finish = "stop"
-            return self.pending[: min(hits)]
-        if self.n >= self.max_tokens:
+        elif self.n >= self.max_tokens:
             self.finish = "length"
-            return self.pending + self.detok.finalize()
-        keep = _stop_holdback(self.pending, self.stops) if self.stops else 0
-        out, self.pending = (
-            self.pending[: len(self.pending) - keep],
-            self.pending[len(self.pending) - keep :],
-        )
+            out += self.stops.flush() + self.detok.finalize()
         return out
 
 
@@ -127,8 +119,7 @@ def stream_batch_generate(
                               top_k=top_k, min_p=min_p)  # fmt: skip
         sampler = make_sampler(s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
     samplers = list(sampler) if isinstance(sampler, Sequence) else None
-    stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
-    rows = [_Row(tokenizer, stops, m) for m in limits]
+    rows = [_Row(tokenizer, stop, m) for m in limits]
     mx.reset_peak_memory()
     start = time.perf_counter()
 
