@@ -17,7 +17,7 @@ from typing import Any
 import mlx.core as mx
 
 from .cache import can_trim_cache, make_cache, trim_cache
-from .decode import logprobs, prefill
+from .decode import common_prefix, logprobs, prefill
 from .sample import make_distribution, make_logits_processors, make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
@@ -102,12 +102,7 @@ class PromptCache:
 
     def prepare(self, model, ids: list[int]) -> tuple[list, list[int]]:
         """Caches ready for `ids`, and the suffix of `ids` still to prefill (never empty)."""
-        common = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
+        common = min(common_prefix(self.tokens, ids), len(ids) - 1)  # the last token must run for logits
         drop = len(self.tokens) - common
         if self.caches is None or (
             drop and not (can_trim_cache(self.caches) and trim_cache(self.caches, drop) == drop)
