@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import KVCache
-from .decode import StopMatcher, logprobs, prefill
+from .decode import TextStream, logprobs, prefill
 from .generate import GenerationEvent, sampling_settings
 from .sample import make_sampler
 
@@ -59,12 +59,10 @@ class BatchResult:
 
 
 class _Row:
-    """Per-request text state: detokenizer, stop strings held back, finish reason."""
+    """Per-request state: its text (detokenizer, EOS, stop strings), token count, finish reason."""
 
     def __init__(self, tokenizer, stop: Sequence[str] | str | None, max_tokens: int):
-        self.detok = tokenizer.detokenizer()
-        self.eos = set(tokenizer.eos_token_ids)
-        self.stops = StopMatcher(stop)
+        self.text = TextStream(tokenizer, stop)
         self.max_tokens = max_tokens
         self.n = 0
         self.finish: str | None = None
@@ -72,16 +70,9 @@ class _Row:
     def add(self, token: int) -> str:
         """Take one token; return the text it releases, setting `finish` when done."""
         self.n += 1
-        if token in self.eos:
-            self.finish = "stop"
-            return self.stops.flush() + self.detok.finalize()
-        out = self.stops.feed(self.detok.add(token))
-        if self.stops.stopped:
-            self.finish = "stop"
-        elif self.n >= self.max_tokens:
-            self.finish = "length"
-            out += self.stops.flush() + self.detok.finalize()
-        return out
+        out = self.text.add(token)
+        self.finish = self.text.finish or ("length" if self.n >= self.max_tokens else None)
+        return out + self.text.rest() if self.finish else out
 
 
 def stream_batch_generate(
@@ -152,7 +143,7 @@ def stream_batch_generate(
                 i,
                 GenerationEvent(
                     text=text,
-                    token=None if token in row.eos else token,  # as stream_generate: EOS is not output
+                    token=None if token in row.text.eos else token,  # as stream_generate: EOS is not output
                     finish_reason=row.finish,
                     prompt_tokens=len(ids[i]),
                     generation_tokens=row.n,

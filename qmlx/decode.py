@@ -4,10 +4,12 @@
     logprobs(logits)                    float32 log-probabilities over the vocabulary
     token_logprobs(logprobs, token, k)  the chosen token's log-probability and the k most likely
     StopMatcher(stops)                  stop strings in streamed text, partial matches held back
+    TextStream(tokenizer, stops)        token ids -> released text: detokenizer, EOS ids, stop strings
     stop_holdback(text, stops)          how much of the end of `text` could start a stop string
     common_prefix(a, b)                 how many leading items two sequences share
 
-Only MLX is imported here: no front end, no loader, no model code.
+Only MLX is imported here: no front end, no loader, no model code (models and tokenizers
+are passed in).
 """
 
 from __future__ import annotations
@@ -85,6 +87,34 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.held = self.held, ""
         return out
+
+
+class TextStream:
+    """One generation's token ids as the text it may show: detokenized, cut at EOS and stop strings.
+
+    `add(token)` returns the text the token releases; `finish` turns "stop" at an EOS id
+    (which releases nothing itself) or when a stop string completes. `rest()` is the text still
+    held back (an incomplete character, the start of a stop string), shown at the end; nothing
+    after a stop string.
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str] | str | None):
+        self.detok = tokenizer.detokenizer()
+        self.eos = set(tokenizer.eos_token_ids)
+        self.stops = StopMatcher(stops)
+        self.finish: str | None = None
+
+    def add(self, token: int) -> str:
+        if token in self.eos:
+            self.finish = "stop"
+            return ""
+        text = self.stops.feed(self.detok.add(token))
+        if self.stops.stopped:
+            self.finish = "stop"
+        return text
+
+    def rest(self) -> str:
+        return "" if self.stops.stopped else self.stops.flush() + self.detok.finalize()
 
 
 def common_prefix(a: Sequence, b: Sequence) -> int:
