@@ -16,16 +16,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from .cache import can_trim_cache, make_cache, trim_cache
-from .decode import TextStream, common_prefix, logprobs, prefill, token_logprobs
+from .cache import make_cache
+from .decode import TextStream, logprobs, prefill, token_logprobs
 from .sample import make_distribution, make_logits_processors, make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+if TYPE_CHECKING:  # only for annotations: prompt_cache.py does not import this module either
+    from .prompt_cache import PromptCache
 
 
 def generate_step(
@@ -88,47 +91,6 @@ def generate_step(
         y, lp = next_y, next_lp
         if n % 256 == 0:
             mx.clear_cache()
-
-
-class PromptCache:
-    """A KV cache kept across calls, with the token ids it holds.
-
-    Each call reuses the longest common prefix of the cached tokens and the new prompt, so a
-    new chat turn prefills only its new tokens. The chat and the server keep one per
-    conversation. `cache_kwargs` go to `make_cache` (max_kv_size, kv_bits, ...).
-    """
-
-    def __init__(self, **cache_kwargs):
-        self.cache_kwargs = cache_kwargs
-        self.caches: list | None = None
-        self.tokens: list[int] = []
-        self.reused = 0  # tokens reused by the last call, for stats and tests
-
-    def prepare(self, model, ids: list[int]) -> tuple[list, list[int]]:
-        """Caches ready for `ids`, and the suffix of `ids` still to prefill (never empty)."""
-        common = min(common_prefix(self.tokens, ids), len(ids) - 1)  # the last token must run for logits
-        drop = len(self.tokens) - common
-        if self.caches is None or (
-            drop and not (can_trim_cache(self.caches) and trim_cache(self.caches, drop) == drop)
-        ):
-            self.caches = make_cache(len(model.layers), **self.cache_kwargs)
-            common = 0
-        self.reused = common
-        self.tokens = list(ids[:common])
-        return self.caches, list(ids[common:])
-
-    def commit(self, ids: list[int]) -> None:
-        """Record what the caches hold after a generation: the first `offset` of `ids`."""
-        if not self.caches:
-            self.tokens = []
-        elif len({c.offset for c in self.caches}) > 1:
-            # Interrupted halfway through a forward pass: layers disagree, start afresh.
-            self.reset()
-        else:
-            self.tokens = list(ids[: self.caches[0].offset])
-
-    def reset(self) -> None:
-        self.caches, self.tokens, self.reused = None, [], 0
 
 
 @dataclass

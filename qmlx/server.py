@@ -250,7 +250,7 @@ class Slot:
     """
 
     def __init__(self):
-        from .generate import PromptCache
+        from .prompt_cache import PromptCache
 
         self.prompt_cache = PromptCache()
 
