@@ -184,6 +184,20 @@ def load(
     return model, tokenizer_for(folder, model.config)
 
 
+def load_draft_model(path: str, tokenizer, dtype=None):
+    """Load a draft model for `--draft-model`, refusing one whose tokenizer differs."""
+    draft, draft_tokenizer = load(path, dtype=dtype)
+    probe = "def f(x):\n    return x  # 你好, ünïcode"
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size or draft_tokenizer.encode(
+        probe
+    ) != tokenizer.encode(probe):
+        raise UserError(
+            f"--draft-model {path}: its tokenizer differs from the model's; "
+            "a draft model must share the tokenizer (e.g. a smaller Qwen2.5 of the same family)"
+        )
+    return draft
+
+
 def tokenizer_for(folder: str, config: ModelConfig) -> Tokenizer:
     """The folder's tokenizer, stopping at the config's and generation_config.json's EOS ids."""
     gen = generation_config(folder)

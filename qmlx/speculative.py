@@ -215,19 +215,3 @@ def _process(logits: mx.array, processors, seq: list[int], drafts: list[int]) ->
             row = proc(history, row)
         rows.append(row)
     return mx.concatenate(rows)
-
-
-def load_draft_model(path: str, tokenizer, dtype=None):
-    """Load a draft model for `--draft-model`, refusing one whose tokenizer differs."""
-    from .loader import load
-
-    draft, draft_tokenizer = load(path, dtype=dtype)
-    probe = "def f(x):\n    return x  # 你好, ünïcode"
-    if draft_tokenizer.vocab_size != tokenizer.vocab_size or draft_tokenizer.encode(
-        probe
-    ) != tokenizer.encode(probe):
-        raise UserError(
-            f"--draft-model {path}: its tokenizer differs from the model's; "
-            "a draft model must share the tokenizer (e.g. a smaller Qwen2.5 of the same family)"
-        )
-    return draft
