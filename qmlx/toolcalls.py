@@ -198,16 +198,6 @@ class ToolCallParser:
         events.append(("tool_call", call))
 
 
-def parse_tool_calls(text: str, names: set[str] | None = None) -> tuple[str | None, list[ToolCall]]:
-    """Split a whole completion into (content or None, tool calls)."""
-    p = ToolCallParser(names)
-    events = p.feed(text) + p.finish()
-    content = "".join(v for k, v in events if k == "content")
-    if p.calls:
-        content = content.strip()
-    return (content or None), p.calls
-
-
 # ---------------------------------------------------------------------- messages -> template
 
 
