@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from .cache import KVCache
-from .generate import GenerationEvent, _stop_holdback, sampling_settings
+from .decode import TextStream, logprobs, prefill
+from .generate import GenerationEvent, sampling_settings
 from .sample import make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
@@ -58,37 +59,20 @@ class BatchResult:
 
 
 class _Row:
-    """Per-request text state: detokenizer, stop strings held back, finish reason."""
+    """Per-request state: its text (detokenizer, EOS, stop strings), token count, finish reason."""
 
-    def __init__(self, tokenizer, stops: list[str], max_tokens: int):
-        self.detok = tokenizer.detokenizer()
-        self.eos = set(tokenizer.eos_token_ids)
-        self.stops = stops
+    def __init__(self, tokenizer, stop: Sequence[str] | str | None, max_tokens: int):
+        self.text = TextStream(tokenizer, stop)
         self.max_tokens = max_tokens
-        self.pending = ""
         self.n = 0
         self.finish: str | None = None
 
     def add(self, token: int) -> str:
         """Take one token; return the text it releases, setting `finish` when done."""
         self.n += 1
-        if token in self.eos:
-            self.finish = "stop"
-            return self.pending + self.detok.finalize()
-        self.pending += self.detok.add(token)
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.finish = "stop"
-            return self.pending[: min(hits)]
-        if self.n >= self.max_tokens:
-            self.finish = "length"
-            return self.pending + self.detok.finalize()
-        keep = _stop_holdback(self.pending, self.stops) if self.stops else 0
-        out, self.pending = (
-            self.pending[: len(self.pending) - keep],
-            self.pending[len(self.pending) - keep :],
-        )
-        return out
+        out = self.text.add(token)
+        self.finish = self.text.finish or ("length" if self.n >= self.max_tokens else None)
+        return out + self.text.rest() if self.finish else out
 
 
 def stream_batch_generate(
@@ -126,30 +110,26 @@ def stream_batch_generate(
                               top_k=top_k, min_p=min_p)  # fmt: skip
         sampler = make_sampler(s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
     samplers = list(sampler) if isinstance(sampler, Sequence) else None
-    stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
-    rows = [_Row(tokenizer, stops, m) for m in limits]
+    rows = [_Row(tokenizer, stop, m) for m in limits]
     mx.reset_peak_memory()
     start = time.perf_counter()
 
-    # Left-pad to a common length and prefill in chunks.
+    # Left-pad to a common length; prefill all but the last column in chunks.
     width = max(len(x) for x in ids)
     padding = mx.array([width - len(x) for x in ids], dtype=mx.int32)
     tokens = mx.array([[0] * (width - len(x)) + x for x in ids], dtype=mx.int32)
     cache = [PaddedKVCache(padding) for _ in model.layers]
-    for i in range(0, width - 1, prefill_step):
-        model(tokens[:, i : min(i + prefill_step, width - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
+    prefill(model, tokens[:, : width - 1], cache, prefill_step)
     y = tokens[:, -1:]
     active = list(range(B))  # prompt index of each batch row
     first = None
     generated = 0
     while active:
-        logits = model(y, cache=cache)[:, -1, :].astype(mx.float32)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        lps = logprobs(model(y, cache=cache)[:, -1, :])
         if samplers is None:
-            next_y = sampler(logprobs)
+            next_y = sampler(lps)
         else:
-            next_y = mx.concatenate([samplers[i](logprobs[r : r + 1]) for r, i in enumerate(active)])
+            next_y = mx.concatenate([samplers[i](lps[r : r + 1]) for r, i in enumerate(active)])
         new = next_y.tolist()
         now = time.perf_counter()
         first = first or now
@@ -163,7 +143,7 @@ def stream_batch_generate(
                 i,
                 GenerationEvent(
                     text=text,
-                    token=None if token in row.eos else token,  # as stream_generate: EOS is not output
+                    token=None if token in row.text.eos else token,  # as stream_generate: EOS is not output
                     finish_reason=row.finish,
                     prompt_tokens=len(ids[i]),
                     generation_tokens=row.n,

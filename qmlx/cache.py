@@ -1,4 +1,4 @@
-"""Per-layer key/value caches for incremental decoding, and saving them to disk.
+"""Per-layer key/value caches for incremental decoding (files of them: qmlx/prompt_cache.py).
 
 The model sees one cache object per layer through a small interface:
 
@@ -22,10 +22,7 @@ only slices, writes and concatenates parts along axis 2 and never looks inside t
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from typing import Any
 
 import mlx.core as mx
 
@@ -74,7 +71,7 @@ class _Cache:
     """What every cache shares: storage as parts, meta_state, nbytes and rebuilding from state.
 
     Subclasses list the integer attributes that describe them in `_meta_fields`; meta_state
-    is those attributes as strings, so save_cache can store them as safetensors metadata.
+    is those attributes as strings, so prompt_cache.save_cache can store them as safetensors metadata.
     """
 
     step = 256  # tokens per buffer growth: one copy per 256 tokens, not one per token
@@ -128,7 +125,7 @@ class _Cache:
 
     @classmethod
     def from_state(cls, state, meta_state: Sequence[str]):
-        """Rebuild a cache of this class from its `state` and `meta_state` (see load_cache)."""
+        """Rebuild a cache of this class from its `state` and `meta_state` (see prompt_cache.load_cache)."""
         cache = cls.__new__(cls)
         _Cache.__init__(cache)
         cache.meta_state = meta_state
@@ -481,99 +478,3 @@ def trim_cache(caches: Sequence, n: int) -> int:
 def cache_nbytes(caches: Sequence) -> int:
     """Total bytes held by the caches' buffers."""
     return sum(c.nbytes for c in caches)
-
-
-# --------------------------------------------------------------------------- files
-
-_FORMAT_KEY = "qmlx.kv_cache.format"
-_FORMAT_VERSION = "1"
-_LAYERS_KEY = "qmlx.kv_cache.layers"
-_RESERVED = "qmlx.kv_cache."
-
-
-def save_cache(path: str, caches: Sequence, metadata: dict[str, str] | None = None) -> None:
-    """Write the caches to a safetensors file at exactly `path`.
-
-    Arrays are named layers.{i}.keys / layers.{i}.values (or .keys.0/.1/.2 for the
-    (packed, scales, biases) parts of a quantized cache). The safetensors metadata holds each
-    layer's class and meta_state, plus the caller's string `metadata` (model identity, token
-    ids as JSON, ...) under its own keys. The file is written to a temporary name and then
-    renamed, so a crash never leaves a half-written cache behind.
-    """
-    metadata = dict(metadata or {})
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"cache metadata must map str to str, got {key!r}: {type(value).__name__}")
-        if key.startswith(_RESERVED):
-            raise UserError(f"cache metadata key {key!r} is reserved for qmlx")
-    arrays: dict[str, mx.array] = {}
-    layers = []
-    for i, cache in enumerate(caches):
-        name = type(cache).__name__
-        if name not in CACHE_CLASSES:
-            raise TypeError(f"layer {i}: cannot save a {name}")
-        layers.append({"class": name, "meta_state": list(cache.meta_state)})
-        state = cache.state
-        if state is None:
-            continue
-        for kind, x in zip(("keys", "values"), state):
-            if isinstance(x, tuple):
-                arrays.update({f"layers.{i}.{kind}.{j}": p for j, p in enumerate(x)})
-            else:
-                arrays[f"layers.{i}.{kind}"] = x
-    metadata[_FORMAT_KEY] = _FORMAT_VERSION
-    metadata[_LAYERS_KEY] = json.dumps(layers)
-    # mx.save_safetensors appends ".safetensors" to other names; write there, then rename.
-    tmp = f"{path}.tmp-{os.getpid()}.safetensors"
-    try:
-        mx.save_safetensors(tmp, arrays, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_cache(path: str) -> tuple[list, dict[str, str]]:
-    """Read caches written by save_cache; return (caches, the caller's metadata).
-
-    Raises FileNotFoundError for a missing file and ValueError, naming the file, for a file
-    that is not a qmlx KV-cache file.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no KV-cache file at {path}")
-    try:
-        arrays, metadata = mx.load(path, format="safetensors", return_metadata=True)
-    except Exception as e:  # MLX reports unreadable files as RuntimeError
-        raise UserError(f"{path} is not a KV-cache file: not a readable safetensors file ({e})") from e
-    version = metadata.get(_FORMAT_KEY)
-    if version is None or _LAYERS_KEY not in metadata:
-        raise UserError(f"{path} is not a qmlx KV-cache file (its metadata has no {_FORMAT_KEY})")
-    if version != _FORMAT_VERSION:
-        raise UserError(f"{path} is a KV-cache file of format {version}; this qmlx reads {_FORMAT_VERSION}")
-    try:
-        layers = json.loads(metadata[_LAYERS_KEY])
-        caches = [_load_layer(i, layer, arrays) for i, layer in enumerate(layers)]
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: damaged KV-cache file ({e})") from e
-    user = {k: v for k, v in metadata.items() if not k.startswith(_RESERVED)}
-    return caches, user
-
-
-def _load_layer(i: int, layer: dict[str, Any], arrays: dict[str, mx.array]):
-    name = layer["class"]
-    if name not in CACHE_CLASSES:
-        raise UserError(f"layer {i} has unknown cache class {name!r}")
-
-    def fetch(kind: str):
-        if f"layers.{i}.{kind}" in arrays:
-            return arrays[f"layers.{i}.{kind}"]
-        parts = []
-        while f"layers.{i}.{kind}.{len(parts)}" in arrays:
-            parts.append(arrays[f"layers.{i}.{kind}.{len(parts)}"])
-        return tuple(parts) if parts else None
-
-    keys, values = fetch("keys"), fetch("values")
-    if (keys is None) != (values is None):
-        raise UserError(f"layer {i} has keys without values or values without keys")
-    state = None if keys is None else (keys, values)
-    return CACHE_CLASSES[name].from_state(state, layer["meta_state"])

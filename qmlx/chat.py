@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Stopped, UserError
-from .generate import GenerationEvent, PromptCache, stream_generate
+from .generate import GenerationEvent, stream_generate
+from .prompt_cache import PromptCache
 
 HELP = """\
 Commands:

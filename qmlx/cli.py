@@ -192,7 +192,7 @@ def run_generate(args) -> int:
     else:
         cache = make_cache(len(model.layers), **cache_kwargs)
     if args.draft_model:
-        from .speculative import load_draft_model
+        from .loader import load_draft_model
 
         draft = load_draft_model(args.draft_model, tokenizer, dtype=args.dtype)
     if not raw:

@@ -1,9 +1,12 @@
 """Generation as three stacked generators:
 
-    generate_step    token ids in, (token, logprobs) out; owns prefill and the decode loop
+    generate_step    token ids in, (token, logprobs) out; owns the decode loop
     stream_generate  text in, GenerationEvent out (text deltas, stop handling, timing)
     generate         text in, text out
 
+stream_generate composes the shared decoding parts (qmlx/decode.py: prefill, log-softmax,
+text with EOS and stop strings) with a token source: generate_step, or speculative decoding
+(qmlx/speculative.py) when there is something to draft with.
 Nothing here prints; front ends render the events.
 """
 
@@ -11,16 +14,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from .cache import can_trim_cache, make_cache, trim_cache
+from .cache import make_cache
+from .decode import TextStream, logprobs, prefill, token_logprobs
 from .sample import make_distribution, make_logits_processors, make_sampler
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
+
+if TYPE_CHECKING:  # only for annotations: prompt_cache.py does not import this module either
+    from .prompt_cache import PromptCache
 
 
 def generate_step(
@@ -60,78 +68,29 @@ def generate_step(
         if logits_processors:
             for proc in logits_processors:
                 logits = proc(history, logits)
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        token = sampler(logprobs)
+        lp = logprobs(logits)
+        token = sampler(lp)
         if logits_processors:
             history = mx.concatenate([history, token.reshape(-1)])
-        return token, logprobs[0]
+        return token, lp[0]
 
-    while prompt.size > prefill_step:
-        model(prompt[:prefill_step][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        prompt = prompt[prefill_step:]
-        mx.clear_cache()
-
-    y, logprobs = step(prompt)
-    mx.async_eval(y, logprobs)
+    # All but the last chunk (1..prefill_step tokens), which runs as the first step.
+    head = (prompt.size - 1) // prefill_step * prefill_step
+    prefill(model, prompt[:head], cache, prefill_step)
+    y, lp = step(prompt[head:])
+    mx.async_eval(y, lp)
     n = 0
     while n != max_tokens:
         if n + 1 != max_tokens:
-            next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
-        yield y.item(), logprobs
+            next_y, next_lp = step(y)
+            mx.async_eval(next_y, next_lp)
+        yield y.item(), lp
         n += 1
         if n == max_tokens:
             break
-        y, logprobs = next_y, next_logprobs
+        y, lp = next_y, next_lp
         if n % 256 == 0:
             mx.clear_cache()
-
-
-class PromptCache:
-    """A KV cache kept across calls, with the token ids it holds.
-
-    Each call reuses the longest common prefix of the cached tokens and the new prompt, so a
-    new chat turn prefills only its new tokens. The chat and the server keep one per
-    conversation. `cache_kwargs` go to `make_cache` (max_kv_size, kv_bits, ...).
-    """
-
-    def __init__(self, **cache_kwargs):
-        self.cache_kwargs = cache_kwargs
-        self.caches: list | None = None
-        self.tokens: list[int] = []
-        self.reused = 0  # tokens reused by the last call, for stats and tests
-
-    def prepare(self, model, ids: list[int]) -> tuple[list, list[int]]:
-        """Caches ready for `ids`, and the suffix of `ids` still to prefill (never empty)."""
-        common = 0
-        for a, b in zip(self.tokens, ids):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(ids) - 1)  # the last prompt token must run to give logits
-        drop = len(self.tokens) - common
-        if self.caches is None or (
-            drop and not (can_trim_cache(self.caches) and trim_cache(self.caches, drop) == drop)
-        ):
-            self.caches = make_cache(len(model.layers), **self.cache_kwargs)
-            common = 0
-        self.reused = common
-        self.tokens = list(ids[:common])
-        return self.caches, list(ids[common:])
-
-    def commit(self, ids: list[int]) -> None:
-        """Record what the caches hold after a generation: the first `offset` of `ids`."""
-        if not self.caches:
-            self.tokens = []
-        elif len({c.offset for c in self.caches}) > 1:
-            # Interrupted halfway through a forward pass: layers disagree, start afresh.
-            self.reset()
-        else:
-            self.tokens = list(ids[: self.caches[0].offset])
-
-    def reset(self) -> None:
-        self.caches, self.tokens, self.reused = None, [], 0
 
 
 @dataclass
@@ -173,21 +132,105 @@ def sampling_settings(defaults: dict[str, Any], **given) -> dict[str, Any]:
 def _not_drafted(steps: Iterator[tuple[int, mx.array]]) -> Iterator[tuple[int, mx.array, bool]]:
     """generate_step's (token, logprobs) as speculative decoding's (token, logprobs, False)."""
     try:
-        for token, logprobs in steps:
-            yield token, logprobs, False
+        for token, lps in steps:
+            yield token, lps, False
     finally:
         steps.close()
 
 
-def _stop_holdback(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of `text` that could start one of the stop strings."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if s.startswith(text[-n:]):
-                best = n
-                break
-    return best
+def _token_steps(
+    model,
+    ids: list[int],
+    todo: list[int],
+    cache: list | None,
+    settings: dict[str, Any],
+    sampler: Sampler,
+    processors: list[LogitsProcessor],
+    max_tokens: int,
+    prefill_step: int,
+    draft: tuple,
+) -> Iterator[tuple[int, mx.array, bool]]:
+    """(token, logprobs, from_draft) after the prompt `ids`, of which `cache` holds all but `todo`.
+
+    `draft` is (draft_model, num_draft_tokens, prompt_lookup): with a draft model or prompt
+    lookup the tokens come from speculative decoding, else from generate_step.
+    """
+    draft_model, num_draft_tokens, prompt_lookup = draft
+    if draft_model is None and not prompt_lookup:
+        plain = generate_step(
+            model,
+            mx.array(todo),
+            cache=cache,
+            sampler=sampler,
+            logits_processors=processors,
+            max_tokens=max_tokens,
+            prefill_step=prefill_step,
+            context=ids[: len(ids) - len(todo)],
+        )
+        return _not_drafted(plain)
+    from .speculative import speculative_generate_step
+
+    s = settings
+    return speculative_generate_step(
+        model,
+        ids,
+        cache=cache,
+        distribution=make_distribution(s["temperature"], s["top_p"], s["top_k"], s["min_p"]),
+        logits_processors=processors,
+        draft_model=draft_model,
+        num_draft_tokens=num_draft_tokens,
+        prompt_lookup=prompt_lookup,
+        max_tokens=max_tokens,
+        prefill_step=prefill_step,
+    )
+
+
+def _committing(steps: Iterator, prompt_cache: PromptCache, ids: list[int]) -> Iterator:
+    """`steps`, then `prompt_cache` records what its caches hold, also after an early close."""
+    generated = []
+    try:
+        for step in steps:
+            generated.append(step[0])
+            yield step
+    finally:
+        steps.close()
+        prompt_cache.commit(ids + generated)
+
+
+class _Clock:
+    """The timing and counts every GenerationEvent of one stream_generate call carries."""
+
+    def __init__(self, prompt_tokens: int):
+        mx.reset_peak_memory()
+        self.start, self.first = time.perf_counter(), None
+        self.prompt_tokens = prompt_tokens
+        self.computed = prompt_tokens  # prompt tokens the model runs (fewer with a prompt cache)
+        self.n = 0  # tokens generated
+
+    def tick(self) -> None:
+        """Count a generated token; the first one ends the time to first token."""
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.n += 1
+
+    def event(self, text, token, finish=None, lp=None, tops=None, drafted=False) -> GenerationEvent:
+        now = time.perf_counter()
+        ttft = (self.first or now) - self.start
+        gen_time = now - (self.first or now)
+        return GenerationEvent(
+            text=text,
+            token=token,
+            finish_reason=finish,
+            from_draft=drafted,
+            logprob=lp,
+            top_logprobs=tops,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.n,
+            time_to_first_token=ttft,
+            prompt_tps=self.computed / ttft if ttft > 0 else 0.0,
+            generation_tps=(self.n - 1) / gen_time if self.n > 1 and gen_time > 0 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )
 
 
 def stream_generate(
@@ -249,101 +292,23 @@ def stream_generate(
         frequency_penalty=frequency_penalty,
         logit_bias=logit_bias,
     ) + list(logits_processors)
-    stops = [stop] if isinstance(stop, str) else [x for x in (stop or []) if x]
-    eos = set(tokenizer.eos_token_ids)
-    detok = tokenizer.detokenizer()
-    mx.reset_peak_memory()
-
-    start = time.perf_counter()
-    first = None
-    pending = ""  # text held back because it may be the start of a stop string
-    n = 0
-
-    def event(text, token, finish=None, lp=None, tops=None, drafted=False) -> GenerationEvent:
-        now = time.perf_counter()
-        ttft = (first or now) - start
-        gen_time = now - (first or now)
-        return GenerationEvent(
-            text=text,
-            token=token,
-            finish_reason=finish,
-            from_draft=drafted,
-            logprob=lp,
-            top_logprobs=tops,
-            prompt_tokens=len(ids),
-            generation_tokens=n,
-            time_to_first_token=ttft,
-            prompt_tps=len(todo) / ttft if ttft > 0 else 0.0,  # tokens actually computed
-            generation_tps=(n - 1) / gen_time if n > 1 and gen_time > 0 else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-        )
-
-    todo = ids
-    if prompt_cache is not None:
-        cache, todo = prompt_cache.prepare(model, ids)
-    generated: list[int] = []
-    if draft_model is not None or prompt_lookup:
-        from .speculative import speculative_generate_step
-
-        steps = speculative_generate_step(
-            model,
-            ids,
-            cache=cache,
-            distribution=make_distribution(s["temperature"], s["top_p"], s["top_k"], s["min_p"]),
-            logits_processors=processors,
-            draft_model=draft_model,
-            num_draft_tokens=num_draft_tokens,
-            prompt_lookup=prompt_lookup,
-            max_tokens=max_tokens,
-            prefill_step=prefill_step,
-        )
-    else:
-        plain = generate_step(
-            model,
-            mx.array(todo),
-            cache=cache,
-            sampler=sampler,
-            logits_processors=processors,
-            max_tokens=max_tokens,
-            prefill_step=prefill_step,
-            context=ids[: len(ids) - len(todo)],
-        )
-        steps = _not_drafted(plain)
-    finish, hit_stop = "length", False
-    try:
-        for token, logprobs, drafted in steps:
-            if first is None:
-                first = time.perf_counter()
-            n += 1
-            generated.append(token)
-            if token in eos:
-                finish = "stop"
+    text, clock = TextStream(tokenizer, stop), _Clock(len(ids))
+    cache, todo = prompt_cache.prepare(model, ids) if prompt_cache is not None else (cache, ids)
+    clock.computed = len(todo)
+    draft = (draft_model, num_draft_tokens, prompt_lookup)
+    steps = _token_steps(model, ids, todo, cache, s, sampler, processors, max_tokens, prefill_step, draft)
+    steps = _committing(steps, prompt_cache, ids) if prompt_cache is not None else steps
+    with closing(steps):  # also on early exit (a client gone, Ctrl-C): the cache must know what it holds
+        for token, lps, drafted in steps:
+            clock.tick()
+            out = text.add(token)
+            if token not in text.eos:  # EOS ends the text and is not shown
+                lp, tops = token_logprobs(lps, token, top_logprobs) if top_logprobs else (None, None)
+                yield clock.event(out, token, None, lp, tops, drafted)
+            if text.finish:
                 break
-            lp = tops = None
-            if top_logprobs:
-                lp = logprobs[token].item()
-                order = mx.argpartition(-logprobs, top_logprobs - 1)[:top_logprobs]
-                vals = logprobs[order].tolist()
-                tops = sorted(zip(order.tolist(), vals), key=lambda t: -t[1])
-            pending += detok.add(token)
-            if stops:
-                hit = min((i for i in (pending.find(x) for x in stops) if i >= 0), default=-1)
-                if hit >= 0:
-                    yield event(pending[:hit], token, None, lp, tops, drafted)
-                    pending, finish, hit_stop = "", "stop", True
-                    break
-                keep = _stop_holdback(pending, stops)
-                out, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-            else:
-                out, pending = pending, ""
-            yield event(out, token, None, lp, tops, drafted)
-    finally:
-        # Also on early exit (a client gone, Ctrl-C): the cache must know what it holds.
-        steps.close()
-        if prompt_cache is not None:
-            prompt_cache.commit(ids + generated)
     # Text held back for a stop string that never completed is real output; flush it.
-    yield event("" if hit_stop else pending + detok.finalize(), None, finish)
+    yield clock.event(text.rest(), None, text.finish or "length")
 
 
 def generate(model, tokenizer, prompt: str | Sequence[int], max_tokens: int = 256, **kwargs) -> str:

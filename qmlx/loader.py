@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from .config import ConfigError, ModelConfig
 from .device import parse_dtype, tree_nbytes, wire_memory
+from .errors import UserError
 from .folder import read_json, resolve
 from .model import Model
 from .safetensors import WeightsError, folder_index, load_folder
@@ -137,6 +138,20 @@ def load(path_or_repo: str, dtype=None, lazy: bool = False) -> tuple[Model, Toke
     folder = resolve(path_or_repo)
     model = load_model(folder, dtype=dtype, lazy=lazy)
     return model, tokenizer_for(folder, model.config)
+
+
+def load_draft_model(path: str, tokenizer, dtype=None):
+    """Load a draft model for `--draft-model`, refusing one whose tokenizer differs."""
+    draft, draft_tokenizer = load(path, dtype=dtype)
+    probe = "def f(x):\n    return x  # 你好, ünïcode"
+    if draft_tokenizer.vocab_size != tokenizer.vocab_size or draft_tokenizer.encode(
+        probe
+    ) != tokenizer.encode(probe):
+        raise UserError(
+            f"--draft-model {path}: its tokenizer differs from the model's; "
+            "a draft model must share the tokenizer (e.g. a smaller Qwen2.5 of the same family)"
+        )
+    return draft
 
 
 def tokenizer_for(folder: str, config: ModelConfig) -> Tokenizer:

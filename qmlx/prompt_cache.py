@@ -1,26 +1,173 @@
-"""Prompt caches on disk: a KV cache, the token ids it holds, and who may use it.
+"""Prompt caches: a KV cache kept with the token ids it holds, in memory and on disk.
+
+`PromptCache` is the in-memory kind: the chat and the server keep one per conversation, and
+stream_generate reuses the longest prefix it holds. On disk:
 
     qmlx cache-prompt --model M --prompt LONG_DOCUMENT --out doc.safetensors
     qmlx generate --model M --prompt-cache doc.safetensors --prompt "Summarise it."
 
-A cache is only valid for the model, compute dtype and cache kind (rotating size, KV bits)
-that made it; anything else would silently produce wrong text. So the file records a model
-identity (a hash of the config and of weight shapes plus a few small weights' values), the
-dtype, and the cache settings, and loading refuses any mismatch with a UserError.
+`save_cache` / `load_cache` are the file format of the per-layer caches (safetensors with
+each layer's class and meta_state). A prompt cache file is only valid for the model, compute
+dtype and cache kind (rotating size, KV bits) that made it; anything else would silently
+produce wrong text. So the file also records a model identity (a hash of the config and of
+weight shapes plus a few small weights' values), the dtype, and the cache settings, and
+loading refuses any mismatch with a UserError.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .cache import load_cache, make_cache, save_cache
+from .cache import CACHE_CLASSES, can_trim_cache, make_cache, trim_cache
+from .decode import common_prefix, prefill
 from .errors import UserError
-from .generate import PromptCache
+
+
+class PromptCache:
+    """A KV cache kept across calls, with the token ids it holds.
+
+    Each call reuses the longest common prefix of the cached tokens and the new prompt, so a
+    new chat turn prefills only its new tokens. The chat and the server keep one per
+    conversation. `cache_kwargs` go to `make_cache` (max_kv_size, kv_bits, ...).
+    """
+
+    def __init__(self, **cache_kwargs):
+        self.cache_kwargs = cache_kwargs
+        self.caches: list | None = None
+        self.tokens: list[int] = []
+        self.reused = 0  # tokens reused by the last call, for stats and tests
+
+    def prepare(self, model, ids: list[int]) -> tuple[list, list[int]]:
+        """Caches ready for `ids`, and the suffix of `ids` still to prefill (never empty)."""
+        common = min(common_prefix(self.tokens, ids), len(ids) - 1)  # the last token must run for logits
+        drop = len(self.tokens) - common
+        if self.caches is None or (
+            drop and not (can_trim_cache(self.caches) and trim_cache(self.caches, drop) == drop)
+        ):
+            self.caches = make_cache(len(model.layers), **self.cache_kwargs)
+            common = 0
+        self.reused = common
+        self.tokens = list(ids[:common])
+        return self.caches, list(ids[common:])
+
+    def commit(self, ids: list[int]) -> None:
+        """Record what the caches hold after a generation: the first `offset` of `ids`."""
+        if not self.caches:
+            self.tokens = []
+        elif len({c.offset for c in self.caches}) > 1:
+            # Interrupted halfway through a forward pass: layers disagree, start afresh.
+            self.reset()
+        else:
+            self.tokens = list(ids[: self.caches[0].offset])
+
+    def reset(self) -> None:
+        self.caches, self.tokens, self.reused = None, [], 0
+
+
+# --------------------------------------------------------------------------- KV-cache files
+
+_FORMAT_KEY = "qmlx.kv_cache.format"
+_FORMAT_VERSION = "1"
+_LAYERS_KEY = "qmlx.kv_cache.layers"
+_RESERVED = "qmlx.kv_cache."
+
+
+def save_cache(path: str, caches: Sequence, metadata: dict[str, str] | None = None) -> None:
+    """Write the caches to a safetensors file at exactly `path`.
+
+    Arrays are named layers.{i}.keys / layers.{i}.values (or .keys.0/.1/.2 for the
+    (packed, scales, biases) parts of a quantized cache). The safetensors metadata holds each
+    layer's class and meta_state, plus the caller's string `metadata` (model identity, token
+    ids as JSON, ...) under its own keys. The file is written to a temporary name and then
+    renamed, so a crash never leaves a half-written cache behind.
+    """
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"cache metadata must map str to str, got {key!r}: {type(value).__name__}")
+        if key.startswith(_RESERVED):
+            raise UserError(f"cache metadata key {key!r} is reserved for qmlx")
+    arrays: dict[str, mx.array] = {}
+    layers = []
+    for i, cache in enumerate(caches):
+        name = type(cache).__name__
+        if name not in CACHE_CLASSES:
+            raise TypeError(f"layer {i}: cannot save a {name}")
+        layers.append({"class": name, "meta_state": list(cache.meta_state)})
+        state = cache.state
+        if state is None:
+            continue
+        for kind, x in zip(("keys", "values"), state):
+            if isinstance(x, tuple):
+                arrays.update({f"layers.{i}.{kind}.{j}": p for j, p in enumerate(x)})
+            else:
+                arrays[f"layers.{i}.{kind}"] = x
+    metadata[_FORMAT_KEY] = _FORMAT_VERSION
+    metadata[_LAYERS_KEY] = json.dumps(layers)
+    # mx.save_safetensors appends ".safetensors" to other names; write there, then rename.
+    tmp = f"{path}.tmp-{os.getpid()}.safetensors"
+    try:
+        mx.save_safetensors(tmp, arrays, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_cache(path: str) -> tuple[list, dict[str, str]]:
+    """Read caches written by save_cache; return (caches, the caller's metadata).
+
+    Raises FileNotFoundError for a missing file and ValueError, naming the file, for a file
+    that is not a qmlx KV-cache file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no KV-cache file at {path}")
+    try:
+        arrays, metadata = mx.load(path, format="safetensors", return_metadata=True)
+    except Exception as e:  # MLX reports unreadable files as RuntimeError
+        raise UserError(f"{path} is not a KV-cache file: not a readable safetensors file ({e})") from e
+    version = metadata.get(_FORMAT_KEY)
+    if version is None or _LAYERS_KEY not in metadata:
+        raise UserError(f"{path} is not a qmlx KV-cache file (its metadata has no {_FORMAT_KEY})")
+    if version != _FORMAT_VERSION:
+        raise UserError(f"{path} is a KV-cache file of format {version}; this qmlx reads {_FORMAT_VERSION}")
+    try:
+        layers = json.loads(metadata[_LAYERS_KEY])
+        caches = [_load_layer(i, layer, arrays) for i, layer in enumerate(layers)]
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: damaged KV-cache file ({e})") from e
+    user = {k: v for k, v in metadata.items() if not k.startswith(_RESERVED)}
+    return caches, user
+
+
+def _load_layer(i: int, layer: dict[str, Any], arrays: dict[str, mx.array]):
+    name = layer["class"]
+    if name not in CACHE_CLASSES:
+        raise UserError(f"layer {i} has unknown cache class {name!r}")
+
+    def fetch(kind: str):
+        if f"layers.{i}.{kind}" in arrays:
+            return arrays[f"layers.{i}.{kind}"]
+        parts = []
+        while f"layers.{i}.{kind}.{len(parts)}" in arrays:
+            parts.append(arrays[f"layers.{i}.{kind}.{len(parts)}"])
+        return tuple(parts) if parts else None
+
+    keys, values = fetch("keys"), fetch("values")
+    if (keys is None) != (values is None):
+        raise UserError(f"layer {i} has keys without values or values without keys")
+    state = None if keys is None else (keys, values)
+    return CACHE_CLASSES[name].from_state(state, layer["meta_state"])
+
+
+# --------------------------------------------------------------------------- prompt cache files
 
 _KEY = "qmlx.prompt_cache."  # prefix of the metadata keys this module writes
 
@@ -71,9 +218,7 @@ def fill_prompt_cache(model, ids: list[int], prefill_step: int = 512, **cache_kw
         raise UserError("--prompt: the prompt to cache is empty")
     pc = PromptCache(**cache_kwargs)
     pc.caches = make_cache(len(model.layers), **cache_kwargs)
-    for i in range(0, len(ids), prefill_step):
-        model(mx.array(ids[i : i + prefill_step])[None], cache=pc.caches)
-        mx.eval([c.state for c in pc.caches])
+    prefill(model, ids, pc.caches, prefill_step)
     pc.tokens = list(ids)
     return pc
 

@@ -58,6 +58,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from .constrain import Grammar, JsonLogitsProcessor, Node, SchemaError, compile_schema
+from .decode import common_prefix
 from .errors import UserError
 from .toolcalls import OPEN, MessageError, ToolCall, ToolCallParser, parse_call, template_messages
 
@@ -249,18 +250,9 @@ class Slot:
     """
 
     def __init__(self):
-        from .generate import PromptCache
+        from .prompt_cache import PromptCache
 
         self.prompt_cache = PromptCache()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Engine:
@@ -342,7 +334,7 @@ class Engine:
         # The longest shared prefix wins; on a tie, overwrite the cache with least to lose.
         def score(s: Slot) -> tuple[int, int]:
             held = s.prompt_cache.tokens
-            return _common_prefix(held, job.ids), -len(held)
+            return common_prefix(held, job.ids), -len(held)
 
         best = max(self.free, key=score)
         self.free.remove(best)

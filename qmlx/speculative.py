@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .cache import can_trim_cache, make_cache, trim_cache
+from .decode import logprobs, prefill
 from .errors import UserError
 
 Distribution = Callable[[mx.array], mx.array]  # logprobs (B, V) -> probabilities (B, V)
@@ -75,26 +76,13 @@ class PromptLookup:
         return []
 
 
-def _prefill(model, ids: list[int], cache: list, step: int) -> None:
-    """Run `ids` through the model into `cache`, `step` tokens at a time (logits unused)."""
-    for i in range(0, len(ids), step):
-        model(mx.array(ids[i : i + step])[None], cache=cache)
-        mx.eval([c.state for c in cache])
-    mx.clear_cache()
-
-
 def _sync(model, cache: list, seq: list[int], upto: int, prefill_step: int) -> None:
     """Make `cache` hold exactly seq[:upto] (it always holds a prefix of seq)."""
     offset = cache[0].offset
     if offset > upto:
         trim_cache(cache, offset - upto)
     elif offset < upto:
-        _prefill(model, seq[offset:upto], cache, prefill_step)
-
-
-def _logprobs(logits: mx.array) -> mx.array:
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        prefill(model, seq[offset:upto], cache, prefill_step)
 
 
 def _draft_with_model(
@@ -106,7 +94,7 @@ def _draft_with_model(
     y = mx.array(seq[-1:])
     tokens, qs = [], []
     for _ in range(k):
-        q = distribution(_logprobs(draft_model(y[None], cache=draft_cache)[:, -1, :]))
+        q = distribution(logprobs(draft_model(y[None], cache=draft_cache)[:, -1, :]))
         y = mx.random.categorical(mx.log(q), axis=-1)
         tokens.append(y)
         qs.append(q)
@@ -189,8 +177,8 @@ def speculative_generate_step(
             logits = model(mx.array(seq[-1:] + drafts)[None], cache=cache)[0].astype(mx.float32)
             if logits_processors:
                 logits = _process(logits, logits_processors, seq, drafts)
-            logprobs = _logprobs(logits)
-            p = distribution(logprobs)
+            lps = logprobs(logits)
+            p = distribution(lps)
             if q is None:  # prompt lookup: the proposal is certain
                 q = (mx.arange(p.shape[-1]) == mx.array(drafts)[:, None]).astype(mx.float32)
             elif q.shape[-1] < p.shape[-1]:  # a draft with a smaller embedding table
@@ -205,7 +193,7 @@ def speculative_generate_step(
             trim_cache(cache, len(drafts) - n)
             for i, t in enumerate(drafts[:n] + [token.item()]):
                 seq.append(t)
-                yield t, logprobs[i], i < n
+                yield t, lps[i], i < n
                 n_out += 1
                 if n_out == max_tokens:
                     break
@@ -227,19 +215,3 @@ def _process(logits: mx.array, processors, seq: list[int], drafts: list[int]) ->
             row = proc(history, row)
         rows.append(row)
     return mx.concatenate(rows)
-
-
-def load_draft_model(path: str, tokenizer, dtype=None):
-    """Load a draft model for `--draft-model`, refusing one whose tokenizer differs."""
-    from .loader import load
-
-    draft, draft_tokenizer = load(path, dtype=dtype)
-    probe = "def f(x):\n    return x  # 你好, ünïcode"
-    if draft_tokenizer.vocab_size != tokenizer.vocab_size or draft_tokenizer.encode(
-        probe
-    ) != tokenizer.encode(probe):
-        raise UserError(
-            f"--draft-model {path}: its tokenizer differs from the model's; "
-            "a draft model must share the tokenizer (e.g. a smaller Qwen2.5 of the same family)"
-        )
-    return draft

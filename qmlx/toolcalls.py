@@ -24,6 +24,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from .decode import stop_holdback
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
@@ -72,14 +74,6 @@ def parse_call(body: str) -> ToolCall | None:
             return None
         return ToolCall(obj["name"], args)
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 FENCE = re.compile(r"```(?:json)?[ \t]*\n")
@@ -162,7 +156,7 @@ class ToolCallParser:
                 self._buf = self._buf[start + len(OPEN) :]
                 self._in_call = True
                 continue
-            keep = _partial_suffix(self._buf, OPEN)
+            keep = stop_holdback(self._buf, (OPEN,))  # what may be the start of a tag
             ready, self._buf = (
                 self._buf[: len(self._buf) - keep],
                 self._buf[len(self._buf) - keep :],
@@ -202,16 +196,6 @@ class ToolCallParser:
             return
         self.calls.append(call)
         events.append(("tool_call", call))
-
-
-def parse_tool_calls(text: str, names: set[str] | None = None) -> tuple[str | None, list[ToolCall]]:
-    """Split a whole completion into (content or None, tool calls)."""
-    p = ToolCallParser(names)
-    events = p.feed(text) + p.finish()
-    content = "".join(v for k, v in events if k == "content")
-    if p.calls:
-        content = content.strip()
-    return (content or None), p.calls
 
 
 # ---------------------------------------------------------------------- messages -> template

@@ -13,11 +13,10 @@ from qmlx.cache import (
     RotatingKVCache,
     cache_nbytes,
     can_trim_cache,
-    load_cache,
     make_cache,
-    save_cache,
     trim_cache,
 )
+from qmlx.prompt_cache import load_cache, save_cache
 
 B, N_HEADS, N_KV, D = 1, 4, 2, 64
 SCALE = D**-0.5

@@ -9,7 +9,8 @@ from scripted import ScriptedModel
 from tiny import tiny_config, write_folder
 
 import qmlx
-from qmlx.generate import PromptCache, generate_step
+from qmlx.generate import generate_step
+from qmlx.prompt_cache import PromptCache
 
 
 @pytest.fixture(scope="module")

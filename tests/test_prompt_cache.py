@@ -5,14 +5,15 @@ import pytest
 from tiny import tiny_config, write_folder
 
 import qmlx
-from qmlx.cache import make_cache, save_cache
+from qmlx.cache import make_cache
 from qmlx.cli import main
 from qmlx.errors import UserError
-from qmlx.generate import PromptCache
 from qmlx.prompt_cache import (
+    PromptCache,
     fill_prompt_cache,
     load_prompt_cache,
     model_identity,
+    save_cache,
     save_prompt_cache,
 )
 

@@ -5,8 +5,7 @@ import pytest
 
 import qmlx
 from qmlx.batch import batch_generate
-from qmlx.generate import PromptCache
-from qmlx.prompt_cache import fill_prompt_cache, load_prompt_cache, save_prompt_cache
+from qmlx.prompt_cache import PromptCache, fill_prompt_cache, load_prompt_cache, save_prompt_cache
 
 pytestmark = pytest.mark.slow
 

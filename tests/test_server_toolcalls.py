@@ -7,10 +7,21 @@ import random
 
 import pytest
 
-from qmlx.toolcalls import MessageError, ToolCallParser, parse_tool_calls, template_messages
+from qmlx.toolcalls import MessageError, ToolCallParser, template_messages
 
 ONE = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 TWO = ONE + '\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "CET"}}\n</tool_call>'
+
+
+def parse_whole(text: str, names: set[str] | None = None):
+    """A whole completion through ToolCallParser: (content or None, calls); content around
+    calls is stripped. (What toolcalls.parse_tool_calls did; it had no user outside tests.)"""
+    p = ToolCallParser(names)
+    events = p.feed(text) + p.finish()
+    content = "".join(v for k, v in events if k == "content")
+    if p.calls:
+        content = content.strip()
+    return (content or None), p.calls
 
 
 def feed_in_pieces(text: str, cuts: list[int]):
@@ -27,14 +38,14 @@ def feed_in_pieces(text: str, cuts: list[int]):
 
 
 def test_single_call():
-    content, calls = parse_tool_calls(ONE)
+    content, calls = parse_whole(ONE)
     assert content is None
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
     assert calls[0].id.startswith("call_")
 
 
 def test_two_calls_and_leading_text():
-    content, calls = parse_tool_calls("Let me look that up.\n" + TWO + "\n")
+    content, calls = parse_whole("Let me look that up.\n" + TWO + "\n")
     assert content == "Let me look that up."
     assert [c.name for c in calls] == ["get_weather", "get_time"]
     assert len({c.id for c in calls}) == 2
@@ -47,21 +58,21 @@ def test_plain_text_and_lookalikes_pass_through():
         "x <tool_cal y",
         "<tool_call> not json </tool_call>",
     ]:
-        content, calls = parse_tool_calls(text)
+        content, calls = parse_whole(text)
         assert calls == [] and content == text
 
 
 def test_unclosed_last_call_still_counts_if_it_parses():
-    content, calls = parse_tool_calls('<tool_call>\n{"name": "f", "arguments": {}}')
+    content, calls = parse_whole('<tool_call>\n{"name": "f", "arguments": {}}')
     assert content is None and [c.name for c in calls] == ["f"]
-    content, calls = parse_tool_calls('<tool_call>\n{"name": "f", "argu')
+    content, calls = parse_whole('<tool_call>\n{"name": "f", "argu')
     assert calls == [] and content == '<tool_call>\n{"name": "f", "argu'
 
 
 def test_arguments_as_string_or_missing():
-    _, calls = parse_tool_calls('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')
+    _, calls = parse_whole('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>')
     assert json.loads(calls[0].arguments) == {"a": 1}
-    _, calls = parse_tool_calls('<tool_call>{"name": "f"}</tool_call>')
+    _, calls = parse_whole('<tool_call>{"name": "f"}</tool_call>')
     assert json.loads(calls[0].arguments) == {}
 
 
@@ -136,7 +147,7 @@ BARE = '```json\n{\n  "name": "get_weather",\n  "arguments": {"city": "Paris"}\n
     "text", [BARE, '{"name": "get_weather", "arguments": {"city": "Paris"}}', "\n" + BARE + "\n"]
 )
 def test_bare_call_objects_count_when_they_name_an_offered_tool(text):
-    content, calls = parse_tool_calls(text, {"get_weather"})
+    content, calls = parse_whole(text, {"get_weather"})
     assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
         ("get_weather", {"city": "Paris"})
     ]
@@ -157,7 +168,7 @@ def test_bare_call_objects_count_when_they_name_an_offered_tool(text):
     ],
 )
 def test_other_answers_stay_content(text):
-    content, calls = parse_tool_calls(text, {"get_weather"})
+    content, calls = parse_whole(text, {"get_weather"})
     assert calls == [] and content == text
 
 

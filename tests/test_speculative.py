@@ -10,7 +10,7 @@ from tiny import random_model, tiny_config, write_folder
 import qmlx
 from qmlx.cache import make_cache
 from qmlx.errors import UserError
-from qmlx.generate import PromptCache
+from qmlx.prompt_cache import PromptCache
 from qmlx.sample import make_distribution
 from qmlx.speculative import PromptLookup, SpeculativeStats, _verify, speculative_generate_step
 
