@@ -73,7 +73,6 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     a = ap.parse_args()
 
-    calibrate.SEQUENTIAL = a.sequential
     calibrate.Hessian = functools.partial(gptq.Hessian, damp=a.damp, act_order=a.act_order)
     if a.no_sink:
         tap_call = calibrate.Tap.__call__
@@ -115,7 +114,7 @@ def main() -> None:
     cfg = model.config
     for block in model.layers:
         out, h = calibrate.quantize_block(block, h, params, "gptq", cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, mx.bfloat16)  # fmt: skip
+                                          cfg.num_key_value_heads, mx.bfloat16, sequential=a.sequential)  # fmt: skip
         for path, (packed, s, b) in out.items():
             parent, name = path.split(".")
             getattr(getattr(block, parent), name).weight = mx.dequantize(

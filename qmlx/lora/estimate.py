@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from ..config import ModelConfig
 from ..folder import ModelNotFound, looks_like_repo, read_json
+from ..quant.groups import bits_per_weight
 from .apply import DEFAULT_TARGETS
 from .score import LOSS_CHUNK
 
@@ -116,7 +117,7 @@ def estimate(
     def matrix_bytes(rows: int, cols: int) -> float:
         if bits is None:
             return rows * cols * dtype_bytes
-        return rows * cols * bits / 8 + 2 * rows * (cols // group_size) * dtype_bytes
+        return rows * cols * bits_per_weight(bits, group_size, scale_bits=8 * dtype_bytes) / 8
 
     block = sum(matrix_bytes(o, i) for o, i in shapes.values())
     block += (shapes["q"][0] + 2 * shapes["k"][0]) * dtype_bytes + 2 * d * dtype_bytes  # qkv biases, norms

@@ -9,7 +9,6 @@ from .groups import (
     check_params,
     dequantize,
     quantize,
-    quantize_rows,
 )
 from .layers import QuantizedEmbedding, QuantizedLinear
 from .recipes import RECIPES, layer_params, plan
@@ -28,5 +27,4 @@ __all__ = [
     "plan",
     "quantize",
     "quantize_model",
-    "quantize_rows",
 ]

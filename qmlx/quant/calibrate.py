@@ -105,11 +105,11 @@ SITES = {
     "mlp.gate_proj": ("mlp.up_proj",),
     "mlp.down_proj": (),
 }
-# With SEQUENTIAL, GPTQ quantizes the sites in this order, each calibrated on the outputs of the
-# ones before, already quantized ("true sequential" in the GPTQ paper's code). Off: it lowers the
-# block's error on the calibration tokens but raised the fixture's perplexity gap (4-bit kv-8,
-# 32 samples, GPTQ'd head: +4.27% -> +5.09%; benchmarks/gptq_ablation.py --sequential).
-SEQUENTIAL = False
+# With quantize_block(sequential=True), GPTQ quantizes the sites in this order, each calibrated on
+# the outputs of the ones before, already quantized ("true sequential" in the GPTQ paper's code).
+# Off by default: it lowers the block's error on the calibration tokens but raised the fixture's
+# perplexity gap (4-bit kv-8, 32 samples, GPTQ'd head: +4.27% -> +5.09%;
+# benchmarks/gptq_ablation.py --sequential).
 
 
 def collect(block: nn.Module, h: mx.array, hessian: bool, sites=None) -> dict[str, Tap]:
@@ -234,6 +234,7 @@ def quantize_block(
     n_heads: int,
     n_kv_heads: int,
     dtype=mx.bfloat16,
+    sequential: bool = False,
 ) -> tuple[dict[str, tuple], mx.array]:
     """Quantize one block calibrated on its inputs h (samples, L, d).
 
@@ -246,7 +247,7 @@ def quantize_block(
         taps = collect(block, h, hessian=False)
         scale_block(block, taps, params, n_heads, n_kv_heads)
     out: dict[str, tuple] = {}
-    if use_gptq and SEQUENTIAL:
+    if use_gptq and sequential:
         taps, by_gptq = {}, _gptq_sequential(block, h, params, dtype)
     else:
         taps = collect(block, h, hessian=use_gptq)

@@ -61,38 +61,6 @@ def dequantize(packed: mx.array, scales: mx.array, biases: mx.array, bits: int, 
     return mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
 
 
-def quantize_rows(
-    w: mx.array, bits: int, group_size: int, block_rows: int = 16384
-) -> tuple[mx.array, mx.array, mx.array]:
-    """`quantize`, evaluated one block of rows at a time to bound the temporary memory.
-
-    The result is identical to quantizing the whole matrix at once (groups never span rows).
-    """
-    if w.shape[0] <= block_rows:
-        out = quantize(w, bits, group_size)
-        mx.eval(out)
-        return out
-    parts = []
-    for start in range(0, w.shape[0], block_rows):
-        part = quantize(w[start : start + block_rows], bits, group_size)
-        mx.eval(part)
-        parts.append(part)
-    return tuple(mx.concatenate([p[i] for p in parts]) for i in range(3))
-
-
 def bits_per_weight(bits: int, group_size: int, scale_bits: int = 16) -> float:
     """Storage per weight, counting each group's scale and bias (16-bit by default)."""
     return bits + 2 * scale_bits / group_size
-
-
-def group_error_bound(scales: mx.array, biases: mx.array, bits: int) -> mx.array:
-    """The largest reconstruction error the format allows, per group.
-
-    One quantization step (the scale), not half of one: MLX shifts each group's grid so that
-    zero is exactly representable, which can move the nearest level up to a full step away.
-    Storing scale and bias in a 16-bit dtype adds their rounding: up to one unit in the last
-    place of the bias and of the largest level, scale·(2^bits − 1).
-    """
-    s, b = mx.abs(scales.astype(mx.float32)), mx.abs(biases.astype(mx.float32))
-    ulp = {mx.float32: 2.0**-23, mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7}[scales.dtype]
-    return s + ulp * (b + s * (2**bits - 1))
