@@ -20,7 +20,7 @@ import mlx.core as mx
 from .cache import KVCache
 from .decode import TextStream, logprobs, prefill
 from .generate import GenerationEvent, sampling_settings
-from .sample import make_sampler
+from .sample import make_sampler, seed_generator
 
 Sampler = Callable[[mx.array], mx.array]
 
@@ -104,7 +104,7 @@ def stream_batch_generate(
     if len(limits) != B or min(limits) < 1:
         raise ValueError("max_tokens must be >= 1, one value or one per prompt")
     if seed is not None:
-        mx.random.seed(seed)
+        seed_generator(seed)
     if sampler is None:
         s = sampling_settings(tokenizer.generation_defaults, temperature=temperature, top_p=top_p,
                               top_k=top_k, min_p=min_p)  # fmt: skip

@@ -370,8 +370,10 @@ def run_terminal(session: ChatSession, banner: str) -> int:
         console.print(Text(session.stats_line(), style="dim"))
 
 
-def run_plain(session: ChatSession, stream=sys.stdin, out=sys.stdout) -> int:
-    """Scriptable mode: one user message per input line, answers as plain text."""
+def run_plain(session: ChatSession, stream=None, out=None) -> int:
+    """Scriptable mode: one user message per input line, answers as plain text (default: stdin, stdout)."""
+    stream = sys.stdin if stream is None else stream
+    out = sys.stdout if out is None else out
     for line in stream:
         line = line.rstrip("\n")
         if not line.strip():

@@ -16,7 +16,15 @@ from collections.abc import Callable
 from .errors import Stopped, UserError
 
 # Errors whose messages are for the user; anything else is a bug.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError)
+# (OSErrors about a path the user gave: the message names it.)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
@@ -44,6 +52,17 @@ def command(fn):
     return fn
 
 
+def seed_value(text: str) -> int:
+    """argparse type of --seed: an integer MLX can seed with."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 1 << 64:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1, got {value}")
+    return value
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling (unset: the model's generation_config.json)")
     g.add_argument("--temp", "--temperature", dest="temperature", type=float, help="0 = greedy")
@@ -51,7 +70,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int)
     g.add_argument("--min-p", type=float)
     g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    g.add_argument("--seed", type=seed_value, help="seed for reproducible sampling (0 or more)")
 
 
 def sampling_kwargs(args) -> dict:
@@ -157,6 +176,11 @@ def add_kv_cache_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--value-bits", type=int, help="bits for values (overrides --kv-bits)")
 
 
+def read_prompt(value: str) -> str:
+    """--prompt's text: '-' reads standard input."""
+    return sys.stdin.read() if value == "-" else value
+
+
 def kv_cache_kwargs(args) -> dict:
     """make_cache arguments for the KV-cache flags that were given."""
     names = ("max_kv_size", "kv_bits", "kv_group_size", "key_bits", "value_bits")
@@ -174,21 +198,20 @@ def run_generate(args) -> int:
         raise UserError(f"--prefill-step must be at least 1, got {args.prefill_step}")
     if launched() and (args.prompt_cache or args.draft_model or args.prompt_lookup):
         raise UserError("--prompt-cache, --draft-model and --prompt-lookup do not work in a pipeline")
+    if args.raw and not args.prompt and not args.prompt_cache:
+        raise UserError("--prompt is empty; with --raw nothing would be sent to the model")
     loaded = load_or_join(args, kv_cache_kwargs(args))
     if loaded is None:
         return 0
     model, tokenizer = loaded
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     cache_kwargs, prompt_cache, cache, draft = kv_cache_kwargs(args), None, None, None
     system, raw = args.system, args.raw
     if args.prompt_cache:
-        from .prompt_cache import load_prompt_cache
+        from .prompt_cache import continue_prompt
 
-        prompt_cache, extra = load_prompt_cache(args.prompt_cache, model, cache_kwargs or None)
-        # The cached prompt is the start of this one (see `qmlx cache-prompt`).
-        prompt = extra.get("prompt", "") + prompt
-        system = system if system is not None else extra.get("system") or None
-        raw = raw or extra.get("raw") == "1"
+        cont = continue_prompt(args.prompt_cache, model, prompt, system, raw, cache_kwargs)
+        prompt_cache, prompt, system, raw = cont.cache, cont.prompt, cont.system, cont.raw
     else:
         cache = make_cache(len(model.layers), **cache_kwargs)
     if args.draft_model:
@@ -196,9 +219,9 @@ def run_generate(args) -> int:
 
         draft = load_draft_model(args.draft_model, tokenizer, dtype=args.dtype)
     if not raw:
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": prompt})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = tokenizer.user_prompt(prompt, system)
+    elif not prompt:
+        raise UserError("--prompt is empty; with --raw nothing would be sent to the model")
     last, drafted = None, 0
     for ev in stream_generate(
         model,
@@ -223,13 +246,7 @@ def run_generate(args) -> int:
     if prompt_cache is not None:
         print(f"prompt cache: reused {prompt_cache.reused} tokens", file=sys.stderr)
     if last is not None:
-        print(
-            f"prompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tokens/s "
-            f"(first token after {last.time_to_first_token:.2f} s)\n"
-            f"generation: {last.generation_tokens} tokens, {last.generation_tps:.1f} tokens/s "
-            f"[{last.finish_reason}]\npeak memory: {last.peak_memory_gb:.2f} GB",
-            file=sys.stderr,
-        )
+        print(last.summary(), file=sys.stderr)
     return 0
 
 
@@ -256,7 +273,7 @@ def run_cache_prompt(args) -> int:
 
     if args.prefill_step < 1:
         raise UserError(f"--prefill-step must be at least 1, got {args.prefill_step}")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_prompt(args.prompt)
     model, tokenizer = load(args.model, dtype=args.dtype)
     n = cache_prompt(
         model, tokenizer, prompt, args.out, system=args.system, raw=args.raw,
@@ -544,7 +561,7 @@ def add_lora(sub) -> None:
     g.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     g.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_value, default=0, help="seed of the run (0 or more)")
     add_dtype_flag(g)
     g = p.add_argument_group("sample order (see README: Fine-tuning)")
     g.add_argument("--order", choices=ORDERS, default="random")

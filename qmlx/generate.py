@@ -22,7 +22,8 @@ import mlx.core as mx
 
 from .cache import make_cache
 from .decode import TextStream, logprobs, prefill, token_logprobs
-from .sample import make_distribution, make_logits_processors, make_sampler
+from .errors import UserError
+from .sample import make_distribution, make_logits_processors, make_sampler, seed_generator
 
 Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
@@ -114,6 +115,15 @@ class GenerationEvent:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     peak_memory_gb: float = 0.0
+
+    def summary(self) -> str:
+        """The run's figures as of this event, for a person (what `qmlx generate` shows)."""
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s "
+            f"(first token after {self.time_to_first_token:.2f} s)\n"
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s "
+            f"[{self.finish_reason}]\npeak memory: {self.peak_memory_gb:.2f} GB"
+        )
 
 
 def sampling_settings(defaults: dict[str, Any], **given) -> dict[str, Any]:
@@ -273,7 +283,7 @@ def stream_generate(
     """
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
-        raise ValueError("the prompt is empty")
+        raise UserError("the prompt is empty: nothing to continue")
     s = sampling_settings(
         tokenizer.generation_defaults,
         temperature=temperature,
@@ -283,7 +293,7 @@ def stream_generate(
         repetition_penalty=repetition_penalty,
     )
     if seed is not None:
-        mx.random.seed(seed)
+        seed_generator(seed)
     sampler = make_sampler(s["temperature"], top_p=s["top_p"], top_k=s["top_k"], min_p=s["min_p"])
     processors = make_logits_processors(
         repetition_penalty=s["repetition_penalty"],

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
@@ -112,6 +113,11 @@ def save_cache(path: str, caches: Sequence, metadata: dict[str, str] | None = No
     metadata[_FORMAT_KEY] = _FORMAT_VERSION
     metadata[_LAYERS_KEY] = json.dumps(layers)
     # mx.save_safetensors appends ".safetensors" to other names; write there, then rename.
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{path}: its folder {parent} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder; give the name of the .safetensors file to write")
     tmp = f"{path}.tmp-{os.getpid()}.safetensors"
     try:
         mx.save_safetensors(tmp, arrays, metadata=metadata)
@@ -321,3 +327,35 @@ def cache_prompt(
     extra = {"prompt": prompt, "system": system or "", "raw": "1" if raw else "0"}
     save_prompt_cache(out, pc, model, extra)
     return len(pc.tokens)
+
+
+@dataclass
+class Continuation:
+    """A prompt that continues a cached one (`qmlx generate --prompt-cache FILE --prompt MORE`)."""
+
+    cache: PromptCache
+    prompt: str  # the cached prompt + MORE
+    system: str | None
+    raw: bool
+
+
+def continue_prompt(
+    path: str,
+    model,
+    prompt: str,
+    system: str | None = None,
+    raw: bool = False,
+    cache_kwargs: dict[str, Any] | None = None,
+) -> Continuation:
+    """Load a file written by `cache_prompt` and extend its prompt with `prompt`.
+
+    The cached prompt is the start of the new one; its system prompt and raw flag apply unless
+    `system` / `raw` are given. Raises UserError naming the file as load_prompt_cache does.
+    """
+    pc, extra = load_prompt_cache(path, model, cache_kwargs or None)
+    return Continuation(
+        cache=pc,
+        prompt=extra.get("prompt", "") + prompt,
+        system=system if system is not None else extra.get("system") or None,
+        raw=raw or extra.get("raw") == "1",
+    )

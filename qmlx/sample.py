@@ -205,3 +205,10 @@ def _logit_bias(bias: dict[int, float]) -> LogitsProcessor:
         return logits.at[:, ids].add(values.astype(logits.dtype))
 
     return apply
+
+
+def seed_generator(seed: int) -> None:
+    """Seed MLX's global generator; `seed` must be an integer in [0, 2**64)."""
+    if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
+        raise UserError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+    mx.random.seed(seed)

@@ -218,6 +218,12 @@ class Tokenizer:
                 raise TemplateError(f"{self.source}: chat template does not parse ({e})") from None
         return self._template[1]
 
+    def user_prompt(self, text: str, system: str | None = None) -> str:
+        """The prompt text for one user message (after an optional system one), ready for the answer."""
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": text})
+        return self.apply_chat_template(messages, add_generation_prompt=True)
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
