@@ -772,9 +772,9 @@ class JsonLogitsProcessor:
         if ids and close.startswith(self.tok.token_bytes(ids[0]) or b"\xff"):
             return ids[0]
         # A byte-level vocabulary has a token for every single byte.
-        from .tokenizer import _byte_decoder
+        from .tokenizer import byte_decoder
 
-        char = next(c for c, b in _byte_decoder().items() if b == close[0])
+        char = next(c for c, b in byte_decoder().items() if b == close[0])
         t = self.tok.token_to_id(char)
         return t if t is not None else ids[0]
 

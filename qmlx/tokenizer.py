@@ -31,7 +31,7 @@ class TemplateError(UserError):
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """The GPT-2 byte-level alphabet, inverted: printable stand-in character -> byte."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     bs += list(range(ord("®"), ord("ÿ") + 1))
@@ -175,7 +175,7 @@ class Tokenizer:
                 if piece is None:
                     b = b""  # ids past the vocabulary (padding rows of the embedding)
                 else:
-                    table = _byte_decoder()
+                    table = byte_decoder()
                     b = bytes(table[c] for c in piece if c in table)
             self._bytes_cache[token] = b
         return b

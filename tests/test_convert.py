@@ -603,9 +603,9 @@ def tree_flatten_params(model):
 
 
 def bytes_to_unicode_char(b: int) -> str:
-    from qmlx.tokenizer import _byte_decoder
+    from qmlx.tokenizer import byte_decoder
 
-    return {v: k for k, v in _byte_decoder().items()}[b]
+    return {v: k for k, v in byte_decoder().items()}[b]
 
 
 def write_hf_twin(folder: str, weights: dict) -> None:

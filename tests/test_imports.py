@@ -68,3 +68,95 @@ def test_no_import_cycles(package):
 
     for m in sorted(graph):
         visit(m, [])
+
+
+# ------------------------------------------------------------------ the rules of docs/architecture.md
+
+DOC = os.path.join(ROOT, "docs", "architecture.md")
+
+
+def rooms() -> tuple[dict[str, str], dict[str, set[str]]]:
+    """({module: room}, {room: rooms it may import}) from the doc's Rooms table."""
+    import re
+
+    text = open(DOC, encoding="utf-8").read()
+    table = text.split("## Rooms", 1)[1].split("\n## ", 1)[0]
+    room_of, may = {}, {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 4 or cells[0] in ("room", "") or set(cells[0]) <= {"-"}:
+            continue
+        room = cells[0]
+        for m in re.findall(r"`([\w.]+)`", cells[1]):
+            assert m not in room_of, f"{m} is in two rooms of docs/architecture.md"
+            room_of[m] = room
+        may[room] = {w.strip("`") for w in cells[2].split() if w != "—"} | {room}
+    return room_of, may
+
+
+ROOM_OF, MAY = rooms()
+
+
+def test_every_module_has_a_room():
+    assert sorted(set(MODULES) - set(ROOM_OF)) == [], "add the module to docs/architecture.md's Rooms"
+    assert sorted(set(ROOM_OF) - set(MODULES)) == [], "the doc names a module that does not exist"
+
+
+def test_arrows_go_only_where_the_doc_allows():
+    bad = []
+    for m in sorted(MODULES):
+        for d in sorted(imports(m)):
+            allowed = MAY[ROOM_OF[m]]
+            if ROOM_OF[d] not in allowed and d not in allowed:  # a room, or one named module
+                bad.append(f"{m} ({ROOM_OF[m]}) -> {d} ({ROOM_OF[d]})")
+    assert bad == []
+
+
+def test_the_model_imports_only_its_config_errors_and_kernels():
+    allowed = {"qmlx.config", "qmlx.errors", "qmlx.kernels", "qmlx.attention", "qmlx"}
+    for m in ("qmlx.model", "qmlx.attention"):
+        assert imports(m) <= allowed, m
+
+
+def test_no_import_cycle_anywhere():
+    graph = {m: imports(m) for m in MODULES}
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m) :] + [m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for d in sorted(graph[m]):
+            visit(d, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])
+
+
+def test_no_module_imports_another_modules_private_names():
+    bad = []
+    for m, path in sorted(MODULES.items()):
+        package = m if path.endswith("__init__.py") else m.rpartition(".")[0]
+        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            if base.split(".")[0] not in ("qmlx", "convert"):
+                continue
+            for a in node.names:
+                name = a.name
+                if not name.startswith("_") or name.startswith("__"):
+                    continue
+                sub = f"{base}.{name}"
+                if sub in MODULES or sub == "qmlx.kernels._qmm":  # a private module: only its own package
+                    if not (m == base or m.startswith(base + ".")):
+                        bad.append(f"{m}: from {base} import {name}")
+                else:
+                    bad.append(f"{m}: from {base} import {name}")
+    assert bad == []

@@ -80,9 +80,9 @@ def write_tokenizer(folder: str) -> None:
     """A byte-level BPE tokenizer with no merges plus Qwen-style special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from qmlx.tokenizer import _byte_decoder
+    from qmlx.tokenizer import byte_decoder
 
-    alphabet = sorted(_byte_decoder(), key=_byte_decoder().get)
+    alphabet = sorted(byte_decoder(), key=byte_decoder().get)
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
