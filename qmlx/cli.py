@@ -393,23 +393,14 @@ def add_perplexity(sub) -> None:
 
 
 def run_perplexity(args) -> int:
-    from .evaluate import perplexity
+    from .evaluate import read_text, text_perplexity
     from .loader import load
 
     if args.ctx < 2:
         raise UserError(f"--ctx must be at least 2, got {args.ctx}")
-    try:
-        with open(args.file, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise UserError(f"{args.file}: not a UTF-8 text file") from None
+    text = read_text(args.file, "--file")
     model, tokenizer = load(args.model, dtype=args.dtype)
-    ids = tokenizer.encode(text)
-    if args.max_tokens is not None:
-        ids = ids[: args.max_tokens]
-    if len(ids) < 2:
-        raise UserError(f"{args.file}: needs at least 2 tokens to score, has {len(ids)}")
-    ppl, nll, n = perplexity(model, ids, ctx=args.ctx)
+    ppl, nll, n = text_perplexity(model, tokenizer, text, args.ctx, args.max_tokens, name=args.file)
     print(f"{n} predictions, mean NLL {nll:.4f} nats", file=sys.stderr)
     print(f"perplexity: {ppl:.4f}")
     return 0
@@ -634,25 +625,25 @@ def parse_band(text: str) -> tuple[float, float]:
 
 
 def run_lora_estimate(args) -> int:
-    from .lora.estimate import estimate, read_config, report
+    from .lora.estimate import estimate_report
 
     if not args.model:
         raise UserError("--estimate needs --model (a folder, config.json or hub id)")
-    config = read_config(args.model)
-    quant = config.get("quantization") or {}
-    bits = args.bits if args.bits is not None else quant.get("bits")
-    group = args.group_size if args.bits is not None else quant.get("group_size", args.group_size)
-    dtype_bytes = 4 if args.dtype == "float32" or args.backend == "cpu" and args.dtype == "auto" else 2
-    e = estimate(
-        config, bits, group, args.rank, parse_lora_targets(args.targets), args.batch_size, args.max_seq_len,
-        dtype_bytes, args.dropout, cpu=args.backend == "cpu", num_layers=args.num_layers,
-    )  # fmt: skip
-    weights = f"{bits}-bit (group {group})" if bits else f"{dtype_bytes * 8}-bit float"
-    title = (
-        f"{args.model}: weights {weights}, rank {args.rank}, batch {args.batch_size}, "
-        f"sequence {args.max_seq_len}, {args.backend} backend, activations {dtype_bytes * 8}-bit"
+    print(
+        estimate_report(
+            args.model,
+            bits=args.bits,
+            group_size=args.group_size,
+            rank=args.rank,
+            targets=parse_lora_targets(args.targets),
+            batch_size=args.batch_size,
+            seq_len=args.max_seq_len,
+            dtype=args.dtype,
+            dropout=args.dropout,
+            backend=args.backend,
+            num_layers=args.num_layers,
+        )  # fmt: skip
     )
-    print(report(e, title))
     return 0
 
 

@@ -53,3 +53,28 @@ def perplexity(model, ids: list[int], ctx: int = 1024) -> tuple[float, float, in
         n += window_n
     mean = nll / n
     return math.exp(mean), mean, n
+
+
+def read_text(path: str, flag: str) -> str:
+    """A UTF-8 text file the user named with `flag`; errors name the flag and the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise UserError(f"{flag} {path}: no such file") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise UserError(f"{flag} {path}: not a UTF-8 text file") from None
+
+
+def text_perplexity(
+    model, tokenizer, text: str, ctx: int = 1024, max_tokens: int | None = None, name: str = "the text"
+) -> tuple[float, float, int]:
+    """`perplexity` of a text's first `max_tokens` tokens (all when None); `name` is for errors."""
+    if ctx < 2:
+        raise UserError(f"--ctx must be at least 2, got {ctx}")
+    ids = tokenizer.encode(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise UserError(f"{name}: needs at least 2 tokens to score, has {len(ids)}")
+    return perplexity(model, ids, ctx=ctx)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 
 from .errors import UserError
-from .evaluate import HEAD_CHUNK
+from .evaluate import HEAD_CHUNK, read_text
 
 
 @dataclass
@@ -87,20 +87,9 @@ def default_files() -> list[str]:
     return [textwrap.__file__]
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"--files {path}: no such file") from None
-    except (UnicodeDecodeError, IsADirectoryError):
-        raise UserError(f"--files {path}: not a UTF-8 text file") from None
-    return text
-
-
 def _read_ids(tokenizer, ref_tokenizer, path: str, max_tokens: int, reference_path: str) -> list[int]:
     """The first `max_tokens` ids of the file, checked to be the reference's too."""
-    text = _read_text(path)
+    text = read_text(path, "--files")
     ids = tokenizer.encode(text)[:max_tokens]
     if len(ids) < 2:
         raise UserError(f"--files {path}: needs at least 2 tokens to score, has {len(ids)}")

@@ -30,17 +30,25 @@ def save_adapter(model: nn.Module, folder: str, config: dict, weights_name: str 
     os.makedirs(folder, exist_ok=True)
     weights = adapter_weights(model)
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{weights_name}")
-    mx.save_safetensors(tmp, weights, metadata={"format": "mlx"})
-    os.replace(tmp, os.path.join(folder, weights_name))
+    try:
+        mx.save_safetensors(tmp, weights, metadata={"format": "mlx"})
+        os.replace(tmp, os.path.join(folder, weights_name))
+    finally:  # an interrupted save leaves no temporary file
+        if os.path.exists(tmp):
+            os.remove(tmp)
     write_json(os.path.join(folder, CONFIG), config)
 
 
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def read_adapter_config(folder: str) -> dict:

@@ -170,3 +170,38 @@ def report(e: Estimate, title: str) -> str:
     lines = [title, f"{'':{width}}  {'no checkpointing':>16}  {'--grad-checkpoint':>17}"]
     lines += [f"{name:{width}}  {a / GB:13.2f} GB  {b / GB:14.2f} GB" for name, a, b in rows]
     return "\n".join(lines)
+
+
+def estimate_report(
+    model: str,
+    bits: int | None = None,
+    group_size: int = 64,
+    rank: int = 8,
+    targets=DEFAULT_TARGETS,
+    batch_size: int = 8,
+    seq_len: int = 512,
+    dtype: str = "auto",
+    dropout: float = 0.0,
+    backend: str = "metal",
+    num_layers: int | None = None,
+) -> str:
+    """`qmlx lora --estimate`: the table for a model (folder, config.json or hub id).
+
+    bits None: the config's quantization (its group size too); "auto" dtype is float32 on the CPU
+    backend and 16-bit on Metal.
+    """
+    config = read_config(model)
+    quant = config.get("quantization") or {}
+    group = group_size if bits is not None else quant.get("group_size", group_size)
+    bits = bits if bits is not None else quant.get("bits")
+    dtype_bytes = 4 if dtype == "float32" or backend == "cpu" and dtype == "auto" else 2
+    e = estimate(
+        config, bits, group, rank, targets, batch_size, seq_len, dtype_bytes, dropout,
+        cpu=backend == "cpu", num_layers=num_layers,
+    )  # fmt: skip
+    weights = f"{bits}-bit (group {group})" if bits else f"{dtype_bytes * 8}-bit float"
+    title = (
+        f"{model}: weights {weights}, rank {rank}, batch {batch_size}, "
+        f"sequence {seq_len}, {backend} backend, activations {dtype_bytes * 8}-bit"
+    )
+    return report(e, title)
