@@ -54,7 +54,9 @@ def test_prompt_cache_computes_only_the_new_suffix():
     model.calls.clear()
     run(model, tok, script[:30], 5, prompt_cache=pc)
     assert pc.reused == 24  # 20 prompt + 4 generated tokens went through the model
-    assert model.calls[0] == 30 - 24  # the first pass prefills just the rest
+    # Just the 6 new prompt tokens go through the model (the last one as the first decoding step),
+    # then one token per step for the 4 other generated tokens.
+    assert model.calls == [30 - 24 - 1, 1, 1, 1, 1, 1]
 
 
 def test_prompt_cache_divergent_prompt_trims_back_to_the_common_prefix(tiny):
