@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 
 from .errors import Stopped, UserError
+from .folder import DTYPES
 
 # Errors whose messages are for the user; anything else is a bug.
 # (OSErrors about a path the user gave: the message names it.)
@@ -53,14 +54,13 @@ def command(fn):
 
 
 def seed_value(text: str) -> int:
-    """argparse type of --seed: an integer MLX can seed with."""
+    """argparse type of --seed: an integer MLX can seed with (sample.check_seed's rule)."""
+    from .sample import check_seed
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 0 <= value < 1 << 64:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 2**64 - 1, got {value}")
-    return value
+        return check_seed(int(text))
+    except ValueError as e:  # int() of a non-number, or check_seed's UserError
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text!r}") from e
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -84,8 +84,8 @@ def sampling_kwargs(args) -> dict:
     }
 
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-STORAGE_DTYPES = ("float16", "bfloat16", "float32")
+STORAGE_DTYPES = tuple(DTYPES)  # the floating dtypes qmlx reads and writes
+COMPUTE_DTYPES = ("auto", *STORAGE_DTYPES)
 
 
 def add_dtype_flag(p, default: str = "auto", help: str | None = None) -> None:

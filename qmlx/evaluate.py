@@ -70,8 +70,6 @@ def text_perplexity(
     model, tokenizer, text: str, ctx: int = 1024, max_tokens: int | None = None, name: str = "the text"
 ) -> tuple[float, float, int]:
     """`perplexity` of a text's first `max_tokens` tokens (all when None); `name` is for errors."""
-    if ctx < 2:
-        raise UserError(f"--ctx must be at least 2, got {ctx}")
     ids = tokenizer.encode(text)
     if max_tokens is not None:
         ids = ids[:max_tokens]

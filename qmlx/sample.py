@@ -207,8 +207,13 @@ def _logit_bias(bias: dict[int, float]) -> LogitsProcessor:
     return apply
 
 
-def seed_generator(seed: int) -> None:
-    """Seed MLX's global generator; `seed` must be an integer in [0, 2**64)."""
+def check_seed(seed) -> int:
+    """`seed` if MLX can seed with it (an integer in [0, 2**64)); else a UserError."""
     if not isinstance(seed, int) or not 0 <= seed < 1 << 64:
         raise UserError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
-    mx.random.seed(seed)
+    return seed
+
+
+def seed_generator(seed: int) -> None:
+    """Seed MLX's global generator with a checked seed."""
+    mx.random.seed(check_seed(seed))
