@@ -8,8 +8,8 @@
     stop_holdback(text, stops)          how much of the end of `text` could start a stop string
     common_prefix(a, b)                 how many leading items two sequences share
 
-Only MLX is imported here: no front end, no loader, no model code (models and tokenizers
-are passed in).
+Only MLX and qmlx.kernels are imported here: no front end, no loader, no model code (models and
+tokenizers are passed in).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import mlx.core as mx
+
+from . import kernels
 
 
 def prefill(model, ids: Sequence[int] | mx.array, cache: list, step: int) -> None:
@@ -37,8 +39,7 @@ def prefill(model, ids: Sequence[int] | mx.array, cache: list, step: int) -> Non
 
 def logprobs(logits: mx.array) -> mx.array:
     """Log-softmax over the last axis, in float32."""
-    logits = logits.astype(mx.float32)
-    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return kernels.log_softmax(logits)
 
 
 def token_logprobs(logprobs: mx.array, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:

@@ -12,6 +12,7 @@ import math
 
 import mlx.core as mx
 
+from . import kernels
 from .errors import UserError
 
 # Logits are computed for this many positions at a time: a full 1024-token window of a
@@ -28,10 +29,9 @@ def window_nll(model, ids: list[int]) -> tuple[float, int]:
     hidden = model.model(inputs)[0]
     total = mx.array(0.0, dtype=mx.float32)
     for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = model.head(hidden[start : start + HEAD_CHUNK]).astype(mx.float32)
+        lp = kernels.log_softmax(model.head(hidden[start : start + HEAD_CHUNK]))
         t = targets[start : start + HEAD_CHUNK]
-        picked = mx.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
-        total = total + (mx.logsumexp(logits, axis=-1) - picked).sum()
+        total = total - mx.take_along_axis(lp, t[:, None], axis=-1).sum()
         mx.eval(total)
     return total.item(), len(ids) - 1
 

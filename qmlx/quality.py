@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from . import kernels
 from .errors import UserError
 from .evaluate import HEAD_CHUNK, read_text
 
@@ -44,10 +45,8 @@ def _window(model, reference, ids: list[int]) -> mx.array:
     totals = mx.zeros((4,), dtype=mx.float32)
     for start in range(0, hq.shape[0], HEAD_CHUNK):
         t = targets[start : start + HEAD_CHUNK, None]
-        lq = model.head(hq[start : start + HEAD_CHUNK]).astype(mx.float32)
-        lr = reference.head(hr[start : start + HEAD_CHUNK]).astype(mx.float32)
-        lq = lq - mx.logsumexp(lq, axis=-1, keepdims=True)
-        lr = lr - mx.logsumexp(lr, axis=-1, keepdims=True)
+        lq = kernels.log_softmax(model.head(hq[start : start + HEAD_CHUNK]))
+        lr = kernels.log_softmax(reference.head(hr[start : start + HEAD_CHUNK]))
         kl = (mx.exp(lr) * (lr - lq)).sum(-1)
         agree = mx.argmax(lq, axis=-1) == mx.argmax(lr, axis=-1)
         part = mx.stack(

@@ -48,9 +48,9 @@ def _x(shape, dtype, seed):
 
 
 def _int_path(bits, rows, transpose) -> bool:
-    """Where the kernels multiply 4-bit weights by x rounded to 15-bit integers per group (AVX-512 VNNI,
-    the GEMV side): the product is then exact up to that rounding, ~1e-4 of the output's largest value."""
-    return kernels._ext.isa() == "avx512vnni" and bits == 4 and transpose and rows <= 4
+    """Where the kernels multiply 4- or 8-bit weights by x rounded to 15-bit integers per group (AVX-512
+    VNNI, the GEMV side): the product is then exact up to that rounding, ~1e-4 of the output's largest value."""
+    return kernels._ext.isa() == "avx512vnni" and bits in (4, 8) and transpose and rows <= 4
 
 
 def _rel_err(y, ref):
@@ -303,3 +303,91 @@ def test_float_matmul_and_linear_match_mlx():
     assert mx.allclose(kernels.linear(x, w, b), x @ w.T + b, rtol=1e-5, atol=1e-4).item()
     g = mx.grad(lambda a: kernels._ext.matmul(a, bt).sum())(a)
     assert mx.allclose(g, mx.grad(lambda a: (a @ bt).sum())(a), rtol=1e-5, atol=1e-4).item()
+
+
+@pytest.mark.parametrize("x_dtype", [mx.float32, mx.bfloat16], ids=str)
+@pytest.mark.parametrize("rows", [1, 2, 7])
+def test_bias_in_the_product_matches_adding_it_after(rows, x_dtype):
+    """quantized_matmul(..., bias=b) = x · Wᵀ + b (float64 reference), in the dtype x + b would have;
+    gradients in x and in the bias as autograd of the dense product gives them."""
+    q, s, b, wd = _packed(197, 256, 4, 64, mx.float32, seed=21)
+    bias = mx.array(np.random.default_rng(22).standard_normal(197).astype(np.float32))
+    x, xr = _x((rows, 256), x_dtype, seed=23)
+    y = kernels.quantized_matmul(x, q, s, b, group_size=64, bits=4, bias=bias.astype(x_dtype))
+    assert y.dtype == x_dtype and y.shape == (rows, 197)
+    ref = xr @ wd.T + np.array(bias.astype(x_dtype).astype(mx.float32), dtype=np.float64)
+    tol = 8e-3 if x_dtype == mx.bfloat16 else (1e-4 if _int_path(4, rows, True) else 2e-6)
+    assert _rel_err(y, ref) < tol
+    assert kernels.quantized_matmul(x, q, s, b, group_size=64, bits=4, bias=bias).dtype == mx.float32
+
+    w = mx.array(wd.astype(np.float32))
+    t = mx.random.normal((rows, 197), key=mx.random.key(24))
+    xf = x.astype(mx.float32)
+    ours = mx.grad(
+        lambda x, c: mx.square(kernels.quantized_matmul(x, q, s, b, group_size=64, bits=4, bias=c) - t).sum(),
+        argnums=(0, 1),
+    )(xf, bias)
+    ref_g = mx.grad(lambda x, c: mx.square(x @ w.T + c - t).sum(), argnums=(0, 1))(xf, bias)
+    for a, r in zip(ours, ref_g, strict=True):
+        assert mx.allclose(a, r, rtol=1e-3, atol=1e-3).item()
+    # forward mode in the bias
+    v = mx.random.normal(bias.shape, key=mx.random.key(25))
+    _, jv = mx.jvp(
+        lambda c: kernels.quantized_matmul(xf, q, s, b, group_size=64, bits=4, bias=c), [bias], [v]
+    )
+    assert jv[0].shape == (rows, 197) and mx.allclose(jv[0], mx.broadcast_to(v, (rows, 197))).item()
+
+
+def test_bad_bias_is_refused():
+    q, s, b, _ = _packed(64, 128, 4, 32, mx.float32, seed=26)
+    with pytest.raises(ValueError, match="bias must be 1-D"):
+        kernels.quantized_matmul(mx.zeros((1, 128)), q, s, b, group_size=32, bits=4, bias=mx.zeros((63,)))
+    with pytest.raises(ValueError, match="transposed product"):
+        kernels.quantized_matmul(
+            mx.zeros((1, 64)), q, s, b, transpose=False, group_size=32, bits=4, bias=mx.zeros((128,))
+        )
+
+
+@pytest.mark.parametrize("sb_dtype", SB_DTYPES, ids=str)
+@pytest.mark.parametrize("gs", GROUPS)
+@pytest.mark.parametrize("bits", BITS)
+def test_dequantize_rows_matches_the_dequantized_table(bits, gs, sb_dtype):
+    q, s, b, wd = _packed(37, 2 * gs + 128, bits, gs, sb_dtype, seed=bits + gs)
+    ids = mx.array([[0, 36, 5], [5, 17, 2]])
+    out = kernels.dequantize_rows(q, s, b, ids, group_size=gs, bits=bits)
+    assert out.shape == (2, 3, wd.shape[1]) and out.dtype == sb_dtype
+    ref = wd[np.array(ids)]
+    # scale * q + bias in float32, rounded to the scales' dtype (as mx.dequantize returns it)
+    tol = 1e-6 if sb_dtype == mx.float32 else 8e-3
+    assert np.abs(np.array(out.astype(mx.float32), dtype=np.float64) - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_dequantize_rows_refuses_bad_arguments():
+    q, s, b, _ = _packed(8, 128, 4, 32, mx.float32, seed=27)
+    with pytest.raises(ValueError, match="ids must be an integer array"):
+        kernels.dequantize_rows(q, s, b, mx.array([1.0]), group_size=32, bits=4)
+    with pytest.raises(ValueError, match="group_size must be"):
+        kernels.dequantize_rows(q, s, b, mx.array([1]), group_size=16, bits=4)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=str)
+def test_log_softmax_matches_float64_and_its_gradient(dtype):
+    rng = np.random.default_rng(28)
+    x = rng.standard_normal((3, 5, 1001)).astype(np.float32) * 8
+    x[0, 0, :500] = -np.inf  # masked logits (a constraint): they stay -inf, the rest renormalise
+    xm = mx.array(x).astype(dtype)
+    xr = np.array(xm.astype(mx.float32), dtype=np.float64)
+    y = kernels.log_softmax(xm)
+    assert y.dtype == mx.float32 and y.shape == x.shape
+    m = xr.max(-1, keepdims=True)
+    ref = xr - (m + np.log(np.exp(xr - m).sum(-1, keepdims=True)))
+    yn = np.array(y, dtype=np.float64)
+    assert np.isneginf(yn[0, 0, :500]).all()
+    finite = np.isfinite(ref)
+    assert np.abs(yn[finite] - ref[finite]).max() < 2e-5
+    # gradient against autograd of MLX's formula
+    xf = mx.array(rng.standard_normal((4, 300)).astype(np.float32))
+    t = mx.random.normal((4, 300), key=mx.random.key(29))
+    ours = mx.grad(lambda x: (kernels.log_softmax(x) * t).sum())(xf)
+    ref_g = mx.grad(lambda x: ((x - mx.logsumexp(x, axis=-1, keepdims=True)) * t).sum())(xf)
+    assert mx.allclose(ours, ref_g, rtol=1e-5, atol=1e-5).item()

@@ -18,4 +18,6 @@ mx::array silu_mul(const mx::array& g, const mx::array& u);
 // softmax(scale * x) over the last axis; causal_rows = L > 0 masks row l (mod L) of L queries to the
 // first S - L + l + 1 of S keys (queries are the last L positions).
 mx::array softmax(const mx::array& x, float scale, int causal_rows);
+// x - logsumexp(x) over the last axis, in float32 (log-probabilities from logits), one CPU op.
+mx::array log_softmax(const mx::array& x);
 }  // namespace qk

@@ -38,6 +38,10 @@ struct Kernels {
   void (*pack_f)(const float* B, int64_t sk, int64_t sn, int64_t N, int64_t c0, int64_t l0, int64_t L, float* P);
   // y = softmax(x * scale) over the first `valid` of n values (the rest 0): one attention row.
   void (*softmax_row)(const float* x, float* y, int64_t n, int64_t valid, float scale);
+  // y = x - log(sum(exp(x))) over n values (log-softmax: the log-probabilities of one row of logits).
+  void (*log_softmax_row)(const float* x, float* y, int64_t n);
+  // Row n of W as float32 values (K of them): an embedding lookup.
+  void (*dequant_row)(const QW& q, int64_t n, float* out);
   // y = silu(g) * u = g * u / (1 + exp(-g)), n values.
   void (*silu_mul)(const float* g, const float* u, float* y, int64_t n);
   // C[m][0:nc] (+)= A[m][0:L] . P[0:L][0:nc] for m < M; add: accumulate into C.

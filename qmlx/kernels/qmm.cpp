@@ -1,12 +1,14 @@
 // qmlx's quantized matmul as an MLX Primitive: y = x · dequantize(W)ᵀ (transpose) or x · dequantize(W),
 // for MLX's affine group format as checkpoints store it. CPU only; the Python side never builds it on Metal.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
@@ -83,11 +85,9 @@ void store_out(const float* y, mx::array& out) {
 // stays in L2 while every row of x passes over it).
 constexpr int64_t KC = 512;
 
-void compute(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, mx::array& out,
-             bool transpose, int gs, int bits) {
-  const Kernels& k = best_kernels();
-  const int64_t Kx = x.shape(-1), M = Kx ? int64_t(x.size()) / Kx : 0;
-  std::vector<char> wtmp, stmp, btmp, xbytes;
+// The packed weight, scales and biases as the kernels read them (row-major; copies kept in the tmps).
+QW packed(const mx::array& w, const mx::array& s, const mx::array& b, int gs, int bits, std::vector<char>& wtmp,
+          std::vector<char>& stmp, std::vector<char>& btmp) {
   QW q;
   q.w = static_cast<const uint8_t*>(row_major(w, wtmp));
   q.s = row_major(s, stmp);
@@ -98,6 +98,24 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& s, const m
   q.N = w.shape(0);
   q.row_bytes = int64_t(w.shape(1)) * 4;
   q.K = q.row_bytes * 8 / bits;
+  return q;
+}
+
+// y += bias along the last axis (the layer's bias, added before y is rounded to its dtype).
+void add_bias(float* y, int64_t M, int64_t N, const mx::array& bias) {
+  std::vector<float> tmp;
+  std::vector<char> bytes;
+  const float* bp = as_f32(bias, tmp, bytes);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
+}
+
+void compute(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, const mx::array* bias,
+             mx::array& out, bool transpose, int gs, int bits) {
+  const Kernels& k = best_kernels();
+  const int64_t Kx = x.shape(-1), M = Kx ? int64_t(x.size()) / Kx : 0;
+  std::vector<char> wtmp, stmp, btmp, xbytes;
+  const QW q = packed(w, s, b, gs, bits, wtmp, stmp, btmp);
   if (M == 0 || out.size() == 0) return;
 
   std::vector<float> xtmp, ytmp;
@@ -143,6 +161,7 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& s, const m
       }
     });
   }
+  if (bias) add_bias(y, M, q.N, *bias);
   if (out.dtype() != mx::float32) store_out(y, out);
 }
 
@@ -156,8 +175,12 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : inputs) enc.set_input_array(a);
     enc.set_output_array(out);
-    enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], out = mx::array::unsafe_weak_copy(out),
-                  t = transpose_, gs = gs_, bits = bits_]() mutable { compute(x, w, s, b, out, t, gs, bits); });
+    std::optional<mx::array> bias;
+    if (inputs.size() > 4) bias = inputs[4];
+    enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], bias, out = mx::array::unsafe_weak_copy(out),
+                  t = transpose_, gs = gs_, bits = bits_]() mutable {
+      compute(x, w, s, b, bias ? &*bias : nullptr, out, t, gs, bits);
+    });
   }
   void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
     throw std::runtime_error("qmlx's quantized matmul runs on the CPU only (on Metal qmlx uses MLX's kernels)");
@@ -188,33 +211,55 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
   bool transpose_;
 };
 
-mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales, const mx::array& biases,
-              bool transpose, int group_size, int bits) {
+// What is wrong with a packed weight (empty when nothing): the format checks both ops make.
+std::string packed_error(const mx::array& w, const mx::array& scales, const mx::array& biases, int group_size,
+                         int bits) {
   std::ostringstream err;
   if (bits < 2 || bits > 8 || bits == 7) err << "bits must be 2, 3, 4, 5, 6 or 8 (got " << bits << ")";
   else if (group_size != 32 && group_size != 64 && group_size != 128)
     err << "group_size must be 32, 64 or 128 (got " << group_size << ")";
   else if (w.ndim() != 2 || w.dtype() != mx::uint32) err << "the packed weight must be a 2-D uint32 array";
-  else if (x_in.ndim() < 1) err << "x must have at least one dimension";
-  else if (x_in.dtype() != mx::float32 && x_in.dtype() != mx::bfloat16 && x_in.dtype() != mx::float16)
-    err << "x must be float32, bfloat16 or float16";
+  else if ((int64_t(w.shape(1)) * 32) % bits) err << "the packed weight's width does not hold whole values";
+  if (!err.str().empty()) return err.str();
+  const int64_t K = int64_t(w.shape(1)) * 32 / bits, N = w.shape(0);
+  if (K % group_size) err << "the unpacked width " << K << " is not a multiple of group_size " << group_size;
+  else if (K / group_size > 1024) err << "more than 1024 groups per row are not supported";
+  else if (scales.shape() != mx::Shape{int(N), int(K / group_size)} || biases.shape() != scales.shape())
+    err << "scales and biases must have shape (" << N << ", " << K / group_size << ")";
+  else if (scales.dtype() != biases.dtype()) err << "scales and biases must have the same dtype";
+  else if (scales.dtype() != mx::float32 && scales.dtype() != mx::bfloat16 && scales.dtype() != mx::float16)
+    err << "scales and biases must be float32, bfloat16 or float16";
+  return err.str();
+}
+
+bool is_float(const mx::array& a) {
+  return a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16;
+}
+
+mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales, const mx::array& biases,
+              bool transpose, int group_size, int bits, const std::optional<mx::array>& bias = std::nullopt) {
+  std::ostringstream err;
+  err << packed_error(w, scales, biases, group_size, bits);
   if (err.str().empty()) {
     const int64_t K = int64_t(w.shape(1)) * 32 / bits, N = w.shape(0);
-    if ((int64_t(w.shape(1)) * 32) % bits) err << "the packed weight's width does not hold whole values";
-    else if (K % group_size) err << "the unpacked width " << K << " is not a multiple of group_size " << group_size;
-    else if (K / group_size > 1024) err << "more than 1024 groups per row are not supported";
-    else if (scales.shape() != mx::Shape{int(N), int(K / group_size)} || biases.shape() != scales.shape())
-      err << "scales and biases must have shape (" << N << ", " << K / group_size << ")";
-    else if (scales.dtype() != biases.dtype()) err << "scales and biases must have the same dtype";
+    if (x_in.ndim() < 1) err << "x must have at least one dimension";
+    else if (!is_float(x_in)) err << "x must be float32, bfloat16 or float16";
     else if (x_in.shape(-1) != (transpose ? K : N))
       err << "x's last dimension is " << x_in.shape(-1) << ", the weight needs " << (transpose ? K : N);
+    else if (bias && !transpose) err << "a bias goes with the transposed product (x · Wᵀ) only";
+    else if (bias && (bias->ndim() != 1 || bias->shape(0) != N))
+      err << "the bias must be 1-D with the weight's " << N << " rows";
+    else if (bias && !is_float(*bias)) err << "the bias must be float32, bfloat16 or float16";
   }
   if (!err.str().empty()) throw std::invalid_argument("qmlx quantized matmul: " + err.str());
-  sb_type(scales.dtype());
 
   auto s = mx::default_stream(mx::Device::cpu);
-  return mx::array(QuantizedMatmul::out_shape(x_in, w, transpose, bits), x_in.dtype(),
-                   std::make_shared<QuantizedMatmul>(s, group_size, bits, transpose), {x_in, w, scales, biases});
+  std::vector<mx::array> inputs{x_in, w, scales, biases};
+  if (bias) inputs.push_back(*bias);
+  // with a bias, the dtype of x·Wᵀ + bias
+  const mx::Dtype dt = bias ? mx::promote_types(x_in.dtype(), bias->dtype()) : x_in.dtype();
+  return mx::array(QuantizedMatmul::out_shape(x_in, w, transpose, bits), dt,
+                   std::make_shared<QuantizedMatmul>(s, group_size, bits, transpose), std::move(inputs));
 }
 
 std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primals,
@@ -222,9 +267,12 @@ std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primal
                                             const std::vector<int>& argnums, const std::vector<mx::array>&) {
   std::vector<mx::array> grads;
   for (int a : argnums) {
-    if (a == 0)
+    if (a == 0) {
       grads.push_back(qmm(cotangents[0], primals[1], primals[2], primals[3], !transpose_, gs_, bits_));
-    else  // the packed weights are frozen (adapters wrap them): their cotangents are zeros nothing reads
+    } else if (a == 4) {  // the bias: the cotangent summed over every row
+      const auto& c = cotangents[0];
+      grads.push_back(mx::astype(mx::sum(mx::reshape(c, {-1, c.shape(-1)}), 0), primals[4].dtype()));
+    } else  // the packed weights are frozen (adapters wrap them): their cotangents are zeros nothing reads
       grads.push_back(mx::zeros_like(primals[a], stream()));
   }
   return grads;
@@ -232,9 +280,85 @@ std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primal
 
 std::vector<mx::array> QuantizedMatmul::jvp(const std::vector<mx::array>& primals,
                                             const std::vector<mx::array>& tangents, const std::vector<int>& argnums) {
-  for (int a : argnums)
-    if (a != 0) throw std::invalid_argument("qmlx quantized matmul: no derivative for the packed weights");
-  return {qmm(tangents[0], primals[1], primals[2], primals[3], transpose_, gs_, bits_)};
+  std::optional<mx::array> out;
+  for (size_t i = 0; i < argnums.size(); ++i) {
+    mx::array t = [&] {
+      if (argnums[i] == 0) return qmm(tangents[i], primals[1], primals[2], primals[3], transpose_, gs_, bits_);
+      if (argnums[i] == 4) return tangents[i];  // broadcast over the rows by the sum below
+      throw std::invalid_argument("qmlx quantized matmul: no derivative for the packed weights");
+    }();
+    out = out ? mx::add(*out, t) : t;
+  }
+  if (argnums.size() == 1 && argnums[0] == 4)
+    out = mx::broadcast_to(*out, QuantizedMatmul::out_shape(primals[0], primals[1], transpose_, bits_));
+  return {*out};
+}
+
+// Rows `ids` of a quantized table, dequantized (an embedding lookup): one op instead of three gathers and
+// MLX's CPU dequantize (~45 small ops per decode step).
+class DequantizeRows : public mx::UnaryPrimitive {
+ public:
+  DequantizeRows(mx::Stream s, int group_size, int bits) : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([w = in[0], s = in[1], b = in[2], ids = in[3], out = mx::array::unsafe_weak_copy(out), gs = gs_,
+                  bits = bits_]() mutable {
+      const Kernels& k = best_kernels();
+      std::vector<char> wtmp, stmp, btmp, itmp;
+      const QW q = packed(w, s, b, gs, bits, wtmp, stmp, btmp);
+      const void* ip = row_major(ids, itmp);
+      std::vector<float> row(size_t(q.K));
+      for (size_t i = 0; i < ids.size(); ++i) {
+        int64_t n;
+        if (ids.dtype() == mx::int64 || ids.dtype() == mx::uint64)
+          n = static_cast<const int64_t*>(ip)[i];
+        else if (ids.dtype() == mx::int32)
+          n = static_cast<const int32_t*>(ip)[i];
+        else
+          n = static_cast<const uint32_t*>(ip)[i];
+        if (n < 0 || n >= q.N)
+          std::fill(row.begin(), row.end(), 0.0f);  // checked before the graph is built; never read past W
+        else
+          k.dequant_row(q, n, row.data());
+        void* o = static_cast<char*>(out.data<void>()) + int64_t(i) * q.K * int64_t(out.itemsize());
+        if (out.dtype() == mx::float32)
+          std::memcpy(o, row.data(), q.K * 4);
+        else
+          for (int64_t j = 0; j < q.K; ++j) store(o, out.dtype(), j, row[j]);
+      }
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("qmlx's dequantize_rows runs on the CPU only");
+  }
+  const char* name() const override { return "QmlxDequantizeRows"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const DequantizeRows&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    mx::Shape sh = in[3].shape();
+    sh.push_back(int(int64_t(in[0].shape(1)) * 32 / bits_));
+    return {sh};
+  }
+
+ private:
+  int gs_, bits_;
+};
+
+mx::array dequantize_rows(const mx::array& w, const mx::array& scales, const mx::array& biases, const mx::array& ids,
+                          int group_size, int bits) {
+  const std::string err = packed_error(w, scales, biases, group_size, bits);
+  if (!err.empty()) throw std::invalid_argument("qmlx dequantize_rows: " + err);
+  if (ids.dtype() != mx::int32 && ids.dtype() != mx::uint32 && ids.dtype() != mx::int64 && ids.dtype() != mx::uint64)
+    throw std::invalid_argument("qmlx dequantize_rows: ids must be an integer array");
+  auto s = mx::default_stream(mx::Device::cpu);
+  mx::Shape sh = ids.shape();
+  sh.push_back(int(int64_t(w.shape(1)) * 32 / bits));
+  return mx::array(sh, scales.dtype(), std::make_shared<DequantizeRows>(s, group_size, bits), {w, scales, biases, ids});
 }
 
 }  // namespace
@@ -244,7 +368,12 @@ NB_MODULE(_qmm, m) {
   m.doc() = "qmlx's CPU kernels for MLX's affine quantized matmul";
   m.def("quantized_matmul", &qk::qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"), nb::arg("biases"),
         nb::arg("transpose") = true, nb::arg("group_size") = 64, nb::arg("bits") = 4,
-        "x · dequantize(w)ᵀ (transpose) or x · dequantize(w), on the CPU, as an MLX lazy op");
+        nb::arg("bias") = nb::none(),
+        "x · dequantize(w)ᵀ (+ bias) (transpose) or x · dequantize(w), on the CPU, as an MLX lazy op");
+  m.def("dequantize_rows", &qk::dequantize_rows, nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::arg("ids"),
+        nb::arg("group_size") = 64, nb::arg("bits") = 4,
+        "dequantize(w)[ids] without dequantizing the rest (an embedding lookup), as one CPU op");
+  m.def("log_softmax", &qk::log_softmax, nb::arg("x"), "x - logsumexp(x) over the last axis, float32, one CPU op");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op");
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("base"), nb::arg("scale"), nb::arg("offset"),

@@ -89,12 +89,23 @@ def _dense_product(group_size: int, bits: int):
     return product
 
 
-def _quantized_product(layer, x: mx.array) -> mx.array:
-    """x @ Wᵀ for a layer holding a packed W, by whichever path suits this call."""
+def _quantized_product(layer, x: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x @ Wᵀ (+ bias) for a layer holding a packed W, by whichever path suits this call."""
     if use_kernels():
         return kernels.quantized_matmul(
-            x, layer.weight, layer.scales, layer.biases, group_size=layer.group_size, bits=layer.bits
+            x,
+            layer.weight,
+            layer.scales,
+            layer.biases,
+            group_size=layer.group_size,
+            bits=layer.bits,
+            bias=bias,
         )
+    y = _unfused_product(layer, x)
+    return y + bias if bias is not None else y
+
+
+def _unfused_product(layer, x: mx.array) -> mx.array:
     if not use_dense(_rows(x)):
         return mx.quantized_matmul(
             x,
@@ -138,8 +149,7 @@ class QuantizedLinear(nn.Module):
         return f"{packed * 32 // self.bits}, {out_dims}, bits={self.bits}, group_size={self.group_size}"
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = _quantized_product(self, x)
-        return y + self.bias if "bias" in self else y
+        return _quantized_product(self, x, self.bias if "bias" in self else None)
 
 
 class QuantizedEmbedding(nn.Module):
@@ -168,12 +178,8 @@ class QuantizedEmbedding(nn.Module):
 
     def __call__(self, ids: mx.array) -> mx.array:
         # Only the looked-up rows are dequantized.
-        return mx.dequantize(
-            self.weight[ids],
-            self.scales[ids],
-            self.biases[ids],
-            group_size=self.group_size,
-            bits=self.bits,
+        return kernels.dequantize_rows(
+            self.weight, self.scales, self.biases, ids, group_size=self.group_size, bits=self.bits
         )
 
     def as_linear(self, x: mx.array) -> mx.array:
