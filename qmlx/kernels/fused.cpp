@@ -282,9 +282,10 @@ class LogSoftmax : public mx::UnaryPrimitive {
   }
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cot,
                              const std::vector<int>&, const std::vector<mx::array>& outputs) override {
-    // y = x - lse(x): dx = dy - exp(y) * sum(dy)
+    // y = x - lse(x): dx = dy - softmax(x) * sum(dy) (softmax by the vectorized op, not MLX's scalar exp)
     auto dy = mx::astype(cot[0], mx::float32);
-    auto g = mx::subtract(dy, mx::multiply(mx::exp(outputs[0]), mx::sum(dy, -1, true)));
+    auto p = mx::array(primals[0].shape(), mx::float32, std::make_shared<Softmax>(stream(), 1.0f, 0), {primals[0]});
+    auto g = mx::subtract(dy, mx::multiply(p, mx::sum(dy, -1, true)));
     return {mx::astype(g, primals[0].dtype())};
   }
   const char* name() const override { return "QmlxLogSoftmax"; }

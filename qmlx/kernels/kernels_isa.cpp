@@ -213,9 +213,9 @@ static void gemv_f(const QW& q, const void* buf, int64_t M, float* y, int64_t n0
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // Integer path for 4- and 8-bit weights (AVX-512 VNNI). Each row of x is quantized per group to 15-bit integers
 // x ≈ d_g * (256 * hi + lo), hi and lo in [-128, 127], both int8; vpdpbusd multiplies the
-// unsigned 4-bit values by both halves (64 products per instruction), so the product is exact up to x's
-// 15-bit rounding (error <= 2^-16 of the group's largest |x|), at a fraction of the float path's
-// instructions. Chunks of 128 values (64 bytes): low nibbles pair with the even values, high with the odd.
+// unsigned 4- or 8-bit values by both halves (64 products per instruction), so the product is exact up to
+// x's 15-bit rounding (error <= 2^-16 of the group's largest |x|), at a fraction of the float path's
+// instructions. x is padded to chunks of 128 values (64 bytes of 4-bit weights).
 constexpr int64_t CH = 128;
 // Bytes ahead of the packed weights the GEMVs prefetch (measured on this machine's 2 vCPUs: ~15% off the
 // decode step's matmuls at 2048 against none; 512 gained nothing, 4096 no more than 2048).
@@ -226,7 +226,7 @@ static inline int64_t padded(int64_t K) { return (K + CH - 1) / CH * CH; }
 
 struct IntX {
   float *xs, *xd;   // M x G: group sums (the bias term), quantization steps
-  int8_t *xh, *xl;  // M x padded(K): reordered per chunk: 64 even values, then 64 odd values
+  int8_t *xh, *xl;  // M x padded(K); for 4 bits reordered per chunk: 64 even values, then 64 odd values
 };
 static IntX int_view(void* buf, int64_t M, int64_t K, int gs) {
   const int64_t G = K / gs, Kp = padded(K);
@@ -286,15 +286,19 @@ static inline void row_factors(const float* s, const float* b, const IntX& v, in
   }
 }
 
-template <int M>
-static void gemv4_vnni(const QW& q, const IntX& v, float* y, int64_t n0, int64_t n1) {
-  const int64_t K = q.K, G = K / q.gs, Kp = padded(K), chunks = Kp / CH, tail = (K % CH) / 2;
+// One 64-byte chunk of packed weights per step. 4 bits: 128 values, the low nibbles pair with the even
+// values of x's reordered chunk, the high ones with the odd; lane j of a product covers values 8j..8j+7.
+// 8 bits: the bytes are the unsigned values themselves, 64 of them; lane j covers values 4j..4j+3.
+// A chunk spans half a group to four groups.
+template <int M, int BITS>
+static void gemv_int(const QW& q, const IntX& v, float* y, int64_t n0, int64_t n1) {
+  constexpr int64_t VPC = 512 / BITS;  // values per chunk
+  const int64_t K = q.K, G = K / q.gs, Kp = padded(K), chunks = (K + VPC - 1) / VPC, tail = (K % VPC) * BITS / 8;
   const __m512i m4 = _mm512_set1_epi8(15);
-  // lane j of a chunk covers values 8j..8j+7: its group within the chunk
-  alignas(64) int32_t lane_group[16];
-  for (int j = 0; j < 16; ++j) lane_group[j] = int32_t(8 * j / q.gs);
+  alignas(64) int32_t lane_group[16];  // each lane's group within its chunk
+  for (int j = 0; j < 16; ++j) lane_group[j] = int32_t(VPC / 16 * j / q.gs);
   const __m512i lg = _mm512_load_si512(lane_group);
-  const int64_t gpc = CH / q.gs;  // groups per chunk (the group size divides 128): no division in the loop
+  const int shift = __builtin_ctz(unsigned(q.gs));  // the group of value k is k >> shift: no division in the loop
   float sbuf[1024], bbuf[1024];
   alignas(64) float f[M][1024 + 16];  // per row of x: scale * quantization step, per group (+16 for the last load)
   for (int m = 0; m < M; ++m) std::fill(f[m] + G, f[m] + G + 16, 0.0f);
@@ -310,15 +314,21 @@ static void gemv4_vnni(const QW& q, const IntX& v, float* y, int64_t n0, int64_t
       const __m512i w = (c + 1 < chunks || tail == 0)
                             ? _mm512_loadu_si512(row + c * 64)
                             : _mm512_maskz_loadu_epi8((__mmask64)((uint64_t(1) << tail) - 1), row + c * 64);
-      const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-      const int64_t g0 = c * gpc;
+      const int64_t g0 = (c * VPC) >> shift;
       for (int m = 0; m < M; ++m) {
-        const int8_t* xh = v.xh + m * Kp + c * CH;
-        const int8_t* xl = v.xl + m * Kp + c * CH;
-        __m512i ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xh));
-        ah = _mm512_dpbusd_epi32(ah, hi, _mm512_loadu_si512(xh + 64));
-        __m512i al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xl));
-        al = _mm512_dpbusd_epi32(al, hi, _mm512_loadu_si512(xl + 64));
+        const int8_t* xh = v.xh + m * Kp + c * VPC;
+        const int8_t* xl = v.xl + m * Kp + c * VPC;
+        __m512i ah, al;
+        if constexpr (BITS == 4) {
+          const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+          ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xh));
+          ah = _mm512_dpbusd_epi32(ah, hi, _mm512_loadu_si512(xh + 64));
+          al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xl));
+          al = _mm512_dpbusd_epi32(al, hi, _mm512_loadu_si512(xl + 64));
+        } else {
+          ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xh));
+          al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xl));
+        }
         const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(ah, 8), al);
         const __m512 fv = _mm512_permutexvar_ps(lg, _mm512_loadu_ps(&f[m][g0]));
         acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), fv, acc[m]);
@@ -328,68 +338,24 @@ static void gemv4_vnni(const QW& q, const IntX& v, float* y, int64_t n0, int64_t
   }
 }
 
-// 8 bits: the packed bytes are the unsigned values themselves; a chunk is 64 of them, lane j of a
-// product covers values 4j..4j+3 (a chunk spans half a group to two groups).
-template <int M>
-static void gemv8_vnni(const QW& q, const IntX& v, float* y, int64_t n0, int64_t n1) {
-  const int64_t K = q.K, G = K / q.gs, Kp = padded(K), chunks = (K + 63) / 64, tail = K % 64;
-  alignas(64) int32_t lane_group[16];
-  for (int j = 0; j < 16; ++j) lane_group[j] = int32_t(4 * j / q.gs);
-  const __m512i lg = _mm512_load_si512(lane_group);
-  const int shift = __builtin_ctz(unsigned(q.gs));  // the group of value k is k >> shift
-  float sbuf[1024], bbuf[1024];
-  alignas(64) float f[M][1024 + 16];
-  for (int m = 0; m < M; ++m) std::fill(f[m] + G, f[m] + G + 16, 0.0f);
-  for (int64_t n = n0; n < n1; ++n) {
-    const auto [s, b] = row_sb_fast(q, n, sbuf, bbuf);
-    float bias[M];
-    row_factors<M>(s, b, v, G, f, bias);
-    const uint8_t* row = q.w + n * q.row_bytes;
-    __m512 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + c * 64) + QK_PF, _MM_HINT_T0);
-      const __m512i w = (c + 1 < chunks || tail == 0)
-                            ? _mm512_loadu_si512(row + c * 64)
-                            : _mm512_maskz_loadu_epi8((__mmask64)((uint64_t(1) << tail) - 1), row + c * 64);
-      const int64_t g0 = (c * 64) >> shift;
-      for (int m = 0; m < M; ++m) {
-        const __m512i ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(v.xh + m * Kp + c * 64));
-        const __m512i al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(v.xl + m * Kp + c * 64));
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(ah, 8), al);
-        const __m512 fv = _mm512_permutexvar_ps(lg, _mm512_loadu_ps(&f[m][g0]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), fv, acc[m]);
-      }
-    }
-    for (int m = 0; m < M; ++m) y[m * q.N + n] = _mm512_reduce_add_ps(acc[m]) + bias[m];
+template <int BITS>
+static void gemv_int_rows(const QW& q, const IntX& v, int64_t M, float* y, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1:
+      return gemv_int<1, BITS>(q, v, y, n0, n1);
+    case 2:
+      return gemv_int<2, BITS>(q, v, y, n0, n1);
+    case 3:
+      return gemv_int<3, BITS>(q, v, y, n0, n1);
+    default:
+      return gemv_int<4, BITS>(q, v, y, n0, n1);
   }
 }
 
 static void gemv_vnni(const QW& q, const void* buf, int64_t M, float* y, int64_t n0, int64_t n1) {
   if (!int_path(q.bits)) return gemv_f(q, buf, M, y, n0, n1);
   IntX v = int_view(const_cast<void*>(buf), M, q.K, q.gs);
-  if (q.bits == 8) {
-    switch (M) {
-      case 1:
-        return gemv8_vnni<1>(q, v, y, n0, n1);
-      case 2:
-        return gemv8_vnni<2>(q, v, y, n0, n1);
-      case 3:
-        return gemv8_vnni<3>(q, v, y, n0, n1);
-      default:
-        return gemv8_vnni<4>(q, v, y, n0, n1);
-    }
-  }
-  switch (M) {
-    case 1:
-      return gemv4_vnni<1>(q, v, y, n0, n1);
-    case 2:
-      return gemv4_vnni<2>(q, v, y, n0, n1);
-    case 3:
-      return gemv4_vnni<3>(q, v, y, n0, n1);
-    default:
-      return gemv4_vnni<4>(q, v, y, n0, n1);
-  }
+  return q.bits == 8 ? gemv_int_rows<8>(q, v, M, y, n0, n1) : gemv_int_rows<4>(q, v, M, y, n0, n1);
 }
 #define QK_PREP_BYTES prep_bytes_vnni
 #define QK_PREP prep_x_vnni

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .. import kernels
 from .data import Dataset
 
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "qmlx", "difficulty")
@@ -43,7 +44,8 @@ def token_losses(model: nn.Module, tokens: mx.array, mask: mx.array, chunk: int 
     step = max(1, chunk // h.shape[0])  # positions per chunk
 
     def chunk_loss(hc, tc):
-        return nn.losses.cross_entropy(model.head(hc).astype(mx.float32), tc)
+        # -log p(target): the kernels' log-softmax on the CPU (MLX's CPU logsumexp has a scalar exp)
+        return -mx.take_along_axis(kernels.log_softmax(model.head(hc)), tc[..., None], axis=-1)[..., 0]
 
     if h.shape[1] <= step:
         return chunk_loss(h, targets) * m, m
