@@ -362,6 +362,13 @@ def test_dequantize_rows_matches_the_dequantized_table(bits, gs, sb_dtype):
     assert np.abs(np.array(out.astype(mx.float32), dtype=np.float64) - ref).max() <= tol * np.abs(ref).max()
 
 
+def test_dequantize_rows_outside_the_table_are_zeros():
+    q, s, b, wd = _packed(8, 128, 4, 32, mx.float32, seed=30)
+    out = np.array(kernels.dequantize_rows(q, s, b, mx.array([2, 8, -1]), group_size=32, bits=4))
+    assert np.abs(out[0] - wd[2]).max() <= 1e-6 * np.abs(wd[2]).max()
+    assert not out[1:].any()
+
+
 def test_dequantize_rows_refuses_bad_arguments():
     q, s, b, _ = _packed(8, 128, 4, 32, mx.float32, seed=27)
     with pytest.raises(ValueError, match="ids must be an integer array"):

@@ -34,6 +34,11 @@ inline std::vector<int64_t> leading_offsets(const mx::array& a, int inner) {
 inline std::vector<int64_t> row_offsets(const mx::array& a) { return leading_offsets(a, 1); }
 inline std::vector<int64_t> matrix_offsets(const mx::array& a) { return leading_offsets(a, 2); }
 
+// The float dtypes the kernels read and write.
+inline bool is_float(const mx::array& a) {
+  return a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16;
+}
+
 inline float load(const void* p, mx::Dtype t, int64_t i) {
   if (t == mx::float32) return static_cast<const float*>(p)[i];
   if (t == mx::bfloat16) return bf16_to_f32(static_cast<const uint16_t*>(p)[i]);

@@ -22,7 +22,7 @@ namespace qk {
 namespace {
 
 void check_float(const mx::array& a, const char* what) {
-  if (a.dtype() != mx::float32 && a.dtype() != mx::bfloat16 && a.dtype() != mx::float16)
+  if (!is_float(a))
     throw std::invalid_argument(std::string("qmlx ") + what + ": arrays must be float32, bfloat16 or float16");
 }
 

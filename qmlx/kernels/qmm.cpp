@@ -227,13 +227,8 @@ std::string packed_error(const mx::array& w, const mx::array& scales, const mx::
   else if (scales.shape() != mx::Shape{int(N), int(K / group_size)} || biases.shape() != scales.shape())
     err << "scales and biases must have shape (" << N << ", " << K / group_size << ")";
   else if (scales.dtype() != biases.dtype()) err << "scales and biases must have the same dtype";
-  else if (scales.dtype() != mx::float32 && scales.dtype() != mx::bfloat16 && scales.dtype() != mx::float16)
-    err << "scales and biases must be float32, bfloat16 or float16";
+  else if (!is_float(scales)) err << "scales and biases must be float32, bfloat16 or float16";
   return err.str();
-}
-
-bool is_float(const mx::array& a) {
-  return a.dtype() == mx::float32 || a.dtype() == mx::bfloat16 || a.dtype() == mx::float16;
 }
 
 mx::array qmm(const mx::array& x_in, const mx::array& w, const mx::array& scales, const mx::array& biases,
@@ -310,7 +305,8 @@ class DequantizeRows : public mx::UnaryPrimitive {
       std::vector<char> wtmp, stmp, btmp, itmp;
       const QW q = packed(w, s, b, gs, bits, wtmp, stmp, btmp);
       const void* ip = row_major(ids, itmp);
-      std::vector<float> row(size_t(q.K));
+      const bool f32 = out.dtype() == mx::float32;
+      std::vector<float> tmp(f32 ? 0 : size_t(q.K));  // a row before its rounding to a 16-bit dtype
       for (size_t i = 0; i < ids.size(); ++i) {
         int64_t n;
         if (ids.dtype() == mx::int64 || ids.dtype() == mx::uint64)
@@ -319,14 +315,15 @@ class DequantizeRows : public mx::UnaryPrimitive {
           n = static_cast<const int32_t*>(ip)[i];
         else
           n = static_cast<const uint32_t*>(ip)[i];
-        if (n < 0 || n >= q.N)
-          std::fill(row.begin(), row.end(), 0.0f);  // checked before the graph is built; never read past W
-        else
-          k.dequant_row(q, n, row.data());
         void* o = static_cast<char*>(out.data<void>()) + int64_t(i) * q.K * int64_t(out.itemsize());
-        if (out.dtype() == mx::float32)
-          std::memcpy(o, row.data(), q.K * 4);
+        float* row = f32 ? static_cast<float*>(o) : tmp.data();
+        // An id outside the table (MLX's gather has no defined result there) gives a row of zeros: the
+        // lookup never reads past W.
+        if (n < 0 || n >= q.N)
+          std::fill(row, row + q.K, 0.0f);
         else
+          k.dequant_row(q, n, row);
+        if (!f32)
           for (int64_t j = 0; j < q.K; ++j) store(o, out.dtype(), j, row[j]);
       }
     });
