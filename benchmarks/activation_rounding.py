@@ -17,6 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 import qmlx
+from qmlx.errors import UserError
 from qmlx.generate import generate_step
 from qmlx.quant import layers as qlayers
 
@@ -54,7 +55,14 @@ def main() -> None:
     ap.add_argument("--block", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--tokens", type=int, default=120)
     args = ap.parse_args()
-    model, tok = qmlx.load(args.model)
+    try:
+        model, tok = qmlx.load(args.model)
+    except UserError as e:
+        ap.error(str(e))
+    widths = {model.config.hidden_size, model.config.intermediate_size}
+    for block in args.block:
+        if block < 1 or any(w % block for w in widths):
+            ap.error(f"--block {block}: must divide the model's widths {sorted(widths)}")
     exact = qlayers._quantized_product
     ref = greedy(model, tok, args.tokens)
     for block in args.block:
