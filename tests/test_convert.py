@@ -27,6 +27,12 @@ def logits(folder: str) -> np.ndarray:
     return np.array(load_model(folder, dtype="float32")(IDS))
 
 
+# qmlx vs mlx-lm logits on the 17 ids above. A quantized model runs them on qmlx's integer GEMV (x rounded to
+# 15 bits per group, ~1e-4 of a product's largest value, tests/test_kernels.py), mlx-lm on MLX's float
+# dequantization: through the tiny test models up to 4e-3 apart (measured), so 1e-2 for quantized folders.
+QUANTIZED_ATOL = 1e-2
+
+
 def mlx_lm_logits(folder: str) -> np.ndarray:
     import mlx_lm
 
@@ -94,7 +100,7 @@ def test_qmlx_output_loads_in_mlx_lm_with_same_logits(src, tmp_path):
     model = load_model(dst, dtype="float32")
     assert isinstance(model.lm_head, QuantizedLinear) and model.lm_head.bits == 8
     assert model.layers[0].mlp.up_proj.bits == 4 and model.layers[0].mlp.up_proj.group_size == 32
-    np.testing.assert_allclose(logits(dst), mlx_lm_logits(dst), atol=1e-4)
+    np.testing.assert_allclose(logits(dst), mlx_lm_logits(dst), atol=QUANTIZED_ATOL)
 
 
 def test_mlx_lm_output_loads_in_qmlx_with_same_logits(src, tmp_path):
@@ -136,7 +142,7 @@ def test_small_shard_size_splits_into_shards(src, tmp_path):
         index = json.load(f)
     sizes = sum(v.nbytes for v in _tensors(dst).values())
     assert index["metadata"]["total_size"] == sizes
-    np.testing.assert_allclose(logits(dst), mlx_lm_logits(dst), atol=1e-4)
+    np.testing.assert_allclose(logits(dst), mlx_lm_logits(dst), atol=QUANTIZED_ATOL)
 
 
 def test_dequantize_round_trip(src, tmp_path):
@@ -460,7 +466,9 @@ def test_fixture_conversion_peak_memory_is_a_quarter_of_the_source(fixture_dir, 
 @pytest.mark.slow
 def test_fixture_conversion_loads_in_mlx_lm_with_same_logits(fixture_q):
     dst, _ = fixture_q[4]
-    np.testing.assert_allclose(logits(dst), mlx_lm_logits(dst), atol=2e-3, rtol=1e-3)
+    # 1.1e-2 measured (max |logit| 17.6): qmlx's integer GEMV vs MLX's float product (QUANTIZED_ATOL);
+    # with the prompt on the float GEMM (QMLX_GEMV_MAX_ROWS=4) the two agree within 1.1e-4.
+    np.testing.assert_allclose(logits(dst), mlx_lm_logits(dst), atol=3e-2, rtol=1e-3)
 
 
 def _python_text_perplexity(folder: str, reference: dict) -> tuple[float, float]:

@@ -76,7 +76,10 @@ def test_lora_linear_is_base_plus_scaled_low_rank_update(quantized):
     xn, wn = np.array(x, np.float64), np.array(w, np.float64)
     a, b = np.array(layer.lora_A, np.float64), np.array(layer.lora_B, np.float64)
     want = xn @ wn.T + np.array(base.bias) + 2.0 * (xn @ a.T) @ b.T
-    np.testing.assert_allclose(np.array(layer(x)), want, rtol=1e-4, atol=1e-4)
+    # 15 rows of x: a quantized product on the kernels' integer GEMV path, exact up to x rounded to 15 bits
+    # per group (~1e-4 of the largest output, tests/test_kernels.py), so checked at 1e-3 there.
+    tol = 1e-3 if quantized else 1e-4
+    np.testing.assert_allclose(np.array(layer(x)), want, rtol=tol, atol=tol)
     # Fusing gives one layer computing the same thing; a quantized base is re-quantized, so
     # it computes x·Q(W + scale·B·A)ᵀ, with Q MLX's own 4-bit round trip.
     fused = layer.fuse()
@@ -85,7 +88,7 @@ def test_lora_linear_is_base_plus_scaled_low_rank_update(quantized):
         merged = mx.array(wn + 2.0 * b @ a, mx.float32)
         wn = np.array(mx.dequantize(*mx.quantize(merged, group_size=32, bits=4), group_size=32, bits=4))
         want = xn @ wn.T + np.array(base.bias)
-    np.testing.assert_allclose(np.array(fused(x)), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(fused(x)), want, rtol=tol, atol=tol)
 
 
 def test_only_adapters_train_and_gradients_reach_them(tiny):

@@ -171,7 +171,8 @@ def test_embedding_lookup_and_tied_head(path, request):
     # The kernels' lookup computes scale * q + bias as one fused multiply-add: within an ulp of MLX's.
     assert mx.allclose(q(ids), dense[ids], rtol=1e-6, atol=1e-7).item()
     x = mx.random.normal((1, 12, 128))
-    assert mx.allclose(q.as_linear(x), x @ dense.T, atol=1e-4).item()
+    # 12 rows: on the kernels' integer GEMV path (x rounded to 15 bits per group), ~1e-4 of max |y|.
+    assert mx.allclose(q.as_linear(x), x @ dense.T, atol=1e-3).item()
 
 
 def test_quantized_layers_are_frozen():

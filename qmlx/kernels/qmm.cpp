@@ -51,12 +51,16 @@ const Kernels& best_kernels() {
 namespace {
 
 // Rows of x up to which the weight-streaming GEMV runs; above it the blocked GEMM (dequantize a panel, reuse
-// it for every row). The GEMV is written for at most 4 rows; 4 was chosen, not tuned by a benchmark.
+// it for every row). The GEMV kernels take at most GEMV_BLOCK rows; more (a batch of decoding requests) run
+// block after block over the same ~32 KB of weights, which the first block left in the cache, so the weights
+// still stream from memory once. Measured on the 4-bit 0.5B model, one decode step of B rows (docs/kernels.md):
+// through the GEMM B = 5 cost 7x B = 4; blocked GEMV rows stay below the GEMM up to 16 rows and beyond.
 // QMLX_GEMV_MAX_ROWS lowers it (0 sends every product to the GEMM).
+constexpr int64_t GEMV_BLOCK = 4;
 int64_t gemv_max_rows() {
   static int64_t v = [] {
     const char* e = std::getenv("QMLX_GEMV_MAX_ROWS");
-    return e ? std::clamp<int64_t>(std::atoll(e), 0, 4) : int64_t(4);
+    return e ? std::clamp<int64_t>(std::atoll(e), 0, 32) : int64_t(32);
   }();
   return v;
 }
@@ -129,14 +133,21 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& s, const m
   }
 
   if (transpose && M <= gemv_max_rows()) {
-    std::vector<uint64_t> buf((k.prep_bytes(M, q.K, bits, gs) + 7) / 8);
-    k.prep_x(xf, M, q.K, bits, gs, buf.data());
+    // x prepared once per block of GEMV_BLOCK rows; each row's result is the same whatever M is.
+    const int64_t blocks = (M + GEMV_BLOCK - 1) / GEMV_BLOCK;
+    const size_t words = (k.prep_bytes(GEMV_BLOCK, q.K, bits, gs) + 7) / 8;
+    std::vector<uint64_t> buf(words * blocks);
+    for (int64_t b = 0; b < blocks; ++b)
+      k.prep_x(xf + b * GEMV_BLOCK * q.K, std::min(GEMV_BLOCK, M - b * GEMV_BLOCK), q.K, bits, gs,
+               buf.data() + b * words);
     // Tasks of rows whose packed bytes are ~32 KB: enough of them to balance, few enough to be cheap.
     const int64_t rows = std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(q.row_bytes, 1));
     const int64_t tasks = (q.N + rows - 1) / rows;
     parallel_for(tasks, [&](int64_t t) {
       int64_t n0 = t * rows, n1 = std::min(q.N, n0 + rows);
-      k.gemv(q, buf.data(), M, y, n0, n1);
+      for (int64_t b = 0; b < blocks; ++b)
+        k.gemv(q, buf.data() + b * words, std::min(GEMV_BLOCK, M - b * GEMV_BLOCK), y + b * GEMV_BLOCK * q.N, n0,
+               n1);
     });
   } else {
     const int nr = k.nr;
