@@ -66,7 +66,10 @@ def test_each_row_of_a_batch_is_the_row_alone(bits):
             x, _ = _x((rows, 256), xdt, seed=rows)
             y = kernels.quantized_matmul(x, q, s, b, group_size=64, bits=bits)
             alone = mx.concatenate(
-                [kernels.quantized_matmul(x[i : i + 1], q, s, b, group_size=64, bits=bits) for i in range(rows)]
+                [
+                    kernels.quantized_matmul(x[i : i + 1], q, s, b, group_size=64, bits=bits)
+                    for i in range(rows)
+                ]
             )
             assert mx.array_equal(y, alone).item(), f"rows={rows} x={xdt}"
 
