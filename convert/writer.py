@@ -33,8 +33,9 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes for a size such as `5GB`, `500MB`, `2GiB` or a plain integer (decimal units)."""
+def parse_size(text: str | int, flag: str = "--shard-size", allow_zero: bool = False) -> int:
+    """Bytes for a size such as `5GB`, `500MB`, `2GiB` or a plain integer (decimal units); a
+    ConvertError (a UserError) naming `flag` for anything else."""
     if isinstance(text, int) and not isinstance(text, bool):
         value, unit = text, ""
     else:
@@ -45,8 +46,8 @@ def parse_size(text: str | int) -> int:
             value = float(value)
         except ValueError:
             value = -1
-    if unit not in UNITS or value <= 0:
-        raise ConvertError(f"--shard-size {text!r} is not a size (examples: 5GB, 500MB, 2GiB)")
+    if unit not in UNITS or value < 0 or (value == 0 and not allow_zero):
+        raise ConvertError(f"{flag} {text!r} is not a size (examples: 5GB, 500MB, 2GiB)")
     return int(value * UNITS[unit])
 
 

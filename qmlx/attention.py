@@ -16,6 +16,14 @@ Parts = tuple  # (x,) or (packed, scales, biases), as qmlx.cache stores them
 
 def attend(queries, keys, values, scale: float, mask, cache=None) -> mx.array:
     """Scaled dot-product attention over whatever the cache handed back."""
+    if isinstance(keys, list):
+        # A batch of rows with a cache each (qmlx.cache.RowsCache): row by row, each over its own keys.
+        return mx.concatenate(
+            [
+                attend(queries[b : b + 1], k, v, scale, m, c)
+                for b, (k, v, m, c) in enumerate(zip(keys, values, mask, cache.rows))
+            ]
+        )
     if isinstance(keys, tuple):
         # A quantized KV cache returns (packed, scales, biases) triples.
         return quantized_attention(

@@ -423,6 +423,41 @@ CACHE_CLASSES = {
 }
 
 
+class RowsCache:
+    """One layer's view of a batch of requests that each keep their own cache (continuous batching).
+
+    Row b of the batch is request b, at its own position in its own sequence: `offset` is one
+    position per row (RoPE rotates each row at its own), `update_and_fetch` appends row b's keys
+    and values to row b's cache and hands back one (keys, values) per row, which attention takes
+    row by row. Rows can therefore join and leave between steps without copying any other row's
+    cache, and each row computes exactly what it would alone. Any cache kind works per row.
+    """
+
+    def __init__(self, rows: Sequence):
+        self.rows = list(rows)
+
+    @property
+    def offset(self) -> list[int]:
+        return [c.offset for c in self.rows]
+
+    def make_mask(self, L: int) -> list:
+        """Each row's own mask for its L new tokens."""
+        return [c.make_mask(L) for c in self.rows]
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[list, list]:
+        fetched = [c.update_and_fetch(keys[b : b + 1], values[b : b + 1]) for b, c in enumerate(self.rows)]
+        return [k for k, _ in fetched], [v for _, v in fetched]
+
+    @property
+    def state(self) -> list:
+        return [c.state for c in self.rows]
+
+
+def batch_caches(rows: Sequence[Sequence]) -> list[RowsCache]:
+    """Per-layer RowsCaches for a batch whose row b keeps the per-layer caches `rows[b]`."""
+    return [RowsCache(layer) for layer in zip(*rows)]
+
+
 # --------------------------------------------------------------------------- building and helpers
 
 

@@ -456,7 +456,25 @@ def add_serve(sub) -> None:
         default=os.environ.get("QMLX_API_KEY"),
         help="require 'Authorization: Bearer KEY' on every request (default: $QMLX_API_KEY)",
     )
-    p.add_argument("--max-concurrency", type=int, default=4, help="requests generated at once")
+    p.add_argument(
+        "--max-concurrency", type=int, default=8, help="requests decoded together, as one batch (default 8)"
+    )
+    p.add_argument(
+        "--prompt-cache-bytes",
+        default="1GiB",
+        help="memory for KV caches kept between requests, reused by any request sharing a prefix "
+        "(a system prompt, a conversation); 0 turns it off (default 1GiB)",
+    )
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which clients get 429")
+    p.add_argument(
+        "--request-timeout", type=float, help="seconds after which a request fails (default: none)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="on SIGTERM, seconds to let requests in flight finish before exiting (default 60)",
+    )
     add_dtype_flag(p)
     add_pipeline_flags(p)
     add_adapter_flag(p)
@@ -464,8 +482,14 @@ def add_serve(sub) -> None:
 
 
 def run_serve(args) -> int:
+    from convert.writer import parse_size
+
     from .distributed import launched
     from .server import serve
+
+    cache_bytes = parse_size(args.prompt_cache_bytes, "--prompt-cache-bytes", allow_zero=True)
+    if args.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
 
     loaded = None
     if launched() or args.layers:  # else serve() loads after binding the port
@@ -481,6 +505,10 @@ def run_serve(args) -> int:
         dtype=args.dtype,
         loaded=loaded,
         adapter=args.adapter,
+        prompt_cache_bytes=cache_bytes,
+        request_timeout=args.request_timeout,
+        max_queue=args.max_queue,
+        drain_timeout=args.drain_timeout,
     )
     return 0
 

@@ -7,6 +7,7 @@
     TextStream(tokenizer, stops)        token ids -> released text: detokenizer, EOS ids, stop strings
     stop_holdback(text, stops)          how much of the end of `text` could start a stop string
     common_prefix(a, b)                 how many leading items two sequences share
+    GenerationEvent, Clock              what a generation streams, and the timing every event carries
 
 Only MLX and qmlx.kernels are imported here: no front end, no loader, no model code (models and
 tokenizers are passed in).
@@ -14,7 +15,9 @@ tokenizers are passed in).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
 
@@ -126,3 +129,71 @@ def common_prefix(a: Sequence, b: Sequence) -> int:
             break
         n += 1
     return n
+
+
+@dataclass
+class GenerationEvent:
+    """One step of a streamed generation.
+
+    `text` is the new text (never a partial UTF-8 character), `token` the token id (None on
+    a final flush event), `finish_reason` None until the last event, then "stop" or "length".
+    Timing fields are cumulative and present on every event.
+    """
+
+    text: str
+    token: int | None
+    finish_reason: str | None = None
+    from_draft: bool = False  # speculative decoding: a drafted token the model accepted
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    peak_memory_gb: float = 0.0
+
+    def summary(self) -> str:
+        """The run's figures as of this event, for a person (what `qmlx generate` shows)."""
+        return (
+            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s "
+            f"(first token after {self.time_to_first_token:.2f} s)\n"
+            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s "
+            f"[{self.finish_reason}]\npeak memory: {self.peak_memory_gb:.2f} GB"
+        )
+
+
+class Clock:
+    """The timing and counts every GenerationEvent of one generation carries."""
+
+    def __init__(self, prompt_tokens: int):
+        mx.reset_peak_memory()
+        self.start, self.first = time.perf_counter(), None
+        self.prompt_tokens = prompt_tokens
+        self.computed = prompt_tokens  # prompt tokens the model runs (fewer with a prompt cache)
+        self.n = 0  # tokens generated
+
+    def tick(self) -> None:
+        """Count a generated token; the first one ends the time to first token."""
+        if self.first is None:
+            self.first = time.perf_counter()
+        self.n += 1
+
+    def event(self, text, token, finish=None, lp=None, tops=None, drafted=False) -> GenerationEvent:
+        now = time.perf_counter()
+        ttft = (self.first or now) - self.start
+        gen_time = now - (self.first or now)
+        return GenerationEvent(
+            text=text,
+            token=token,
+            finish_reason=finish,
+            from_draft=drafted,
+            logprob=lp,
+            top_logprobs=tops,
+            prompt_tokens=self.prompt_tokens,
+            generation_tokens=self.n,
+            time_to_first_token=ttft,
+            prompt_tps=self.computed / ttft if ttft > 0 else 0.0,
+            generation_tps=(self.n - 1) / gen_time if self.n > 1 and gen_time > 0 else 0.0,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+        )

@@ -12,16 +12,14 @@ Nothing here prints; front ends render the events.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
 from .cache import make_cache
-from .decode import TextStream, logprobs, prefill, token_logprobs
+from .decode import Clock, GenerationEvent, TextStream, logprobs, prefill, token_logprobs
 from .errors import UserError
 from .sample import make_distribution, make_logits_processors, make_sampler, seed_generator
 
@@ -92,38 +90,6 @@ def generate_step(
         y, lp = next_y, next_lp
         if n % 256 == 0:
             mx.clear_cache()
-
-
-@dataclass
-class GenerationEvent:
-    """One step of a streamed generation.
-
-    `text` is the new text (never a partial UTF-8 character), `token` the token id (None on
-    a final flush event), `finish_reason` None until the last event, then "stop" or "length".
-    Timing fields are cumulative and present on every event.
-    """
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None
-    from_draft: bool = False  # speculative decoding: a drafted token the model accepted
-    logprob: float | None = None
-    top_logprobs: list[tuple[int, float]] | None = None
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    time_to_first_token: float = 0.0  # seconds
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    peak_memory_gb: float = 0.0
-
-    def summary(self) -> str:
-        """The run's figures as of this event, for a person (what `qmlx generate` shows)."""
-        return (
-            f"prompt: {self.prompt_tokens} tokens, {self.prompt_tps:.1f} tokens/s "
-            f"(first token after {self.time_to_first_token:.2f} s)\n"
-            f"generation: {self.generation_tokens} tokens, {self.generation_tps:.1f} tokens/s "
-            f"[{self.finish_reason}]\npeak memory: {self.peak_memory_gb:.2f} GB"
-        )
 
 
 def sampling_settings(defaults: dict[str, Any], **given) -> dict[str, Any]:
@@ -207,42 +173,6 @@ def _committing(steps: Iterator, prompt_cache: PromptCache, ids: list[int]) -> I
         prompt_cache.commit(ids + generated)
 
 
-class _Clock:
-    """The timing and counts every GenerationEvent of one stream_generate call carries."""
-
-    def __init__(self, prompt_tokens: int):
-        mx.reset_peak_memory()
-        self.start, self.first = time.perf_counter(), None
-        self.prompt_tokens = prompt_tokens
-        self.computed = prompt_tokens  # prompt tokens the model runs (fewer with a prompt cache)
-        self.n = 0  # tokens generated
-
-    def tick(self) -> None:
-        """Count a generated token; the first one ends the time to first token."""
-        if self.first is None:
-            self.first = time.perf_counter()
-        self.n += 1
-
-    def event(self, text, token, finish=None, lp=None, tops=None, drafted=False) -> GenerationEvent:
-        now = time.perf_counter()
-        ttft = (self.first or now) - self.start
-        gen_time = now - (self.first or now)
-        return GenerationEvent(
-            text=text,
-            token=token,
-            finish_reason=finish,
-            from_draft=drafted,
-            logprob=lp,
-            top_logprobs=tops,
-            prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.n,
-            time_to_first_token=ttft,
-            prompt_tps=self.computed / ttft if ttft > 0 else 0.0,
-            generation_tps=(self.n - 1) / gen_time if self.n > 1 and gen_time > 0 else 0.0,
-            peak_memory_gb=mx.get_peak_memory() / 1e9,
-        )
-
-
 def stream_generate(
     model,
     tokenizer,
@@ -302,7 +232,7 @@ def stream_generate(
         frequency_penalty=frequency_penalty,
         logit_bias=logit_bias,
     ) + list(logits_processors)
-    text, clock = TextStream(tokenizer, stop), _Clock(len(ids))
+    text, clock = TextStream(tokenizer, stop), Clock(len(ids))
     cache, todo = prompt_cache.prepare(model, ids) if prompt_cache is not None else (cache, ids)
     clock.computed = len(todo)
     draft = (draft_model, num_draft_tokens, prompt_lookup)

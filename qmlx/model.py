@@ -29,7 +29,7 @@ class RoPE(nn.Module):
         self._freq_list = None if inv_freq is None else [1.0 / f for f in inv_freq]
         self._freqs = None if inv_freq is None else mx.array(self._freq_list, mx.float32)
 
-    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+    def __call__(self, x: mx.array, offset: int | list[int] | mx.array = 0) -> mx.array:
         if self.attention_factor != 1.0:
             # YaRN scales cos and sin; RoPE is linear, so scaling x is the same.
             x = x * self.attention_factor

@@ -72,6 +72,87 @@ class PromptCache:
         self.caches, self.tokens, self.reused = None, [], 0
 
 
+class PrefixCache:
+    """Prompt caches shared across requests: an LRU of (tokens, caches) bounded in bytes.
+
+    `checkout(model, ids)` hands a request its own PromptCache, already holding the longest prefix
+    of `ids` that any stored entry holds (a system prompt, the earlier turns of a conversation, an
+    agent's growing tool loop); the entry itself stays stored for other requests. The copy costs
+    nothing until the request writes: its caches start as views of the entry's arrays, and the
+    first new token moves them into buffers of their own. `checkin(pc)` stores what a finished
+    request's cache holds, replacing entries it extends (a conversation's previous turn), then
+    evicts the least recently used entries until at most `max_bytes` are held.
+    Only caches that can be cut at any token (not rotating ones) are shared at a partial prefix.
+    """
+
+    def __init__(self, max_bytes: int, **cache_kwargs):
+        if max_bytes < 0:
+            raise UserError(f"the prompt cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.cache_kwargs = cache_kwargs
+        self.entries: list[tuple[list[int], list]] = []  # least recently used first
+        self.hits = self.misses = 0
+        self.reused_tokens = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for _, caches in self.entries for c in caches)
+
+    def checkout(self, model, ids: list[int]) -> PromptCache:
+        """A new PromptCache for `ids`, holding the longest stored prefix of them."""
+        pc = PromptCache(**self.cache_kwargs)
+        best, n = None, 0
+        for i, (tokens, caches) in enumerate(self.entries):
+            m = min(common_prefix(tokens, ids), len(ids) - 1)
+            if m < len(tokens) and not can_trim_cache(caches):
+                continue  # a rotated cache cannot be cut short
+            if m > n:
+                best, n = i, m
+        if best is None:
+            self.misses += 1
+            return pc
+        tokens, caches = self.entries.pop(best)
+        self.entries.append((tokens, caches))  # most recently used
+        pc.caches = [_fork(c, n) for c in caches]
+        pc.tokens = list(ids[:n])
+        self.hits += 1
+        self.reused_tokens += n
+        return pc
+
+    def checkin(self, pc: PromptCache) -> None:
+        """Keep what `pc` holds for later requests (pc must not be used again)."""
+        tokens, caches = list(pc.tokens), pc.caches
+        if not tokens or not caches or self.max_bytes == 0:
+            return
+        kept = []
+        for old, c in self.entries:
+            if common_prefix(old, tokens) == len(old):
+                continue  # the new entry holds all of it and more
+            if common_prefix(old, tokens) == len(tokens):
+                return  # an entry already holds all of this
+            kept.append((old, c))
+        self.entries = kept + [(tokens, caches)]
+        while self.entries and self.nbytes > self.max_bytes:
+            self.entries.pop(0)
+
+    def clear(self) -> None:
+        self.entries = []
+
+
+def _fork(cache, n: int):
+    """A cache of the same kind holding the first n tokens of `cache`, sharing its arrays until written.
+
+    A cut short (n < offset) is only asked of caches that can trim, whose state is in token order."""
+    state = cache.state
+    if n < cache.offset:
+        state = tuple(
+            tuple(p[..., :n, :] for p in x) if isinstance(x, tuple) else x[..., :n, :] for x in state
+        )
+    fork = type(cache).from_state(state, cache.meta_state)
+    fork.offset = n
+    return fork
+
+
 # --------------------------------------------------------------------------- KV-cache files
 
 _FORMAT_KEY = "qmlx.kv_cache.format"

@@ -24,8 +24,14 @@ Sampler = Callable[[mx.array], mx.array]
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
-def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Sampler:
+def make_sampler(
+    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: int | None = None
+) -> Sampler:
     """A callable mapping log-probabilities (B, V) to token ids (B,).
+
+    With a `seed` the sampler draws from its own random key sequence rather than MLX's global
+    generator, so its draws do not depend on what else is sampled meanwhile (a request in a
+    batch samples the same tokens as alone).
 
     temperature 0 is greedy (argmax; the filters are then irrelevant). Otherwise, in
     transformers' order:
@@ -49,10 +55,16 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, m
         return lambda logprobs: mx.argmax(logprobs, axis=-1)
 
     narrow = _make_filter(temperature, top_p, top_k, min_p)
+    key = None if seed is None else mx.random.key(check_seed(seed))
 
     def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
         logits, ids = narrow(logprobs)
-        choice = mx.random.categorical(logits, axis=-1)
+        if key is None:
+            choice = mx.random.categorical(logits, axis=-1)
+        else:
+            key, draw = mx.random.split(key)
+            choice = mx.random.categorical(logits, axis=-1, key=draw)
         if ids is None:
             return choice
         return mx.take_along_axis(ids, choice[..., None], axis=-1).squeeze(-1)

@@ -52,6 +52,22 @@ def test_the_folder_helpers_need_only_the_errors():
     assert imports("qmlx.folder") <= {"qmlx", "qmlx.errors"}
 
 
+def test_the_server_engine_knows_no_http():
+    """qmlx/server: schemas -> engine -> prepare -> stream -> app, and the engine imports no web framework."""
+    order = ["schemas", "engine", "prepare", "stream", "app"]
+    for i, name in enumerate(order):
+        inside = {
+            m.rpartition(".")[2] for m in imports(f"qmlx.server.{name}") if m.startswith("qmlx.server.")
+        }
+        assert inside <= set(order[:i]), (name, inside)
+    tree = ast.parse(open(MODULES["qmlx.server.engine"], encoding="utf-8").read())
+    third_party = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    third_party |= {
+        n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+    }
+    assert not third_party & {"fastapi", "starlette", "uvicorn", "pydantic", "httpx"}
+
+
 @pytest.mark.parametrize("package", ["convert", "qmlx.lora"])
 def test_no_import_cycles(package):
     inside = [m for m in MODULES if m == package or m.startswith(package + ".")]

@@ -244,7 +244,7 @@ def test_rope_matches_mlx_and_its_gradient(offset, freqs):
     x = mx.random.normal((2, 4, 6, 64), key=mx.random.key(14)).transpose(0, 2, 1, 3)  # (B, H, L, D) view
     f = None if freqs is None else mx.array([1.5**i for i in range(32)], mx.float32)
     base = None if f is not None else 10000.0
-    ours = kernels._ext.rope(x, 64, base or 0.0, 1.0, offset, [] if f is None else f.tolist())
+    ours = kernels._ext.rope(x, 64, base or 0.0, 1.0, [offset], [] if f is None else f.tolist())
     theirs = mx.fast.rope(x, 64, traditional=False, base=base, scale=1.0, offset=offset, freqs=f)
     # float64 reference: angles lose precision in float32 as positions grow, MLX's as well as ours
     inv = 10000.0 ** (-np.arange(32) / 32) if f is None else 1.0 / np.array(f, dtype=np.float64)
@@ -254,7 +254,7 @@ def test_rope_matches_mlx_and_its_gradient(offset, freqs):
     ref = np.concatenate([a * np.cos(th) - b * np.sin(th), a * np.sin(th) + b * np.cos(th)], axis=-1)
     ours_err, mlx_err = np.abs(np.array(ours) - ref).max(), np.abs(np.array(theirs) - ref).max()
     assert ours_err <= max(mlx_err, 1e-6) * 1.01 and ours_err < 1e-3, (ours_err, mlx_err)
-    part = kernels._ext.rope(x, 32, 10000.0, 1.0, offset)  # partial rotary: the rest passes through
+    part = kernels._ext.rope(x, 32, 10000.0, 1.0, [offset])  # partial rotary: the rest passes through
     assert mx.allclose(
         part,
         mx.fast.rope(x, 32, traditional=False, base=10000.0, scale=1.0, offset=offset),
@@ -262,13 +262,33 @@ def test_rope_matches_mlx_and_its_gradient(offset, freqs):
         atol=1e-3,
     ).item()
     t = mx.random.normal(x.shape, key=mx.random.key(15))
-    g = mx.grad(lambda x: (kernels._ext.rope(x, 64, 10000.0, 1.0, offset) * t).sum())(x)
+    g = mx.grad(lambda x: (kernels._ext.rope(x, 64, 10000.0, 1.0, [offset]) * t).sum())(x)
     r = mx.grad(
         lambda x: (mx.fast.rope(x, 64, traditional=False, base=10000.0, scale=1.0, offset=offset) * t).sum()
     )(x)
     assert mx.allclose(g, r, rtol=1e-3, atol=1e-3).item()
-    bf = kernels._ext.rope(x.astype(mx.bfloat16), 64, 10000.0, 1.0, offset)
+    bf = kernels._ext.rope(x.astype(mx.bfloat16), 64, 10000.0, 1.0, [offset])
     assert bf.dtype == mx.bfloat16
+
+
+def test_rope_with_one_offset_per_batch_row_is_each_row_alone():
+    """A batch of decoding requests, each at its own position: row b rotated at offsets[b], bit for bit as the
+    row alone (batched greedy decoding = unbatched), forward and backward; wrong offset counts are refused."""
+    x = mx.random.normal((3, 2, 5, 64), key=mx.random.key(17))
+    offsets = [0, 9, 300]
+    y = kernels.rope(x, 64, base=10000.0, offset=offsets)
+    for b, o in enumerate(offsets):
+        assert mx.array_equal(y[b : b + 1], kernels.rope(x[b : b + 1], 64, base=10000.0, offset=o)).item()
+    t = mx.random.normal(x.shape, key=mx.random.key(18))
+    g = mx.grad(lambda x: (kernels.rope(x, 64, base=10000.0, offset=offsets) * t).sum())(x)
+    for b, o in enumerate(offsets):
+        tb = t[b : b + 1]
+        gb = mx.grad(lambda x, o=o, tb=tb: (kernels.rope(x, 64, base=10000.0, offset=o) * tb).sum())(
+            x[b : b + 1]
+        )
+        assert mx.array_equal(g[b : b + 1], gb).item()
+    with pytest.raises(ValueError, match="one per index"):
+        kernels._ext.rope(x, 64, 10000.0, 1.0, [1, 2])
 
 
 def test_silu_mul_matches_mlx_and_its_gradient():

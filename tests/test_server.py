@@ -535,38 +535,150 @@ def test_a_conversation_reuses_its_prompt_cache_with_the_same_answers(tiny, engi
     turn = first + [{"role": "assistant", "content": a}, {"role": "user", "content": "more"}]
     b = chat(client, messages=turn, max_tokens=8).json()["choices"][0]["message"]["content"]
     assert engine.stats["prompt_tokens_reused"] - before >= len(tok.encode("tell me a story"))
+    second = chat(client, messages=turn, max_tokens=8).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(tok.encode("tell me a story"))
     # The same answer as a fresh generation with no cache at all.
     prompt = tok.apply_chat_template(turn, add_generation_prompt=True)
     assert b == generate(model, tok, prompt, 8, temperature=0.0)
 
 
-def test_a_failing_generation_fails_only_its_request(tiny, engine, client, monkeypatch):
+def _together(client, bodies: list[dict]) -> list:
+    """POST every chat body at once (one thread each); the responses in order."""
+    out: list = [None] * len(bodies)
+
+    def run(i):
+        with TestClient(client.app) as c:
+            out[i] = c.post("/v1/chat/completions", json=bodies[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
+
+
+def _answer(r) -> tuple:
+    m = r.json()["choices"][0]["message"]
+    calls = [(c["function"]["name"], c["function"]["arguments"]) for c in m.get("tool_calls") or []]
+    return m["content"], calls, r.json()["choices"][0]["finish_reason"]
+
+
+def test_json_schema_and_tool_call_requests_batched_with_plain_ones(client, engine):
+    """Constrained rows keep their grammar per row in a batch, and every answer is its answer alone."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": SCHEMA, "strict": True}}
+    base = {"messages": MESSAGES, "temperature": 0.0}
+    bodies = [
+        {**base, "max_tokens": 20},
+        {**base, "max_tokens": 40, "response_format": fmt},
+        {**base, "max_tokens": 30, "tools": TOOLS, "tool_choice": "required"},
+        {
+            **base,
+            "messages": [{"role": "user", "content": "a longer question for the model"}],
+            "max_tokens": 12,
+        },
+    ]
     wait_idle(engine)
-    real = engine._generate
+    alone = [_answer(client.post("/v1/chat/completions", json=b)) for b in bodies]
+    steps = engine.decoder.steps
+    together = [_answer(r) for r in _together(client, bodies)]
+    assert together == alone
+    assert set(json.loads(together[1][0])) == {"city", "days", "unit"}
+    assert together[2][2] == "tool_calls" and together[2][1][0][0] in ("get_weather", "get_time")
+    assert engine.decoder.steps - steps < sum(b["max_tokens"] for b in bodies)  # rows did share steps
 
-    def broken(job, slot):
-        inner = real(job, slot)
 
-        def gen():
-            yield next(inner)  # one real step, then a bug
-            inner.close()
-            raise RuntimeError("boom")
+def test_a_request_failing_alone_fails_only_itself(tiny, engine, client, monkeypatch):
+    """A bug in one request's own part of a step (its grammar) fails that request with a 500 error object;
+    the requests batched with it finish normally."""
+    from qmlx.server import engine as engine_module
 
-        return gen()
+    wait_idle(engine)
+    real = engine_module.JsonLogitsProcessor
 
-    monkeypatch.setattr(engine, "_generate", broken)
-    r = chat(client, max_tokens=5)
-    assert_error(r, 500, contains="generation failed")
-    r = chat(client, max_tokens=5, stream=True)
-    assert r.status_code == 200 and '"error"' in r.text and r.text.rstrip().endswith("[DONE]")
+    class Broken(real):
+        def __call__(self, history, logits):
+            if self.steps >= 1:
+                raise RuntimeError("boom")
+            return super().__call__(history, logits)
+
+    monkeypatch.setattr(engine_module, "JsonLogitsProcessor", Broken)
+    plain = {"messages": MESSAGES, "temperature": 0.0, "max_tokens": 12}
+    bad = {**plain, "response_format": {"type": "json_object"}}
+    want = _answer(client.post("/v1/chat/completions", json=plain))
+    r_plain, r_bad, r_bad_stream = _together(client, [plain, bad, {**bad, "stream": True}])
+    assert _answer(r_plain) == want
+    assert_error(r_bad, 500, contains="generation failed: RuntimeError: boom")
+    assert r_bad_stream.status_code == 200 and '"error"' in r_bad_stream.text
+    assert r_bad_stream.text.rstrip().endswith("[DONE]")
     monkeypatch.undo()
     assert chat(client, max_tokens=2).status_code == 200 and engine.thread.is_alive()
+    assert wait_idle(engine) == {"active": 0, "queued": 0}
+
+
+def test_an_engine_fault_fails_the_batch_and_the_engine_goes_on(tiny, engine, client, monkeypatch):
+    """The batched forward pass itself raises (injected): every request in that batch gets a 500 error
+    object, none hangs, and the next request is served as if nothing had happened."""
+    wait_idle(engine)
+    decoder = engine.decoder
+    real, calls = decoder.model, {"n": 0}
+
+    def faulty(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    faulty.layers = real.layers
+    monkeypatch.setattr(decoder, "model", faulty)
+    body = {"messages": MESSAGES, "temperature": 0.0, "max_tokens": 30}
+    before = engine.stats["failed"]
+    results = _together(client, [body, {**body, "stream": True}])
+    assert_error(results[0], 500, contains="injected fault")
+    assert '"injected fault' in results[1].text or "injected fault" in results[1].text
+    assert results[1].text.rstrip().endswith("[DONE]")
+    assert engine.stats["failed"] - before == 2
+    monkeypatch.undo()
+    assert engine.thread.is_alive() and wait_idle(engine) == {"active": 0, "queued": 0}
+    assert chat(client, max_tokens=3).status_code == 200
+
+
+def test_metrics_are_prometheus_text(client, engine):
+    chat(client, max_tokens=2)
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    values = {}
+    for line in r.text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.split()
+            values[name] = float(value)
+    assert values["qmlx_requests_completed_total"] >= 1 and values["qmlx_generated_tokens_total"] >= 1
+    for name in ("qmlx_queued_requests", "qmlx_batch_size", "qmlx_prefix_cache_hits_total",
+                 "qmlx_generation_tokens_per_second", "qmlx_requests_rejected_total"):  # fmt: skip
+        assert name in values
+
+
+def test_request_timeout_fails_with_an_error_object(tiny):
+    model, tok = tiny
+    eng = Engine(model, tok, "tiny", request_timeout=0.001)
+    eng.start()
+    try:
+        c = TestClient(create_app(eng))
+        time.sleep(0.01)
+        r = c.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 400})
+        if r.status_code != 200:  # it may also finish first; a 400-token answer of a random model rarely does
+            assert_error(r, 504, code="timeout")
+        assert eng.metrics()["requests_timed_out"] + eng.metrics()["requests_completed"] == 1
+    finally:
+        eng.stop()
 
 
 def test_a_full_queue_answers_429(tiny):
     model, tok = tiny
     idle = Engine(model, tok, "tiny", max_queue=0)  # never started: nothing leaves the queue
-    assert_error(TestClient(create_app(idle)).post("/v1/chat/completions", json={"messages": MESSAGES}), 429)
+    r = TestClient(create_app(idle)).post("/v1/chat/completions", json={"messages": MESSAGES})
+    assert_error(r, 429, code="server_busy")
+    assert r.headers["retry-after"] == "1" and idle.metrics()["requests_rejected"] == 1
 
 
 def test_serve_command_refuses_a_taken_port():
@@ -577,3 +689,6 @@ def test_serve_command_refuses_a_taken_port():
         s.listen()
         assert main(["serve", "--model", "unused", "--port", str(s.getsockname()[1])]) == 2
     assert main(["serve", "--model", "unused", "--max-concurrency", "0"]) == 2
+    assert main(["serve", "--model", "unused", "--prompt-cache-bytes", "lots"]) == 2
+    assert main(["serve", "--model", "unused", "--request-timeout", "0"]) == 2
+    assert main(["serve", "--model", "unused", "--max-queue", "-1"]) == 2

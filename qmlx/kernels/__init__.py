@@ -105,12 +105,16 @@ def rope(
     freqs: mx.array | None = None,
     freq_list: list[float] | None = None,
 ) -> mx.array:
-    """mx.fast.rope in the "rotate half" layout at scale 1; one op on the CPU for an integer offset.
+    """mx.fast.rope in the "rotate half" layout at scale 1; one op on the CPU for an integer offset, or a
+    list of them, one per index of x's first axis (a batch of requests, each at its own position).
     `freq_list` is `freqs` as Python floats (kept by the caller so no call reads the array back)."""
-    if _ext is not None and isinstance(offset, int) and on_cpu():
+    if _ext is not None and isinstance(offset, int | list) and on_cpu():
         if freqs is not None and freq_list is None:
             freq_list = freqs.tolist()
-        return _ext.rope(x, dims, float(base or 0.0), 1.0, offset, freq_list or [])
+        offsets = offset if isinstance(offset, list) else [offset]
+        return _ext.rope(x, dims, float(base or 0.0), 1.0, offsets, freq_list or [])
+    if isinstance(offset, list):
+        offset = mx.array(offset, dtype=mx.int32)
     return mx.fast.rope(x, dims, traditional=False, base=base, scale=1.0, offset=offset, freqs=freqs)
 
 

@@ -94,24 +94,29 @@ class RmsNorm : public mx::UnaryPrimitive {
 
 class Rope : public mx::UnaryPrimitive {
  public:
-  // inv_freq: dims / 2 inverse frequencies (already including the position scale)
-  Rope(mx::Stream s, int dims, int offset, std::vector<float> inv_freq)
-      : mx::UnaryPrimitive(s), dims_(dims), offset_(offset), inv_(std::move(inv_freq)) {}
+  // inv_freq: dims / 2 inverse frequencies (already including the position scale). offsets: the position of
+  // the first of the L tokens, one for all of x or one per index of x's first axis (a batch of requests, each
+  // at its own place in its own sequence).
+  Rope(mx::Stream s, int dims, std::vector<int> offsets, std::vector<float> inv_freq)
+      : mx::UnaryPrimitive(s), dims_(dims), offsets_(std::move(offsets)), inv_(std::move(inv_freq)) {}
   void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
-    enc.dispatch([x = in[0], out = mx::array::unsafe_weak_copy(out), dims = dims_, offset = offset_,
+    enc.dispatch([x = in[0], out = mx::array::unsafe_weak_copy(out), dims = dims_, offsets = offsets_,
                   inv = inv_]() mutable {
       const int64_t D = x.shape(-1), L = x.ndim() >= 2 ? x.shape(-2) : 1, h = dims / 2;
-      // cos/sin per position, as MLX computes them: float32 angle = position * inverse frequency
-      std::vector<float> cs(size_t(L * h)), sn(size_t(L * h));
-      for (int64_t l = 0; l < L; ++l)
-        for (int64_t i = 0; i < h; ++i) {
-          const float th = float(offset + l) * inv[i];
-          cs[l * h + i] = std::cos(th);
-          sn[l * h + i] = std::sin(th);
-        }
+      const int64_t P = int64_t(offsets.size());  // 1, or x.shape(0)
+      // cos/sin per (offset, position), as MLX computes them: float32 angle = position * inverse frequency
+      std::vector<float> cs(size_t(P * L * h)), sn(size_t(P * L * h));
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t i = 0; i < h; ++i) {
+            const float th = float(offsets[p] + l) * inv[i];
+            cs[(p * L + l) * h + i] = std::cos(th);
+            sn[(p * L + l) * h + i] = std::sin(th);
+          }
       const auto offs = row_offsets(x);
+      const int64_t per_p = int64_t(offs.size()) / P;  // rows (of D values) under one index of the first axis
       const char* xp = static_cast<const char*>(x.data<void>());
       char* op = static_cast<char*>(out.data<void>());
       const int64_t xs = x.strides().back(), xi = x.itemsize(), oi = out.itemsize();
@@ -119,8 +124,9 @@ class Rope : public mx::UnaryPrimitive {
       for_rows(int64_t(offs.size()), D, [&](int64_t r) {
         const char* row = xp + offs[r] * xi;
         void* o = op + r * D * oi;
-        const float* c = cs.data() + (r % L) * h;
-        const float* s = sn.data() + (r % L) * h;
+        const int64_t at = ((r / per_p) * L + r % L) * h;
+        const float* c = cs.data() + at;
+        const float* s = sn.data() + at;
         for (int64_t i = 0; i < h; ++i) {
           const float a = load(row, t, i * xs), b = load(row, t, (i + h) * xs);
           store(o, t, i, a * c[i] - b * s[i]);
@@ -139,7 +145,7 @@ class Rope : public mx::UnaryPrimitive {
     std::vector<float> neg(inv_.size());
     for (size_t i = 0; i < inv_.size(); ++i) neg[i] = -inv_[i];
     auto g = mx::array(primals[0].shape(), cot[0].dtype(),
-                       std::make_shared<Rope>(stream(), dims_, offset_, neg), {cot[0]});
+                       std::make_shared<Rope>(stream(), dims_, offsets_, neg), {cot[0]});
     std::vector<mx::array> out;
     for (size_t i = 0; i < argnums.size(); ++i) out.push_back(g);
     return out;
@@ -147,12 +153,13 @@ class Rope : public mx::UnaryPrimitive {
   const char* name() const override { return "QmlxRope"; }
   bool is_equivalent(const mx::Primitive& other) const override {
     auto& o = static_cast<const Rope&>(other);
-    return dims_ == o.dims_ && offset_ == o.offset_ && inv_ == o.inv_;
+    return dims_ == o.dims_ && offsets_ == o.offsets_ && inv_ == o.inv_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override { return {in[0].shape()}; }
 
  private:
-  int dims_, offset_;
+  int dims_;
+  std::vector<int> offsets_;
   std::vector<float> inv_;
 };
 
@@ -434,10 +441,13 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
   return mx::array(x.shape(), mx::promote_types(x.dtype(), w.dtype()), std::make_shared<RmsNorm>(s, eps), {x, w});
 }
 
-mx::array rope(const mx::array& x, int dims, float base, float scale, int offset, const std::vector<float>& freqs) {
+mx::array rope(const mx::array& x, int dims, float base, float scale, const std::vector<int>& offsets,
+               const std::vector<float>& freqs) {
   check_float(x, "rope");
   if (x.ndim() < 2 || dims <= 0 || dims % 2 || dims > x.shape(-1))
     throw std::invalid_argument("qmlx rope: dims must be even and at most x's last dimension");
+  if (offsets.empty() || (offsets.size() > 1 && int64_t(offsets.size()) != x.shape(0)))
+    throw std::invalid_argument("qmlx rope: give one offset, or one per index of x's first axis");
   const int h = dims / 2;
   std::vector<float> inv(h);
   if (!freqs.empty()) {
@@ -449,7 +459,7 @@ mx::array rope(const mx::array& x, int dims, float base, float scale, int offset
     for (int i = 0; i < h; ++i) inv[i] = scale * std::exp(float(i) * step);
   }
   auto s = mx::default_stream(mx::Device::cpu);
-  return mx::array(x.shape(), x.dtype(), std::make_shared<Rope>(s, dims, offset, inv), {x});
+  return mx::array(x.shape(), x.dtype(), std::make_shared<Rope>(s, dims, offsets, inv), {x});
 }
 
 }  // namespace qk

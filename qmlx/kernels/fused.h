@@ -9,8 +9,10 @@ namespace qk {
 // y = x * rsqrt(mean(x², axis=-1) + eps) * w (mx.fast.rms_norm), one CPU op.
 mx::array rms_norm(const mx::array& x, const mx::array& w, float eps);
 // Rotary embedding in the "rotate half" layout (mx.fast.rope with traditional=False) at positions
-// offset + l along axis -2; freqs (wavelengths, dims / 2 of them) replace base when given.
-mx::array rope(const mx::array& x, int dims, float base, float scale, int offset, const std::vector<float>& freqs);
+// offset + l along axis -2 (offsets: one, or one per index of x's first axis, e.g. a batch of requests each
+// at its own position); freqs (wavelengths, dims / 2 of them) replace base when given.
+mx::array rope(const mx::array& x, int dims, float base, float scale, const std::vector<int>& offsets,
+               const std::vector<float>& freqs);
 // a @ b, (..., M, K) x (..., K, N) with equal batch axes, on the kernels' GEMM (no BLAS).
 mx::array matmul(const mx::array& a, const mx::array& b);
 // silu(g) * u (SwiGLU), one CPU op.

@@ -384,8 +384,9 @@ NB_MODULE(_qmm, m) {
   m.def("log_softmax", &qk::log_softmax, nb::arg("x"), "x - logsumexp(x) over the last axis, float32, one CPU op");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op");
-  m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("base"), nb::arg("scale"), nb::arg("offset"),
-        nb::arg("freqs") = std::vector<float>{}, "mx.fast.rope (traditional=False) as one CPU op");
+  m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("base"), nb::arg("scale"), nb::arg("offsets"),
+        nb::arg("freqs") = std::vector<float>{},
+        "mx.fast.rope (traditional=False) as one CPU op; one offset, or one per index of x's first axis");
   m.def("matmul", &qk::matmul, nb::arg("a"), nb::arg("b"), "a @ b on the kernels' own GEMM (CPU)");
   m.def("silu_mul", &qk::silu_mul, nb::arg("g"), nb::arg("u"), "silu(g) * u as one CPU op");
   m.def("softmax", &qk::softmax, nb::arg("x"), nb::arg("scale") = 1.0f, nb::arg("causal_rows") = 0,

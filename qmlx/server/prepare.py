@@ -1,0 +1,201 @@
+"""Request preparation: messages -> chat template -> token ids; limits, tools and grammars checked.
+
+Everything here runs before a request reaches the engine (in a worker thread), so anything a client
+can get wrong is refused with a 400 naming the field, and the engine only ever sees valid jobs.
+Tool choice and response_format become a grammar (qmlx/constrain.py): "required" or a named function
+starts the answer inside `<tool_call>` and constrains the call's JSON to the tools' schemas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..constrain import Grammar, Node, SchemaError, compile_schema
+from ..toolcalls import OPEN, MessageError, template_messages
+from .engine import Engine, Job
+from .schemas import APIError, ChatRequest, CompletionRequest, NamedToolChoice, ResponseFormat, Sampling, Tool
+
+DEFAULT_MAX_TOKENS = 2048  # when a request names no limit (OpenAI's "up to the context")
+
+
+@dataclass
+class Prepared:
+    """A validated request: the job to run and how to present its output."""
+
+    job: Job
+    parse_tools: bool = False  # split <tool_call> blocks out of the text
+    forced_call: bool = False  # the output is the JSON of one call (tool_choice required/named)
+    tool_names: set[str] = field(default_factory=set)  # offered tools, to recognise bare calls
+    parallel_calls: bool = True  # False: keep only the first call
+
+
+def _sampling_kwargs(req: Sampling, tokenizer) -> dict[str, Any]:
+    if req.top_k is not None and req.top_k > tokenizer.vocab_size:
+        raise APIError(400, f"top_k must be at most the vocabulary size ({tokenizer.vocab_size})", "top_k")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 16:
+        raise APIError(400, "at most 16 stop strings are supported", "stop")
+    bias = None
+    if req.logit_bias:
+        bias = {}
+        for k, v in req.logit_bias.items():
+            if not k.lstrip("-").isdigit() or not 0 <= int(k) < tokenizer.vocab_size:
+                raise APIError(400, f"logit_bias key {k!r} is not a token id of this model", "logit_bias")
+            if not -100 <= v <= 100:
+                raise APIError(400, f"logit_bias values must be within [-100, 100], got {v}", "logit_bias")
+            bias[int(k)] = float(v)
+    return {
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": req.top_k,
+        "min_p": req.min_p,
+        "repetition_penalty": req.repetition_penalty,
+        "presence_penalty": req.presence_penalty,
+        "frequency_penalty": req.frequency_penalty,
+        "logit_bias": bias,
+        # MLX seeds are unsigned 64-bit; any integer a client sends maps onto one.
+        "seed": None if req.seed is None else req.seed % (1 << 64),
+        "stop": [s for s in stop if s] or None,
+    }
+
+
+def _encode(tok, text: str, param: str) -> list[int]:
+    try:
+        return tok.encode(text)
+    except Exception as e:  # e.g. lone surrogates a JSON string can carry
+        raise APIError(400, f"{param} cannot be tokenized: {e}", param) from None
+
+
+def _limit_tokens(engine: Engine, ids: list[int], asked: int | None, param: str) -> int:
+    """The generation budget, refusing prompts and requests that cannot fit the context."""
+    ctx, n = engine.context, len(ids)
+    if n == 0:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if asked is not None and asked > ctx:
+        raise APIError(400, f"{param} is {asked}, more than the model's context of {ctx} tokens", param)
+    if n >= ctx or (asked is not None and n + asked > ctx):
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{n + (asked or 1)} tokens ({n} in the prompt, {asked or 1} for the completion).",
+            "messages",
+            code="context_length_exceeded",
+        )
+    return asked if asked is not None else min(DEFAULT_MAX_TOKENS, ctx - n)
+
+
+def _tool_call_grammar(tools: list[Tool]) -> Grammar:
+    """The JSON of one call to one of `tools`, with its arguments' schema where supported."""
+    node = Node()
+    for t in tools:
+        params = t.function.parameters or {"type": "object"}
+        wrapper = {
+            "type": "object",
+            "properties": {"name": {"const": t.function.name}, "arguments": params},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        try:
+            node.alts += compile_schema({**wrapper, "$defs": params.get("$defs", {})}, strict=False).alts
+        except SchemaError:  # a schema we cannot follow: any object is still a valid call
+            wrapper["properties"]["arguments"] = {"type": "object"}
+            node.alts += compile_schema(wrapper).alts
+    return Grammar(node)
+
+
+def _response_grammar(fmt: ResponseFormat | None) -> Grammar | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Grammar.json_object()
+    if fmt.json_schema is None:
+        raise APIError(
+            400,
+            "response_format of type json_schema needs a json_schema object",
+            "response_format.json_schema",
+        )
+    try:
+        return Grammar.for_schema(fmt.json_schema.schema_)
+    except SchemaError as e:
+        raise APIError(
+            400, f"response_format.json_schema.schema: {e}", "response_format.json_schema.schema"
+        ) from None
+
+
+def prepare_chat(engine: Engine, req: ChatRequest) -> Prepared:
+    """Validate a chat request and turn it into a job (runs in a worker thread)."""
+    tok = engine.tokenizer
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", "n")
+    try:
+        messages = template_messages([m.model_dump(exclude_none=True) for m in req.messages])
+    except MessageError as e:
+        raise APIError(400, str(e), e.param) from None
+    grammar = _response_grammar(req.response_format)
+    choice = req.tool_choice or ("auto" if req.tools else "none")
+    tools = req.tools or []
+    if isinstance(choice, NamedToolChoice):
+        named = [t for t in tools if t.function.name == choice.function.name]
+        if not named:
+            raise APIError(
+                400,
+                f"tool_choice names {choice.function.name!r}, which is not in tools",
+                "tool_choice",
+            )
+        tools_forced = named
+    else:
+        tools_forced = tools if choice == "required" else []
+    if choice != "none" and choice != "auto" and not tools:
+        raise APIError(400, "tool_choice requires tools", "tool_choice")
+    if tools_forced and grammar is not None:
+        raise APIError(400, "response_format cannot be combined with a required tool call", "response_format")
+    rendered_tools = [t.model_dump(exclude_none=True) for t in tools] if tools and choice != "none" else None
+    try:
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tools=rendered_tools)
+    except Exception as e:  # the template refused these messages (raise_exception, bad types)
+        raise APIError(400, f"the chat template cannot render these messages: {e}", "messages") from None
+    if tools_forced:
+        # Start the answer inside a call, as the model itself would, then constrain its JSON.
+        prompt += OPEN + "\n"
+        grammar = _tool_call_grammar(tools_forced)
+    ids = _encode(tok, prompt, "messages")
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = _limit_tokens(engine, ids, asked, param)
+    sampling = _sampling_kwargs(req, tok)
+    if grammar is not None:
+        sampling.pop("stop")  # JSON output ends when the value does
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    # The chosen token's logprob comes with the alternatives, so ask for at least one.
+    n_top = max(req.top_logprobs or 0, 1) if req.logprobs else 0
+    return Prepared(
+        Job(ids, max_tokens, sampling, grammar, top_logprobs=n_top),
+        parse_tools=bool(rendered_tools) and not tools_forced and grammar is None,
+        forced_call=bool(tools_forced),
+        tool_names={t.function.name for t in tools},
+        parallel_calls=req.parallel_tool_calls,
+    )
+
+
+def prepare_completion(engine: Engine, req: CompletionRequest) -> Prepared:
+    tok = engine.tokenizer
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", "n")
+    if req.echo or req.suffix:
+        raise APIError(400, "echo and suffix are not supported", "echo" if req.echo else "suffix")
+    p = req.prompt
+    if isinstance(p, list) and p and isinstance(p[0], int):
+        if not all(0 <= t < tok.vocab_size for t in p):
+            raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
+        ids = list(p)
+    else:
+        if isinstance(p, list):
+            if len(p) != 1:
+                raise APIError(400, "exactly one prompt per request is supported", "prompt")
+            p = p[0]
+        ids = _encode(tok, p, "prompt")
+    max_tokens = _limit_tokens(engine, ids, req.max_tokens, "max_tokens")
+    n_top = 0 if req.logprobs is None else max(req.logprobs, 1)
+    return Prepared(Job(ids, max_tokens, _sampling_kwargs(req, tok), top_logprobs=n_top))
