@@ -17,7 +17,9 @@ Parts = tuple  # (x,) or (packed, scales, biases), as qmlx.cache stores them
 def attend(queries, keys, values, scale: float, mask, cache=None) -> mx.array:
     """Scaled dot-product attention over whatever the cache handed back."""
     if isinstance(keys, list):
-        # A batch of rows with a cache each (qmlx.cache.RowsCache): row by row, each over its own keys.
+        # A batch of rows with a cache each (qmlx.cache.RowsCache), each over its own keys.
+        if all(m is None for m in mask) and not any(isinstance(k, tuple) for k in keys):
+            return kernels.attention_rows(queries, keys, values, scale)
         return mx.concatenate(
             [
                 attend(queries[b : b + 1], k, v, scale, m, c)

@@ -54,16 +54,14 @@ class _Row:
         self.clock = Clock(len(ids))
         self.clock.computed = len(todo)
         self.generated: list[int] = []
+        self.fed = False  # whether a pass has read this row yet
+        self.closed = False
         # What the logits processors see: the whole sequence so far (also the part a prompt cache held).
         self.history = mx.array(ids, dtype=mx.int32) if processors else None
 
-    @property
-    def next_input(self) -> int:
-        """The token this row feeds to the next decode step."""
-        return self.generated[-1] if self.generated else self.todo[-1]
-
     def close(self) -> None:
         """Tell the prompt cache what the caches hold (also after a cancel, mid-generation)."""
+        self.closed = True
         if self.prompt_cache is not None:
             self.prompt_cache.commit(self.ids + self.generated)
 
@@ -82,6 +80,7 @@ class BatchDecoder:
         self.cache_kwargs = dict(cache_kwargs or {})
         self.reading: list[_Row] = []  # still prefilling their prompt, oldest first
         self.decoding: list[_Row] = []
+        self._inflight: tuple | None = None  # the queued pass: (rows, tokens, logprobs, failures)
         self.steps = 0  # decode steps run, for metrics
         self.last_batch = 0  # rows in the last decode step
 
@@ -181,9 +180,10 @@ class BatchDecoder:
         """Drop every request (after a failed step); return their keys."""
         keys = self.keys()
         for row in self.reading + self.decoding:
+            row.closed = True
             if row.prompt_cache is not None:
                 row.prompt_cache.reset()  # a step broke off halfway: what the caches hold is unknown
-        self.reading, self.decoding = [], []
+        self.reading, self.decoding, self._inflight = [], [], None
         return keys
 
     # -- one step
@@ -194,12 +194,32 @@ class BatchDecoder:
         Returns (key, event) pairs. A row whose own part of the step fails (its logits processor,
         its sampler) gets (key, the exception) instead and leaves; the others go on. An exception
         from the batched forward pass itself propagates: then call clear().
+
+        Decoding is pipelined: a step queues the next forward pass (fed with the tokens still being
+        computed) before it reads the previous one's tokens, so building the graph and handling
+        text overlap the model. Events therefore come one call after the pass that made them, and
+        a row that has just finished costs one pass whose result is dropped.
         """
         self._read()
-        if not self.decoding:
-            return []
-        rows = self.decoding
-        y = mx.array([[r.next_input] for r in rows], dtype=mx.int32)
+        done, self._inflight = self._inflight, None
+        if self.decoding:
+            self._inflight = self._launch(self.decoding, done)
+        events = self._collect(done) if done is not None else []
+        if self.steps % 256 == 0:
+            mx.clear_cache()
+        return events
+
+    def _launch(self, rows: list[_Row], prev) -> tuple:
+        """Queue one forward pass of `rows`; rows of the pass `prev` are fed its (lazy) tokens."""
+        rows = list(rows)
+        if prev is not None and prev[0] == rows:
+            y = prev[1].reshape(-1, 1)  # the same rows as last time: feed the tokens as they are
+        else:
+            at = {id(r): b for b, r in enumerate(prev[0])} if prev is not None else {}
+            parts = [
+                prev[1][at[id(r)] : at[id(r)] + 1] if id(r) in at else mx.array([r.todo[-1]]) for r in rows
+            ]
+            y = mx.concatenate([p.astype(mx.int32) for p in parts]).reshape(-1, 1)
         cache = batch_caches([r.caches for r in rows]) if len(rows) > 1 else rows[0].caches
         logits = self.model(y, cache=cache)[:, -1, :].astype(mx.float32)
         failed: dict[int, Exception] = {}  # row -> what broke its own part of the step
@@ -207,7 +227,7 @@ class BatchDecoder:
             parts = []
             for b, r in enumerate(rows):
                 try:
-                    parts.append(self._process(r, logits[b : b + 1]))
+                    parts.append(self._process(r, y[b], logits[b : b + 1]))
                 except Exception as e:  # a bug or bad input of this request only
                     failed[b] = e
                     parts.append(logits[b : b + 1])
@@ -225,11 +245,20 @@ class BatchDecoder:
                     failed[b] = e
                 parts.append(tokens[b : b + 1])
             tokens = mx.concatenate(parts)
-        new = tokens.tolist()
+        mx.async_eval(tokens, lps)
+        for r in rows:
+            r.fed = True
         self.steps += 1
         self.last_batch = len(rows)
-        events, keep = [], []
-        for b, (row, token) in enumerate(zip(rows, new)):
+        return rows, tokens, lps, failed
+
+    def _collect(self, done: tuple) -> list:
+        """The events of a finished pass; rows that finish (or failed) leave the batch."""
+        rows, tokens, lps, failed = done
+        events = []
+        for b, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            if row.closed:
+                continue  # cancelled, or finished in the pass before: this token is not its
             if b not in failed:
                 try:
                     self._take(row, token, lps[b], events)
@@ -237,14 +266,9 @@ class BatchDecoder:
                     failed[b] = e
             if b in failed:
                 events.append((row.key, failed[b]))
+            if b in failed or row.text.finish or len(row.generated) >= row.max_tokens:
+                self.decoding.remove(row)
                 row.close()
-            elif row.text.finish or len(row.generated) >= row.max_tokens:
-                row.close()
-            else:
-                keep.append(row)
-        self.decoding = keep
-        if self.steps % 256 == 0:
-            mx.clear_cache()
         return events
 
     def _read(self) -> None:
@@ -260,11 +284,12 @@ class BatchDecoder:
             if chunk:
                 return  # one chunk per step; a row whose prompt was all cached costs nothing, so go on
 
-    def _process(self, row: _Row, logits: mx.array) -> mx.array:
+    def _process(self, row: _Row, fed: mx.array, logits: mx.array) -> mx.array:
+        """The row's logits processors; `fed` is the token this pass read (lazy: the previous pass's)."""
         if not row.processors:
             return logits
-        if row.generated:
-            row.history = mx.concatenate([row.history, mx.array(row.generated[-1:], dtype=mx.int32)])
+        if row.fed:  # from the second pass on, the sequence grows by the token fed
+            row.history = mx.concatenate([row.history, fed.astype(mx.int32)])
         for proc in row.processors:
             logits = proc(row.history, logits)
         return logits

@@ -439,3 +439,31 @@ def test_log_softmax_matches_float64_and_its_gradient(dtype):
     ours = mx.grad(lambda x: (kernels.log_softmax(x) * t).sum())(xf)
     ref_g = mx.grad(lambda x: ((x - mx.logsumexp(x, axis=-1, keepdims=True)) * t).sum())(xf)
     assert mx.allclose(ours, ref_g, rtol=1e-5, atol=1e-5).item()
+
+
+def test_attention_rows_is_each_row_alone_over_its_own_cache():
+    """Decode attention of a batch whose rows have caches of different lengths (views into larger buffers,
+    as a KV cache hands them back; one longer than a 512-key reduction block): each row bit for bit as the
+    matmul-softmax-matmul of that row alone, and close to MLX's attention."""
+    H, Hkv, D = 8, 2, 64
+    lengths = [1, 37, 700]
+    q = mx.random.normal((len(lengths), H, 1, D), key=mx.random.key(20))
+    keys, values = [], []
+    for i, S in enumerate(lengths):
+        kb = mx.random.normal((1, Hkv, 1024, D), key=mx.random.key(21 + i))
+        vb = mx.random.normal((1, Hkv, 1024, D), key=mx.random.key(31 + i))
+        keys.append(kb[:, :, :S, :])
+        values.append(vb[:, :, :S, :])
+    out = kernels.attention_rows(q, keys, values, 0.125)
+    assert out.shape == q.shape
+    for b, (k, v) in enumerate(zip(keys, values)):
+        qg = q[b : b + 1].reshape(1, Hkv, H // Hkv, D)
+        probs = kernels._ext.softmax(kernels._ext.matmul(qg, k.swapaxes(-1, -2)), 0.125, 0)
+        alone = kernels._ext.matmul(probs, v).reshape(1, H, 1, D)
+        assert mx.array_equal(out[b : b + 1], alone).item(), b
+        ref = mx.fast.scaled_dot_product_attention(q[b : b + 1], k, v, scale=0.125)
+        assert mx.allclose(out[b : b + 1], ref, rtol=1e-5, atol=1e-5).item()
+    with pytest.raises(ValueError, match="one keys and one values"):
+        kernels._ext.attention_rows(q, keys[:2], values, 0.125)
+    with pytest.raises(ValueError, match="float32"):
+        kernels._ext.attention_rows(q, [k.astype(mx.bfloat16) for k in keys], values, 0.125)

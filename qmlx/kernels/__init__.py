@@ -75,11 +75,29 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     if _ext is None or not on_cpu() or not (mask is None or (isinstance(mask, str) and mask == "causal")):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     B, H, L, D = q.shape
+    if B == 1 and L == 1 and q.dtype == k.dtype == v.dtype == mx.float32:
+        return _ext.attention_rows(q, [k], [v], scale)  # decode: one op, the batched decoder's own
     H_kv = k.shape[1]
     # GQA: the query heads of one KV head become rows of one product, (rep, L) -> rep * L
     qg = q.reshape(B, H_kv, (H // H_kv) * L, D)
     probs = _ext.softmax(_ext.matmul(qg, k.swapaxes(-1, -2)), scale, L if mask == "causal" and L > 1 else 0)
     return _ext.matmul(probs, v).reshape(B, H, L, v.shape[-1])
+
+
+def attention_rows(q: mx.array, keys: list, values: list, scale: float) -> mx.array:
+    """Decode attention for a batch whose row b has keys[b], values[b] of its own ((1, H_kv, S_b, D) each):
+    q (B, H, 1, D) -> (B, H, 1, Dv). One op on the CPU for float32, each row exactly as `attention` computes
+    it alone; elsewhere row by row."""
+    if (
+        _ext is not None
+        and on_cpu()
+        and q.dtype == mx.float32
+        and all(x.dtype == mx.float32 for x in (*keys, *values))
+    ):
+        return _ext.attention_rows(q, list(keys), list(values), scale)
+    return mx.concatenate(
+        [attention(q[b : b + 1], k, v, scale) for b, (k, v) in enumerate(zip(keys, values))]
+    )
 
 
 # Rows from which a float x @ Wᵀ runs on the kernels' GEMM; fewer (decode) stay a BLAS GEMV.

@@ -394,6 +394,91 @@ class Matmul : public mx::UnaryPrimitive {
   }
 };
 
+// Decode attention (one query token per row) for a batch whose row b attends over keys/values of its own,
+// of any length: q (B, H, 1, D) and per row K_b (1, Hkv, S_b, D), V_b (1, Hkv, S_b, Dv), float32, read
+// through their strides (a KV cache hands back views of its buffers). One op for what the per-row path
+// builds from ~14 (slices, reshapes, two matmuls and a softmax per row, a concatenation). Per (row, KV head)
+// it makes the very calls Matmul and Softmax make for that row alone (the same panels, reduction blocks
+// and row softmax), so each row's result is bit for bit the single-row result.
+class AttentionRows : public mx::UnaryPrimitive {
+ public:
+  AttentionRows(mx::Stream s, float scale) : mx::UnaryPrimitive(s), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& in, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : in) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([in, out = mx::array::unsafe_weak_copy(out), scale = scale_]() mutable {
+      const Kernels& k = best_kernels();
+      const mx::array& q = in[0];
+      const int64_t B = q.shape(0), H = q.shape(1), D = q.shape(3), nr = k.nr;
+      const int64_t Hkv = in[1].shape(1), rep = H / Hkv, Dv = in[1 + B].shape(3);
+      constexpr int64_t KCF = 512;  // Matmul's reduction block
+      float* y = out.data<float>();
+      parallel_for(B * Hkv, [&](int64_t t) {
+        const int64_t b = t / Hkv, h = t % Hkv;
+        const mx::array &K = in[1 + b], &V = in[1 + B + b];
+        const int64_t S = K.shape(2);
+        thread_local std::vector<float> sc, pr, panel, abuf;
+        panel.resize(size_t(KCF) * nr);
+        sc.resize(size_t(rep * S));
+        pr.resize(size_t(rep * S));
+        // the rep query heads of KV head h: rows of A (rep x D)
+        const float* A;
+        int64_t lda;
+        if (q.strides()[3] == 1) {
+          A = q.data<float>() + b * q.strides()[0] + h * rep * q.strides()[1];
+          lda = q.strides()[1];
+        } else {
+          abuf.resize(size_t(rep * D));
+          for (int64_t r = 0; r < rep; ++r)
+            for (int64_t d = 0; d < D; ++d)
+              abuf[r * D + d] = q.data<float>()[b * q.strides()[0] + (h * rep + r) * q.strides()[1] + d * q.strides()[3]];
+          A = abuf.data();
+          lda = D;
+        }
+        // scores (rep x S) = A · Kᵀ: Kᵀ[d][s] = K[s][d]
+        const float* Kp = K.data<float>() + h * K.strides()[1];
+        for (int64_t c0 = 0; c0 < S; c0 += nr) {
+          const int nc = int(std::min<int64_t>(nr, S - c0));
+          for (int64_t l0 = 0; l0 < D; l0 += KCF) {
+            const int64_t L = std::min(KCF, D - l0);
+            k.pack_f(Kp, K.strides()[3], K.strides()[2], S, c0, l0, L, panel.data());
+            k.gemm(A + l0, lda, rep, panel.data(), L, sc.data() + c0, S, nc, l0 > 0);
+          }
+        }
+        for (int64_t r = 0; r < rep; ++r) k.softmax_row(sc.data() + r * S, pr.data() + r * S, S, S, scale);
+        // out (rep x Dv) = P · V
+        const float* Vp = V.data<float>() + h * V.strides()[1];
+        float* C = y + (b * H + h * rep) * Dv;
+        for (int64_t c0 = 0; c0 < Dv; c0 += nr) {
+          const int nc = int(std::min<int64_t>(nr, Dv - c0));
+          for (int64_t l0 = 0; l0 < S; l0 += KCF) {
+            const int64_t L = std::min(KCF, S - l0);
+            k.pack_f(Vp, V.strides()[2], V.strides()[3], Dv, c0, l0, L, panel.data());
+            k.gemm(pr.data() + l0, S, rep, panel.data(), L, C + c0, Dv, nc, l0 > 0);
+          }
+        }
+      });
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("qmlx's attention_rows runs on the CPU only");
+  }
+  const char* name() const override { return "QmlxAttentionRows"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const AttentionRows&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& in) override {
+    mx::Shape s = in[0].shape();
+    s.back() = in[1 + in[0].shape(0)].shape(3);
+    return {s};
+  }
+
+ private:
+  float scale_;
+};
+
 }  // namespace
 
 mx::array matmul(const mx::array& a, const mx::array& b) {
@@ -460,6 +545,31 @@ mx::array rope(const mx::array& x, int dims, float base, float scale, const std:
   }
   auto s = mx::default_stream(mx::Device::cpu);
   return mx::array(x.shape(), x.dtype(), std::make_shared<Rope>(s, dims, offsets, inv), {x});
+}
+
+mx::array attention_rows(const mx::array& q, const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
+                         float scale) {
+  const int64_t B = q.ndim() == 4 ? q.shape(0) : -1;
+  if (B < 1 || q.shape(2) != 1 || q.dtype() != mx::float32)
+    throw std::invalid_argument("qmlx attention_rows: q must be float32 (B, H, 1, D)");
+  if (int64_t(keys.size()) != B || int64_t(values.size()) != B)
+    throw std::invalid_argument("qmlx attention_rows: one keys and one values array per row of q");
+  std::vector<mx::array> in{q};
+  for (int pass = 0; pass < 2; ++pass)
+    for (int64_t b = 0; b < B; ++b) {
+      const mx::array& x = pass ? values[b] : keys[b];
+      const mx::array& k0 = keys[b];
+      if (x.ndim() != 4 || x.dtype() != mx::float32 || x.shape(0) != 1 || x.shape(1) != keys[0].shape(1) ||
+          x.shape(2) != k0.shape(2) || x.shape(2) < 1 || q.shape(1) % x.shape(1) ||
+          (!pass && x.shape(3) != q.shape(3)) || (pass && x.shape(3) != values[0].shape(3)))
+        throw std::invalid_argument(
+            "qmlx attention_rows: keys and values must be float32 (1, H_kv, S_b, D) with S_b >= 1, H_kv dividing H");
+      in.push_back(x);
+    }
+  mx::Shape s = q.shape();
+  s.back() = values[0].shape(3);
+  auto st = mx::default_stream(mx::Device::cpu);
+  return mx::array(s, mx::float32, std::make_shared<AttentionRows>(st, scale), in);
 }
 
 }  // namespace qk

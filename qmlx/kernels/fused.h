@@ -22,4 +22,9 @@ mx::array silu_mul(const mx::array& g, const mx::array& u);
 mx::array softmax(const mx::array& x, float scale, int causal_rows);
 // x - logsumexp(x) over the last axis, in float32 (log-probabilities from logits), one CPU op.
 mx::array log_softmax(const mx::array& x);
+// Decode attention of a batch whose rows each have their own keys/values (any lengths): q (B, H, 1, D),
+// keys[b] (1, H_kv, S_b, D), values[b] (1, H_kv, S_b, Dv), float32; out (B, H, 1, Dv). Each row bit for bit
+// as matmul + softmax + matmul give it alone.
+mx::array attention_rows(const mx::array& q, const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
+                         float scale);
 }  // namespace qk

@@ -387,6 +387,8 @@ NB_MODULE(_qmm, m) {
   m.def("rope", &qk::rope, nb::arg("x"), nb::arg("dims"), nb::arg("base"), nb::arg("scale"), nb::arg("offsets"),
         nb::arg("freqs") = std::vector<float>{},
         "mx.fast.rope (traditional=False) as one CPU op; one offset, or one per index of x's first axis");
+  m.def("attention_rows", &qk::attention_rows, nb::arg("q"), nb::arg("keys"), nb::arg("values"), nb::arg("scale"),
+        "decode attention of a batch whose rows have keys/values of their own (CPU)");
   m.def("matmul", &qk::matmul, nb::arg("a"), nb::arg("b"), "a @ b on the kernels' own GEMM (CPU)");
   m.def("silu_mul", &qk::silu_mul, nb::arg("g"), nb::arg("u"), "silu(g) * u as one CPU op");
   m.def("softmax", &qk::softmax, nb::arg("x"), nb::arg("scale") = 1.0f, nb::arg("causal_rows") = 0,
