@@ -1,6 +1,7 @@
 """Prompt caches saved to disk: identical continuation, refusal of foreign caches, and the
 `qmlx cache-prompt` / `qmlx generate --prompt-cache` commands (tiny models)."""
 
+import mlx.core as mx
 import pytest
 from tiny import tiny_config, write_folder
 
@@ -9,6 +10,7 @@ from qmlx.cache import make_cache
 from qmlx.cli import main
 from qmlx.errors import UserError
 from qmlx.prompt_cache import (
+    PrefixCache,
     PromptCache,
     fill_prompt_cache,
     load_prompt_cache,
@@ -110,3 +112,68 @@ def test_cli_generate_cache_and_speculative_flags(folders, capsys):
     assert "--kv-bits" in capsys.readouterr().err
     assert main(base + ["--prompt-lookup", "2", "--max-kv-size", "64"]) == 2
     assert "--max-kv-size" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- PrefixCache (shared across requests)
+
+
+def _held(model, ids, **kw) -> PromptCache:
+    """A PromptCache that has read `ids` (as a finished request leaves it)."""
+    pc = PromptCache(**kw)
+    caches, todo = pc.prepare(model, ids + [0])
+    model(mx.array([todo[:-1]]), cache=caches)
+    pc.commit(ids + [0])
+    assert pc.tokens == ids
+    return pc
+
+
+def test_prefix_cache_shares_the_longest_prefix_without_changing_it(tiny):
+    model, _ = tiny
+    store = PrefixCache(1 << 30)
+    system = list(range(10, 40))
+    store.checkin(_held(model, system + [1, 2, 3]))
+    store.checkin(_held(model, list(range(100, 120))))
+    before = [mx.array(c.state[0]) for c in store.entries[0][1]]
+    pc = store.checkout(model, system + [7, 8, 9])
+    assert pc.tokens == system and store.hits == 1 and store.reused_tokens == len(system)
+    # The request continues from the shared prefix: same logits as reading everything afresh.
+    caches, todo = pc.prepare(model, system + [7, 8, 9])
+    assert pc.reused == len(system) and todo == [7, 8, 9]
+    got = model(mx.array([todo]), cache=caches)[0, -1]
+    want = model(mx.array([system + [7, 8, 9]]))[0, -1]
+    assert mx.allclose(got, want, atol=1e-5).item()
+    # ... and the stored entry is untouched by what the request wrote.
+    after = [c.state[0] for c in store.entries[-1][1]]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(before, after))
+    assert store.checkout(model, [5, 6]).tokens == [] and store.misses == 1
+
+
+def test_prefix_cache_replaces_what_it_extends_and_stays_within_its_bytes(tiny):
+    model, _ = tiny
+    turn1 = list(range(10, 30))
+    store = PrefixCache(1 << 30)
+    store.checkin(_held(model, turn1))
+    store.checkin(_held(model, turn1 + [40, 41, 42]))  # the next turn of the same conversation
+    assert [t for t, _ in store.entries] == [turn1 + [40, 41, 42]]
+    store.checkin(_held(model, turn1[:5]))  # already held by an entry: nothing new
+    assert len(store.entries) == 1
+    one = store.nbytes
+    small = PrefixCache(int(one * 2.5))
+    for start in (100, 130, 160):
+        small.checkin(_held(model, list(range(start, start + 23))))
+    assert len(small.entries) == 2 and small.nbytes <= small.max_bytes
+    assert [t[0] for t, _ in small.entries] == [130, 160]  # the least recently used went first
+    off = PrefixCache(0)
+    off.checkin(_held(model, turn1))
+    assert off.entries == []
+    with pytest.raises(UserError, match="prompt cache size"):
+        PrefixCache(-1)
+
+
+def test_prefix_cache_shares_a_rotated_cache_only_whole(tiny):
+    model, _ = tiny
+    store = PrefixCache(1 << 30, max_kv_size=16)
+    ids = list(range(10, 40))  # 30 tokens through a 16-token rotating cache: it has dropped some
+    store.checkin(_held(model, ids, max_kv_size=16))
+    assert store.checkout(model, ids[:20] + [1, 2]).tokens == []  # cannot be cut short
+    assert store.checkout(model, ids + [1, 2]).tokens == ids

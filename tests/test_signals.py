@@ -170,3 +170,48 @@ def test_cache_prompt_stops_cleanly_and_writes_nothing(models, tmp_path, sig):
     wait_for(proc, lambda: reading_stdin(proc.pid), "it was reading its prompt")
     stop(proc, sig)
     assert os.listdir(tmp_path) == []
+
+
+def test_serve_drains_the_requests_in_flight_on_sigterm(models):
+    """SIGTERM to `qmlx serve` mid-stream: the stream still runs to its end ([DONE], every token), then the
+    server exits 143 with the usual one line."""
+    import socket
+    import threading
+
+    import httpx2 as httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = start(["serve", "--model", str(models / "m"), "--port", str(port)])
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(proc, up, "the server to answer", timeout=120)
+    no_end = {"258": -100}  # the tiny tokenizer's end token: every answer runs to max_tokens
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 80, "stream": True,
+            "logit_bias": no_end, "stream_options": {"include_usage": True}}  # fmt: skip
+    lines, started = [], threading.Event()
+
+    def client():
+        with httpx.Client(timeout=120) as c, c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if line.startswith("data: {") and '"content"' in line:
+                    started.set()
+
+    t = threading.Thread(target=client)
+    t.start()
+    assert started.wait(60), lines
+    err = stop(proc, signal.SIGTERM)
+    t.join(timeout=60)
+    events = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")]
+    assert [ln for ln in lines if ln][-1] == "data: [DONE]", lines[-5:]
+    assert events[-1]["usage"]["completion_tokens"] == 80
+    assert any(e["choices"] and e["choices"][0]["finish_reason"] == "length" for e in events)
+    assert "stopped by SIGTERM" in err
