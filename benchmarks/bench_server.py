@@ -120,7 +120,7 @@ def start_server(kind: str, model: str, port: int, concurrency: int) -> subproce
         if proc.poll() is not None:
             raise RuntimeError(f"the {kind} server exited with {proc.returncode}; see {log.name}")
         try:
-            r = httpx.get(f"http://{HOST}:{port}/v1/models", timeout=1)
+            r = httpx.get(f"http://{HOST}:{port}/health", timeout=1)
             if r.status_code == 200:
                 return proc
         except httpx.HTTPError:
@@ -140,7 +140,6 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 def body(user: str, max_tokens: int, stream: bool = True) -> dict:
     return {
-        "model": "default",
         "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
@@ -191,7 +190,7 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-async def run_level(url: str, clients: int, requests: int, max_tokens: int, level_id: int) -> dict:
+async def run_level(url: str, clients: int, requests: int, max_tokens: int, level_id: str, mix: str) -> dict:
     users = [*SHORT, *long_prompts()]
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
@@ -200,7 +199,12 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int, leve
             out = []
             for j in range(requests):
                 k = i * requests + j
-                user = users[len(SHORT) + k // 2 % 2] if k % 2 else SHORT[k // 2 % len(SHORT)]
+                long_turn = mix == "mixed" and k % 2
+                user = (
+                    users[len(SHORT) + k // 2 % 2]
+                    if long_turn
+                    else SHORT[k // (1 + (mix == "mixed")) % len(SHORT)]
+                )
                 # A request number up front: requests share the system prompt, not their message.
                 out.append(await stream_client(client, body(f"(request {level_id}.{k}) {user}", max_tokens)))
             return out
@@ -367,15 +371,16 @@ def bench(kind: str, model: str, args, levels: list[int]) -> dict:
             expected[u] = r.json()["choices"][0]["message"]["content"]
         time.sleep(1.0)
         out["idle_mb"] = rss_mb(proc.pid)
-        for c in levels:
-            res = asyncio.run(run_level(url, c, args.requests, args.max_tokens, c))
-            out["levels"][c] = res
-            out["failures"] += [f"{kind}, {c} clients: {e}" for e in res["failed"]]
-            print(
-                f"  {kind:7s} {c:3d} clients: {res['tokens']:5d} tokens in {res['seconds']:6.1f} s = "
-                f"{res['tps']:6.1f} tok/s, TTFT p50 {res['ttft_p50']:.2f} s p99 {res['ttft_p99']:.2f} s",
-                flush=True,
-            )
+        for mix in args.mixes:
+            for c in levels:
+                res = asyncio.run(run_level(url, c, args.requests, args.max_tokens, f"{mix}{c}", mix))
+                out["levels"][mix, c] = res
+                out["failures"] += [f"{kind}, {mix}, {c} clients: {e}" for e in res["failed"]]
+                print(
+                    f"  {kind:7s} {mix:5s} {c:3d} clients: {res['tokens']:5d} tokens in {res['seconds']:6.1f} s = "
+                    f"{res['tps']:6.1f} tok/s, TTFT p50 {res['ttft_p50']:.2f} s p99 {res['ttft_p99']:.2f} s",
+                    flush=True,
+                )
         if kind == "qmlx" and not args.skip_storm:
             failures, outcomes, hung = asyncio.run(storm(url, port, args, expected))
             out["failures"] += failures
@@ -411,6 +416,11 @@ def main() -> int:
     ap.add_argument("--levels", default="1,4,8,16", help="concurrent clients per level")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument(
+        "--mixes",
+        default="mixed,short",
+        help="request mixes: mixed (every other request long) and/or short (short questions only)",
+    )
     ap.add_argument("--skip-mlx-lm", action="store_true")
     ap.add_argument("--skip-storm", action="store_true")
     ap.add_argument("--storm-clients", type=int, default=16)
@@ -423,6 +433,9 @@ def main() -> int:
         sys.exit(f"--levels {args.levels!r}: give client counts separated by commas, e.g. 1,4,8,16")
     if not levels or levels[0] < 1:
         sys.exit("--levels: every level needs at least one client")
+    args.mixes = [m for m in args.mixes.split(",") if m]
+    if not args.mixes or set(args.mixes) - {"mixed", "short"}:
+        sys.exit(f"--mixes {','.join(args.mixes)!r}: give mixed, short or both")
     tmp = tempfile.mkdtemp(prefix="bench-server-")
     try:
         model = model_dir(args.model) if args.model else quantized_fixture(tmp, args.bits)
@@ -443,35 +456,38 @@ def main() -> int:
 def report(runs: dict, levels: list[int], args) -> None:
     q = runs["qmlx"]["levels"]
     m = runs.get("mlx-lm", {}).get("levels", {})
-    print(
-        "\n| clients | qmlx tok/s | x qmlx at 1 | TTFT p50 / p99 | mlx-lm tok/s | TTFT p50 / p99 | qmlx / mlx-lm |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for c in levels:
-        a, b = q[c], m.get(c)
-        single = q[levels[0]]["tps"] if levels[0] == 1 else float("nan")
-        cells = [
-            f"{c}",
-            f"{a['tps']:.1f}",
-            f"{a['tps'] / single:.2f}x",
-            f"{a['ttft_p50']:.2f} / {a['ttft_p99']:.2f} s",
-        ]
-        if b:
-            cells += [
-                f"{b['tps']:.1f}",
-                f"{b['ttft_p50']:.2f} / {b['ttft_p99']:.2f} s",
-                f"{a['tps'] / b['tps']:.2f}x",
+    for mix in args.mixes:
+        what = "every other request long (~400 tokens)" if mix == "mixed" else "short questions only"
+        print(f"\n{mix}: {what}; one shared system prompt")
+        print(
+            "| clients | qmlx tok/s | x qmlx at 1 | TTFT p50 / p99 | mlx-lm tok/s | TTFT p50 / p99 | qmlx / mlx-lm |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        single = q[mix, 1]["tps"] if (mix, 1) in q else float("nan")
+        for c in levels:
+            a, b = q[mix, c], m.get((mix, c))
+            cells = [
+                f"{c}",
+                f"{a['tps']:.1f}",
+                f"{a['tps'] / single:.2f}x",
+                f"{a['ttft_p50']:.2f} / {a['ttft_p99']:.2f} s",
             ]
-        else:
-            cells += ["—", "—", "—"]
-        print("| " + " | ".join(cells) + " |")
-    if 8 in q and 1 in q:
-        x1 = q[8]["tps"] / q[1]["tps"]
-        line = f"\ntarget at 8 clients: >= 3x qmlx's single-client throughput: {x1:.2f}x ({'met' if x1 >= 3 else 'NOT met'})"
-        if 8 in m:
-            xm = q[8]["tps"] / m[8]["tps"]
-            line += f"; >= 1.2x mlx-lm's server: {xm:.2f}x ({'met' if xm >= 1.2 else 'NOT met'})"
-        print(line)
+            if b:
+                cells += [
+                    f"{b['tps']:.1f}",
+                    f"{b['ttft_p50']:.2f} / {b['ttft_p99']:.2f} s",
+                    f"{a['tps'] / b['tps']:.2f}x",
+                ]
+            else:
+                cells += ["—", "—", "—"]
+            print("| " + " | ".join(cells) + " |")
+        if (mix, 8) in q and (mix, 1) in q:
+            x1 = q[mix, 8]["tps"] / single
+            line = f"target at 8 clients: >= 3x qmlx's single client: {x1:.2f}x ({'met' if x1 >= 3 else 'NOT met'})"
+            if (mix, 8) in m:
+                xm = q[mix, 8]["tps"] / m[mix, 8]["tps"]
+                line += f"; >= 1.2x mlx-lm's server: {xm:.2f}x ({'met' if xm >= 1.2 else 'NOT met'})"
+            print(line)
     r = runs["qmlx"]
     if "storm" in r:
         outcomes, hung = r["storm"]
