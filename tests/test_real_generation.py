@@ -81,6 +81,7 @@ def test_prompt_cache_second_turn_equals_cold_run(real_model):
 def test_batch_rows_equal_single_prompt_outputs(real_model, edit_prompt, plain):
     model, tok = real_model
     other = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Say hi."}]))
-    results = batch_generate(model, tok, [edit_prompt, other], 8, temperature=0.0)
+    # Penalties now apply per row in a batch: off, as in greedy()
+    results = batch_generate(model, tok, [edit_prompt, other], 8, temperature=0.0, repetition_penalty=1.0)
     assert results[0].tokens == plain[:8]
     assert results[1].tokens == greedy(model, tok, other, 8)[0]
