@@ -621,7 +621,7 @@ def test_an_engine_fault_fails_the_batch_and_the_engine_goes_on(tiny, engine, cl
     object, none hangs, and the next request is served as if nothing had happened."""
     wait_idle(engine)
     decoder = engine.decoder
-    real, calls = decoder.model, {"n": 0}  # noqa: F841 (real keeps the layers)
+    real, calls = decoder.model, {"n": 0}
 
     def faulty(*args, **kwargs):  # every pass fails while patched, whichever requests it serves then
         calls["n"] += 1
