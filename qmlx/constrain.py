@@ -1,789 +1,329 @@
-"""Constrained JSON decoding: only tokens that keep the output a valid JSON(-schema) prefix.
+"""Constrained decoding on llguidance: JSON Schema, regular expressions, Lark/GBNF grammars, choices.
 
-Two parts:
+The grammar engine is llguidance (Rust, from PyPI): it compiles a grammar against the model's
+vocabulary and computes, at each step, the whole vocabulary's mask of tokens that keep the output
+a valid prefix (~0.1 ms on Qwen's 152K tokens). This module is the thin adapter around it:
 
-* `Grammar`: an incremental checker over bytes. `advance(state, data)` returns the state after
-  `data`, or None when `data` cannot continue a value that matches the schema. States are
-  immutable, so every candidate token can be tried from the same state. `closure(state)` is
-  the shortest text that completes the value, used to finish in time when max_tokens runs out.
-* `JsonLogitsProcessor`: a logits processor for `generate_step` that, at each step, tries the
-  model's top candidate tokens in logit order and masks out every token that would break the
-  output; the sampler then picks among the survivors with the request's temperature.
-
-Supported JSON Schema subset (anything else is refused with `SchemaError`, naming it):
-`type` (one or a list of object, array, string, number, integer, boolean, null),
-`properties`, `required`, `additionalProperties` (bool or schema), `items`, `minItems`,
-`maxItems`, `enum`, `const`, `anyOf`, and local `$ref` into `$defs`/`definitions`.
-Annotations (`title`, `description`, `default`, `examples`, `format`, ...) are accepted and
-ignored; `format` is an annotation in current JSON Schema, so it is not enforced.
-Integers are written without fraction or exponent. Strings follow JSON's escaping rules.
+* `Constraint`: a compiled, checked grammar (immutable; one per request). Grammar errors and JSON
+  Schema keywords llguidance does not implement raise `ConstraintError`, which names them:
+  nothing is silently ignored. `uniqueItems` is the one keyword added here: over a small finite
+  item domain (enum / const / boolean items) it is expanded into the allowed arrays.
+* `bridge(tokenizer, n_vocab)`: the tokenizer handed to llguidance (its `tokenizer.json`: the
+  byte-level BPE with every added and special token; EOS = the model's end tokens; ids past the
+  tokenizer's vocabulary up to the model's logit width are never allowed). Built once per
+  tokenizer (~1.5 s), then shared by every request.
+* `ConstraintProcessor`: a logits processor `(history, logits) -> logits` for `generate_step` and
+  the batch decoder: it feeds the matcher the tokens it has not seen, then masks the logits. Its
+  `completion()` is text that closes an output cut short by `max_tokens`, so it still parses.
 """
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
-from collections.abc import Iterable
+import threading
+import weakref
 from typing import Any
 
+import llguidance as lg
+import mlx.core as mx
 import numpy as np
 
-MAX_WS = 48  # consecutive whitespace bytes allowed between tokens; stops endless blank runs
-MAX_NUMBER = 24  # bytes in one number
-MAX_KEY = 256  # bytes in one free-form object key
-WS = frozenset(b" \t\n\r")
-DIGITS = frozenset(b"0123456789")
+from .tokenizer import byte_decoder
 
-SUPPORTED = {
-    "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems",
-    "enum", "const", "anyOf", "$ref", "$defs", "definitions",
-}  # fmt: skip
-ANNOTATIONS = {
-    "title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated",
-    "readOnly", "writeOnly", "format", "strict",
-}  # fmt: skip
-TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+# Whitespace between JSON tokens: bounded, so a model cannot wander into an endless blank run.
+JSON_OPTIONS = {"whitespace_pattern": r"[\x20\x0A\x0D\x09]{0,32}"}
+UNIQUE_LIMIT = 512  # at most this many arrays when uniqueItems is expanded
+CLOSE_STEPS = 512  # tokens completion() may add before giving up
+REPEAT = 4  # completion() prefers another character after this many of one in a row
 
 
-class SchemaError(ValueError):
-    """A schema outside the supported subset; the message names the keyword and where."""
+def _closers() -> bytes:
+    """The order in which completion() tries single characters: closers, punctuation, digits, letters."""
+    first = b'"}])'
+    punct = bytes(b for b in range(0x21, 0x7F) if not chr(b).isalnum() and b not in first)
+    return first + punct + b"0123456789" + b"abcdefghijklmnopqrstuvwxyz"
 
 
-# ---------------------------------------------------------------------- schema -> nodes
+_CLOSERS = _closers()
 
 
-class Node:
-    """A compiled schema: the alternatives a value may take (one per JSON type or literal set)."""
-
-    def __init__(self):
-        self.alts: list[Alt] = []
-        self.min: bytes | None = None  # its shortest value, once computed (see `minimal`)
+class ConstraintError(ValueError):
+    """A grammar, regex or schema that cannot be used; the message names the keyword or position."""
 
 
-class Alt:
-    """One concrete shape of value."""
-
-    kind = ""
-
-
-class AnyAlt(Alt):
-    kind = "any"
-
-
-class ObjectAlt(Alt):
-    kind = "object"
-
-    def __init__(self, properties: dict[str, Node], required: list[str], additional: Node | None):
-        self.properties = properties
-        self.keys = {k: json.dumps(k, ensure_ascii=False).encode() for k in properties}
-        self.required = required
-        self.additional = additional  # None: no other keys allowed
-
-    def value_node(self, key: str) -> Node | None:
-        return self.properties.get(key, self.additional)
-
-    def more_keys(self, seen: frozenset) -> bool:
-        return self.additional is not None or any(k not in seen for k in self.properties)
-
-
-class ArrayAlt(Alt):
-    kind = "array"
-
-    def __init__(self, items: Node, min_items: int, max_items: int | None):
-        self.items, self.min_items, self.max_items = items, min_items, max_items
-
-
-class StringAlt(Alt):
-    kind = "string"
+def _unique_arrays(node: dict, where: str) -> dict:
+    """An array schema with uniqueItems: true over a finite item domain, as the list of its arrays."""
+    items = node.get("items", {})
+    if isinstance(items, dict) and "enum" in items and set(items) <= {"enum", "type", "description", "title"}:
+        domain = list(items["enum"])
+    elif (
+        isinstance(items, dict)
+        and "const" in items
+        and set(items) <= {"const", "type", "description", "title"}
+    ):
+        domain = [items["const"]]
+    elif isinstance(items, dict) and items.get("type") == "boolean" and set(items) <= {"type", "description"}:
+        domain = [False, True]
+    else:
+        raise ConstraintError(
+            f"{where}: uniqueItems is supported only over enum, const or boolean items (a finite set)"
+        )
+    extra = set(node) - {"type", "items", "uniqueItems", "minItems", "maxItems", "description", "title"}
+    if extra:
+        raise ConstraintError(f"{where}: uniqueItems cannot be combined with {sorted(extra)[0]}")
+    lo, hi = node.get("minItems", 0), min(node.get("maxItems", len(domain)), len(domain))
+    arrays = []
+    for n in range(lo, hi + 1):
+        for combo in itertools.permutations(domain, n):
+            arrays.append(list(combo))
+            if len(arrays) > UNIQUE_LIMIT:
+                raise ConstraintError(f"{where}: uniqueItems allows more than {UNIQUE_LIMIT} arrays here")
+    if not arrays:
+        raise ConstraintError(f"{where}: no array satisfies minItems/maxItems with uniqueItems")
+    return {"enum": arrays}
 
 
-class NumberAlt(Alt):
-    kind = "number"
-
-    def __init__(self, integer: bool):
-        self.integer = integer
-
-
-class LiteralAlt(Alt):
-    """A fixed set of serialized values: true/false, null, enum, const."""
-
-    kind = "literal"
-
-    def __init__(self, options: Iterable[bytes]):
-        self.options = tuple(sorted(set(options), key=lambda o: (len(o), o)))
-
-
-def _literal(values: list) -> LiteralAlt:
-    return LiteralAlt(json.dumps(v, ensure_ascii=False).encode() for v in values)
-
-
-ANY = Node()
-ANY.alts = [AnyAlt()]
-
-
-class _Compiler:
-    def __init__(self, root: dict, strict: bool):
-        self.root, self.strict = root, strict
-        self.refs: dict[str, Node] = {}
-        self.unsupported: list[str] = []
-        self.made: list[tuple[Node, str]] = []  # every node and where it came from
-
-    def node(self, schema: Any, where: str) -> Node:
-        if schema is True or schema == {}:
-            return ANY
-        if schema is False or not isinstance(schema, dict):
-            raise SchemaError(f"{where or 'schema'}: expected a schema object, got {schema!r}")
-        bad = sorted(k for k in schema if k not in SUPPORTED and k not in ANNOTATIONS)
-        if bad:
-            self.unsupported += [f"{k} (at {where or 'the root'})" for k in bad]
-        if "$ref" in schema:
-            return self.ref(schema["$ref"], where)
-        node = Node()
-        self.made.append((node, where))
-        if "anyOf" in schema:
-            options = schema["anyOf"]
-            if not isinstance(options, list) or not options:
-                raise SchemaError(f"{where}.anyOf: expected a non-empty list")
-            for i, sub in enumerate(options):
-                node.alts += self.node(sub, f"{where}.anyOf.{i}").alts
-            return node
-        if "const" in schema:
-            node.alts = [_literal([schema["const"]])]
-            return node
-        if "enum" in schema:
-            if not isinstance(schema["enum"], list) or not schema["enum"]:
-                raise SchemaError(f"{where}.enum: expected a non-empty list")
-            node.alts = [_literal(schema["enum"])]
-            return node
-        types = schema.get("type")
-        if types is None:
-            # Untyped: infer from the keywords present, else any value.
-            if "properties" in schema or "required" in schema or "additionalProperties" in schema:
-                types = ["object"]
-            elif "items" in schema:
-                types = ["array"]
-            else:
-                return ANY
-        types = [types] if isinstance(types, str) else types
-        for t in types:
-            if t not in TYPES:
-                raise SchemaError(f"{where}.type: unknown type {t!r}")
-            node.alts.append(self.alt(t, schema, where))
+def _rewrite(node: Any, where: str) -> Any:
+    """The schema with uniqueItems expanded (everything else is llguidance's to judge)."""
+    if isinstance(node, list):
+        return [_rewrite(v, f"{where}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
         return node
-
-    def alt(self, t: str, s: dict, where: str) -> Alt:
-        if t == "object":
-            props = s.get("properties", {})
-            if not isinstance(props, dict):
-                raise SchemaError(f"{where}.properties: expected an object")
-            properties = {k: self.node(v, f"{where}.properties.{k}") for k, v in props.items()}
-            extra = s.get("additionalProperties", True)
-            additional = None if extra is False else self.node(extra, f"{where}.additionalProperties")
-            required = s.get("required", [])
-            if not isinstance(required, list) or not all(isinstance(r, str) for r in required):
-                raise SchemaError(f"{where}.required: expected a list of property names")
-            for r in required:
-                if r not in properties and additional is None:
-                    raise SchemaError(
-                        f"{where}.required: {r!r} is required but not allowed "
-                        "(not in properties, and additionalProperties is false)"
-                    )
-            return ObjectAlt(properties, list(dict.fromkeys(required)), additional)
-        if t == "array":
-            items = self.node(s.get("items", True), f"{where}.items")
-            lo, hi = s.get("minItems", 0), s.get("maxItems")
-            if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
-                raise SchemaError(
-                    f"{where}: minItems/maxItems must be integers with 0 <= minItems <= maxItems"
-                )
-            return ArrayAlt(items, lo, hi)
-        if t == "string":
-            return StringAlt()
-        if t in ("number", "integer"):
-            return NumberAlt(t == "integer")
-        if t == "boolean":
-            return LiteralAlt([b"true", b"false"])
-        return LiteralAlt([b"null"])
-
-    def ref(self, ref: Any, where: str) -> Node:
-        prefixes = ("#/$defs/", "#/definitions/")
-        if not isinstance(ref, str) or not ref.startswith(prefixes):
-            raise SchemaError(f"{where}.$ref: only local references to #/$defs/... are supported")
-        if ref in self.refs:  # recursion or reuse: share the node, filled in once
-            return self.refs[ref]
-        node = self.refs[ref] = Node()
-        section, name = ref[2:].split("/", 1)
-        target = self.root.get(section, {}).get(name)
-        if target is None:
-            raise SchemaError(f"{where}.$ref: {ref} is not defined")
-        node.alts = self.node(target, f"{section}.{name}").alts
-        return node
-
-
-def compile_schema(schema: Any, strict: bool = True) -> Node:
-    """Compile a JSON schema; with strict=False, unsupported keywords are ignored (looser)."""
-    c = _Compiler(schema if isinstance(schema, dict) else {}, strict)
-    node = c.node(schema, "")
-    if strict and c.unsupported:
-        raise SchemaError("unsupported JSON Schema keywords: " + ", ".join(c.unsupported))
-    # Every part must have a finite value, or an output that starts one could never end.
-    for n, where in c.made:
-        try:
-            minimal(n)
-        except SchemaError as e:
-            raise SchemaError(f"{where or 'the root'}: {e}") from None
-    return node
-
-
-# ---------------------------------------------------------------------- the incremental parser
-#
-# A parse is a stack of frames (a linked list of (frame, parent) pairs). Feeding a byte to the
-# top frame gives zero or more steps:
-#   ("set", frame)            replace the top frame
-#   ("push", frame, child)    replace the top frame, then push a child value
-#   ("pop", result)           the value is complete; the parent is told (with the result, e.g.
-#                             the key an object just read)
-# plus a flag saying whether the byte must be fed again to the new top (a number only knows it
-# has ended when the next byte is not part of it). Several steps mean several alternatives
-# (anyOf, enum values that prefix one another); a state is the tuple of live stacks.
-
-
-class Frame:
-    def feed(self, b: int) -> list:
-        raise NotImplementedError
-
-    def child_done(self, result) -> Frame:
-        raise NotImplementedError
-
-    def finish(self) -> list[tuple[bytes, Any]]:
-        """Ways to complete this frame (its child being done): (bytes, result) pairs.
-
-        Several when the choice matters further up: which key an object key becomes decides
-        what else the object still needs, so the shortest whole completion is picked above.
-        """
-        raise NotImplementedError
-
-
-def minimal(node: Node, depth: int = 0) -> bytes:
-    """The shortest serialized value of `node` (remembered on the node)."""
-    if node.min is not None:
-        return node.min
-    if depth > 32:
-        raise SchemaError("no finite value (required properties recurse forever)")
-    best = None
-    for alt in node.alts:
-        try:
-            v = _minimal_alt(alt, depth)
-        except SchemaError:
-            continue  # this alternative recurses forever; another one may not
-        if best is None or len(v) < len(best):
-            best = v
-    if best is None:
-        raise SchemaError("no finite value (required properties recurse forever)")
-    node.min = best
-    return best
-
-
-def _minimal_alt(alt: Alt, depth: int) -> bytes:
-    if alt.kind == "any" or alt.kind == "number":
-        return b"0"
-    if alt.kind == "string":
-        return b'""'
-    if alt.kind == "literal":
-        return alt.options[0]
-    if alt.kind == "array":
-        return b"[" + b",".join([minimal(alt.items, depth + 1)] * alt.min_items) + b"]"
-    return b"{" + _required_entries(alt, frozenset(), first=True, depth=depth) + b"}"
-
-
-def _required_entries(alt: ObjectAlt, seen: frozenset, first: bool, depth: int = 0) -> bytes:
-    out = b""
-    for k in alt.required:
-        if k in seen:
-            continue
-        key = alt.keys.get(k) or json.dumps(k, ensure_ascii=False).encode()
-        out += (b"" if first else b",") + key + b":" + minimal(alt.value_node(k), depth + 1)
-        first = False
+    if node.get("uniqueItems") is True:
+        return _unique_arrays(node, where)
+    out = {}
+    for k, v in node.items():
+        if k in ("enum", "const", "default", "examples"):
+            out[k] = v
+        elif k == "uniqueItems":
+            continue  # false: no constraint
+        else:
+            out[k] = _rewrite(v, f"{where}.{k}" if where else k)
     return out
 
 
-def _start_frames(node: Node) -> list[Frame]:
-    """Frames that begin a value of `node`, one per alternative (before its first byte)."""
-    frames: list[Frame] = []
-    for alt in node.alts:
-        if alt.kind == "any":
-            frames += [
-                ObjectFrame(ObjectAlt({}, [], ANY), "start"),
-                ArrayFrame(ArrayAlt(ANY, 0, None), "start"),
-                StringFrame("start"),
-                NumberFrame(False, "start"),
-                LiteralFrame((b"true", b"false", b"null"), 0),
-            ]
-        elif alt.kind == "object":
-            frames.append(ObjectFrame(alt, "start"))
-        elif alt.kind == "array":
-            frames.append(ArrayFrame(alt, "start"))
-        elif alt.kind == "string":
-            frames.append(StringFrame("start"))
-        elif alt.kind == "number":
-            frames.append(NumberFrame(alt.integer, "start"))
-        else:
-            frames.append(LiteralFrame(alt.options, 0))
-    return frames
+def _checked(grammar: str, what: str) -> str:
+    bad, messages = lg.LLMatcher.validate_grammar_with_warnings(grammar, None)
+    if bad:
+        lines = [ln.strip() for ln in (messages[0] if messages else "invalid").splitlines()]
+        msg = " ".join(ln for ln in lines if ln and not ln.startswith("^"))[:400]
+        msg = msg.replace("Unimplemented keys:", "unsupported JSON Schema keyword(s):")
+        raise ConstraintError(f"{what}: {msg}")
+    return grammar
 
 
-class ValueFrame(Frame):
-    """Before a value: whitespace, then the first byte picks the alternative(s)."""
+class Constraint:
+    """What an output must match: a grammar llguidance has compiled and checked."""
 
-    __slots__ = ("node", "ws")
+    def __init__(self, grammar: str, kind: str, json_output: bool = False):
+        self.grammar, self.kind = grammar, kind
+        self.json_output = json_output  # the output is one JSON value (stop strings do not apply)
 
-    def __init__(self, node: Node, ws: int = 0):
-        self.node, self.ws = node, ws
-
-    def feed(self, b):
-        if b in WS:
-            return [("set", ValueFrame(self.node, self.ws + 1), False)] if self.ws < MAX_WS else []
-        steps = []
-        for f in _start_frames(self.node):
-            steps += f.feed(b)
-        return steps
-
-    def finish(self):
-        return [(minimal(self.node), None)]
-
-
-class LiteralFrame(Frame):
-    __slots__ = ("options", "pos")
-
-    def __init__(self, options: tuple[bytes, ...], pos: int):
-        self.options, self.pos = options, pos
-
-    def feed(self, b):
-        p = self.pos
-        live = tuple(o for o in self.options if len(o) > p and o[p] == b)
-        steps = [("pop", o, False) for o in live if len(o) == p + 1]
-        longer = tuple(o for o in live if len(o) > p + 1)
-        if longer:
-            steps.append(("set", LiteralFrame(longer, p + 1), False))
-        return steps
-
-    def finish(self):
-        return [(o[self.pos :], o) for o in self.options]
-
-
-def _utf8_lead(b: int) -> tuple[int, int, int] | None:
-    """For a lead byte: (continuation bytes needed, range of the next byte), None if invalid."""
-    if 0xC2 <= b <= 0xDF:
-        return 1, 0x80, 0xBF
-    if 0xE0 <= b <= 0xEF:  # E0: no overlong forms; ED: no surrogates
-        return 2, 0xA0 if b == 0xE0 else 0x80, 0x9F if b == 0xED else 0xBF
-    if 0xF0 <= b <= 0xF4:  # F0: no overlong forms; F4: nothing past U+10FFFF
-        return 3, 0x90 if b == 0xF0 else 0x80, 0x8F if b == 0xF4 else 0xBF
-    return None
-
-
-class StringFrame(Frame):
-    """A JSON string of valid UTF-8; with a `raw` buffer its bytes become the result (keys)."""
-
-    __slots__ = ("hi", "lo", "need", "phase", "raw")
-
-    def __init__(self, phase: str, raw: bytes | None = None, need: int = 0, lo: int = 0, hi: int = 0):
-        # phase: start, text, esc, hex1..hex4; need/lo/hi: the rest of a multi-byte character
-        self.phase, self.raw, self.need, self.lo, self.hi = phase, raw, need, lo, hi
-
-    def _next(self, phase: str, b: int, need: int = 0, lo: int = 0x80, hi: int = 0xBF) -> StringFrame:
-        raw = self.raw
-        if raw is not None:
-            raw += bytes([b])
-        return StringFrame(phase, raw, need, lo, hi)
-
-    def feed(self, b):
-        ph = self.phase
-        if ph == "start":
-            return [("set", StringFrame("text", self.raw), False)] if b == 0x22 else []
-        if ph == "text":
-            if self.raw is not None and len(self.raw) >= MAX_KEY:
-                return []
-            if self.need:
-                if not self.lo <= b <= self.hi:
-                    return []
-                return [("set", self._next("text", b, self.need - 1), False)]
-            if b == 0x22:
-                return [("pop", self.raw, False)]
-            if b < 0x20:
-                return []
-            if b >= 0x80:
-                lead = _utf8_lead(b)
-                return [("set", self._next("text", b, *lead), False)] if lead else []
-            return [("set", self._next("esc" if b == 0x5C else "text", b), False)]
-        if ph == "esc":
-            if b in b'"\\/bfnrt':
-                return [("set", self._next("text", b), False)]
-            return [("set", self._next("hex4", b), False)] if b == 0x75 else []
-        if chr(b) in "0123456789abcdefABCDEF":
-            n = int(ph[3]) - 1
-            return [("set", self._next(f"hex{n}" if n else "text", b), False)]
-        return []
-
-    def finish(self):
-        if self.phase == "start":
-            return [(b'""', b"" if self.raw is not None else None)]
-        if self.phase == "esc":
-            tail = b"n"
-        elif self.phase.startswith("hex"):
-            tail = b"0" * int(self.phase[3])
-        else:  # finish a half-written character with its smallest continuation
-            tail = bytes([self.lo] + [0x80] * (self.need - 1)) if self.need else b""
-        raw = None if self.raw is None else self.raw + tail
-        return [(tail + b'"', raw)]
-
-
-class NumberFrame(Frame):
-    __slots__ = ("integer", "n", "phase")
-
-    COMPLETE = frozenset({"zero", "int", "frac", "exp_int"})
-
-    def __init__(self, integer: bool, phase: str, n: int = 0):
-        self.integer, self.phase, self.n = integer, phase, n
-
-    def _to(self, phase):
-        if self.n >= MAX_NUMBER:
-            return []
-        return [("set", NumberFrame(self.integer, phase, self.n + 1), False)]
-
-    def feed(self, b):
-        ph, digit = self.phase, b in DIGITS
-        if ph in ("start", "sign"):
-            if b == 0x2D and ph == "start":
-                return self._to("sign")
-            return self._to("zero" if b == 0x30 else "int") if digit else []
-        if ph == "int" and digit:
-            return self._to("int")
-        if ph in ("zero", "int") and not self.integer:
-            if b == 0x2E:
-                return self._to("dot")
-            if b in (0x65, 0x45):
-                return self._to("exp")
-        if ph in ("dot", "frac") and digit:
-            return self._to("frac")
-        if ph == "frac" and b in (0x65, 0x45):
-            return self._to("exp")
-        if ph == "exp" and b in (0x2B, 0x2D):
-            return self._to("exp_sign")
-        if ph in ("exp", "exp_sign", "exp_int") and digit:
-            return self._to("exp_int")
-        if ph in self.COMPLETE:
-            return [("pop", None, True)]  # the byte belongs to whatever follows the number
-        return []
-
-    def finish(self):
-        return [(b"" if self.phase in self.COMPLETE else b"0", None)]
-
-
-class ObjectFrame(Frame):
-    __slots__ = ("alt", "key", "phase", "seen", "ws")
-
-    def __init__(self, alt: ObjectAlt, phase: str, seen=frozenset(), key=None, ws: int = 0):
-        # phase: start, first (after "{"), key (after ","), colon (after a key), value, after
-        self.alt, self.phase, self.seen, self.key, self.ws = alt, phase, seen, key, ws
-
-    def _key_frame(self) -> Frame:
-        if self.alt.additional is None:
-            return LiteralFrame(tuple(v for k, v in self.alt.keys.items() if k not in self.seen), 0)
-        return StringFrame("start", b"")
-
-    def feed(self, b):
-        a, ph = self.alt, self.phase
-        if ph == "start":
-            return [("set", ObjectFrame(a, "first"), False)] if b == 0x7B else []
-        if b in WS:
-            if ph == "value" or self.ws >= MAX_WS:
-                return []
-            return [("set", ObjectFrame(a, ph, self.seen, self.key, self.ws + 1), False)]
-        if ph in ("first", "key") and b == 0x22 and a.more_keys(self.seen):
-            return [("push", ObjectFrame(a, "colon", self.seen), self._key_frame(), True)]
-        if ph in ("first", "after") and b == 0x7D:
-            return [("pop", None, False)] if all(r in self.seen for r in a.required) else []
-        if ph == "after" and b == 0x2C and a.more_keys(self.seen):
-            return [("set", ObjectFrame(a, "key", self.seen), False)]
-        if ph == "colon" and b == 0x3A and self.key is not None:
-            node = a.value_node(self.key)
-            return [("push", ObjectFrame(a, "value", self.seen | {self.key}), ValueFrame(node), False)]
-        return []
-
-    def child_done(self, result):
-        if self.phase == "colon":  # the key was read: quoted (a listed name) or raw (free)
+    @classmethod
+    def json_schema(cls, schema: Any, what: str = "schema") -> Constraint:
+        if isinstance(schema, str):
             try:
-                key = json.loads(result if self.alt.additional is None else b'"' + result + b'"')
-            except ValueError:  # an invalid escape or UTF-8 sequence in a free key
-                return DeadFrame()
-            if key in self.seen or self.alt.value_node(key) is None:
-                return DeadFrame()
-            return ObjectFrame(self.alt, "colon", self.seen, key)
-        return ObjectFrame(self.alt, "after", self.seen)
-
-    def finish(self):
-        a, ph = self.alt, self.phase
-        if ph == "colon":
-            seen = self.seen | {self.key}
-            body = b":" + minimal(a.value_node(self.key)) + _required_entries(a, seen, first=False)
-            return [(body + b"}", None)]
-        if ph == "key":  # after a comma a key must follow: any one that may
-            keys = [k for k in a.required if k not in self.seen]
-            keys = keys or [k for k in a.properties if k not in self.seen] or [""]
-            out = []
-            for k in keys:
-                key, seen = json.dumps(k, ensure_ascii=False).encode(), self.seen | {k}
-                entry = key + b":" + minimal(a.value_node(k)) + _required_entries(a, seen, False)
-                out.append((entry + b"}", None))
-            return out
-        head = b"{" if ph == "start" else b""
-        first = ph in ("start", "first")
-        return [(head + _required_entries(a, self.seen, first) + b"}", None)]
-
-
-class ArrayFrame(Frame):
-    __slots__ = ("alt", "count", "phase", "ws")
-
-    def __init__(self, alt: ArrayAlt, phase: str, count: int = 0, ws: int = 0):
-        self.alt, self.phase, self.count, self.ws = (
-            alt,
-            phase,
-            count,
-            ws,
-        )  # phase: start, first, value, after
-
-    def feed(self, b):
-        a, ph = self.alt, self.phase
-        if ph == "start":
-            return [("set", ArrayFrame(a, "first"), False)] if b == 0x5B else []
-        if b in WS and ph != "value":
-            return [("set", ArrayFrame(a, ph, self.count, self.ws + 1), False)] if self.ws < MAX_WS else []
-        if b == 0x5D and ph in ("first", "after"):
-            return [("pop", None, False)] if self.count >= a.min_items else []
-        room = a.max_items is None or self.count < a.max_items
-        if ph == "first" and room:
-            return [("push", ArrayFrame(a, "value", self.count), ValueFrame(a.items), True)]
-        if ph == "after" and b == 0x2C and room:
-            return [("push", ArrayFrame(a, "value", self.count), ValueFrame(a.items), False)]
-        return []
-
-    def child_done(self, result):
-        return ArrayFrame(self.alt, "after", self.count + 1)
-
-    def finish(self):
-        a = self.alt
-        need = max(0, a.min_items - self.count)
-        items = [minimal(a.items)] * need
-        lead = b"," if items and self.phase == "after" else b""
-        return [((b"[" if self.phase == "start" else b"") + lead + b",".join(items) + b"]", None)]
-
-
-class DeadFrame(Frame):
-    """A branch that turned out invalid after the fact (e.g. a repeated key)."""
-
-    def feed(self, b):
-        return []
-
-    def finish(self):
-        return []
-
-
-class RootFrame(Frame):
-    __slots__ = ("done", "node")
-
-    def __init__(self, node: Node, done: bool = False):
-        self.node, self.done = node, done
-
-    def feed(self, b):
-        return []  # whitespace after the value is not needed: the processor ends with EOS
-
-    def child_done(self, result):
-        return RootFrame(self.node, True)
-
-    def finish(self):
-        return [(b"", None)]
-
-
-# ---------------------------------------------------------------------- grammar over states
-
-
-def _feed_stack(stack, b: int, out: list) -> None:
-    frame, parent = stack
-    for step in frame.feed(b):
-        kind, refeed = step[0], step[-1]
-        if kind == "set":
-            new = (step[1], parent)
-        elif kind == "push":
-            new = (step[2], (step[1], parent))
-        else:
-            pframe, grand = parent
-            new = (pframe.child_done(step[1]), grand)
-            if isinstance(new[0], DeadFrame):
-                continue
-        if refeed:
-            _feed_stack(new, b, out)
-        else:
-            out.append(new)
-
-
-def _stack_finish(stack) -> bytes | None:
-    """Shortest completion of one stack (None if the stack is a dead branch)."""
-    frame, parent = stack
-    best = None
-    for text, result in frame.finish():
-        if parent is not None:
-            pframe, grand = parent
-            rest = _stack_finish((pframe.child_done(result), grand))
-            if rest is None:
-                continue
-            text += rest
-        if best is None or len(text) < len(best):
-            best = text
-    return best
-
-
-def _can_end(stack) -> bool:
-    frame, parent = stack
-    while isinstance(frame, NumberFrame) and frame.phase in NumberFrame.COMPLETE:
-        frame, parent = parent
-        frame = frame.child_done(None)
-    return isinstance(frame, RootFrame) and frame.done
-
-
-class Grammar:
-    """A JSON value matching a compiled schema, checked incrementally over bytes."""
-
-    def __init__(self, node: Node):
-        self.node = node
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise ConstraintError(f"{what} is not valid JSON: {e}") from None
+        if isinstance(schema, bool):
+            schema = {} if schema else {"not": {}}
+        if not isinstance(schema, dict):
+            raise ConstraintError(f"{what} must be a JSON object")
+        schema = _rewrite(schema, "")
+        try:
+            g = lg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+        except ValueError as e:
+            raise ConstraintError(f"{what}: {e}") from None
+        return cls(_checked(g, what), "json_schema", json_output=True)
 
     @classmethod
-    def for_schema(cls, schema: Any, strict: bool = True) -> Grammar:
-        return cls(compile_schema(schema, strict))
-
-    @classmethod
-    def json_object(cls) -> Grammar:
+    def json_object(cls) -> Constraint:
         """OpenAI's json_object mode: any JSON object."""
-        return cls(compile_schema({"type": "object"}))
+        return cls.json_schema({"type": "object"})
 
-    def start(self) -> tuple:
-        # No whitespace before the value: it would only be a way to waste tokens.
-        return ((ValueFrame(self.node, ws=MAX_WS), (RootFrame(self.node), None)),)
+    @classmethod
+    def regex(cls, pattern: str, what: str = "regex") -> Constraint:
+        return cls(_checked(lg.LLMatcher.grammar_from_regex(pattern), what), "regex")
 
-    def advance(self, state: tuple, data: bytes) -> tuple | None:
-        """The state after `data`, or None if `data` cannot continue a valid value."""
-        stacks = state
-        for b in data:
-            nxt: list = []
-            for s in stacks:
-                _feed_stack(s, b, nxt)
-            if not nxt:
-                return None
-            stacks = tuple(nxt)
-        return stacks
+    @classmethod
+    def choice(cls, options: list[str], what: str = "choice") -> Constraint:
+        if not options or not all(isinstance(o, str) and o for o in options):
+            raise ConstraintError(f"{what} must be a non-empty list of non-empty strings")
+        lark = "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
+        return cls(_checked(lg.LLMatcher.grammar_from_lark(lark), what), "choice")
 
-    def can_end(self, state: tuple) -> bool:
-        """True if the output so far is a complete value (generation may stop here)."""
-        return any(_can_end(s) for s in state)
+    @classmethod
+    def grammar_text(cls, text: str, what: str = "grammar") -> Constraint:
+        """A Lark grammar (llguidance's dialect) or a GBNF one (llama.cpp's), told apart by `::=`."""
+        fmt = "gbnf" if "::=" in text else "lark"
+        try:
+            g = lg.grammar_from(fmt, text)
+        except ValueError as e:
+            raise ConstraintError(f"{what}: {e}") from None
+        return cls(_checked(g, what), fmt)
 
-    def is_closed(self, state: tuple) -> bool:
-        """True if nothing but the end can follow (the top-level value is closed)."""
-        return all(isinstance(s[0], RootFrame) for s in state)
+    @classmethod
+    def tool_call(cls, tools: list[tuple[str, dict]], what: str = "tools") -> Constraint:
+        """The JSON of one call {"name", "arguments"} to one of `tools` ((name, parameters schema))."""
+        rules, alts = [], []
+        for i, (name, params) in enumerate(tools):
+            params = _rewrite(params or {"type": "object"}, f"{what}[{i}].function.parameters")
+            defs = {k: params.pop(k) for k in ("$defs", "definitions") if k in params}
+            call = {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+                **defs,
+            }
+            # Each tool's schema is its own JSON grammar, so its $refs resolve against itself.
+            _checked(
+                lg.LLMatcher.grammar_from_json_schema(json.dumps(call), defaults=JSON_OPTIONS), f"{what}[{i}]"
+            )
+            rules.append(f"call{i}: %json {json.dumps(call)}")
+            alts.append(f"call{i}")
+        if not alts:
+            raise ConstraintError(f"{what}: no tool to call")
+        lark = f"start: {' | '.join(alts)}\n" + "\n".join(rules)
+        return cls(_checked(lg.LLMatcher.grammar_from_lark(lark), what), "tool_call", json_output=True)
 
-    def closure(self, state: tuple) -> bytes:
-        """The shortest bytes that complete the value."""
-        options = [t for t in (_stack_finish(s) for s in state) if t is not None]
-        return min(options, key=len) if options else b""
+    def processor(self, tokenizer, n_vocab: int) -> ConstraintProcessor:
+        return ConstraintProcessor(self, bridge(tokenizer, n_vocab))
 
-    def matches(self, text: str) -> bool:
-        state = self.advance(self.start(), text.encode())
-        return state is not None and self.can_end(state)
-
-
-# ---------------------------------------------------------------------- the logits processor
+    def matches(self, tokenizer, text: str, n_vocab: int | None = None) -> bool:
+        """True if `text` (as the tokenizer encodes it) is a complete output of this grammar."""
+        m = lg.LLMatcher(bridge(tokenizer, n_vocab or tokenizer.vocab_size).lltok, self.grammar, log_level=0)
+        return m.consume_tokens(tokenizer.encode(text)) and m.is_accepting()
 
 
-class JsonLogitsProcessor:
-    """Masks logits so the generated text stays a valid prefix of a schema-matching value.
+class _Bridge:
+    """A tokenizer as llguidance sees it, plus what completion() needs (every token's bytes)."""
 
-    Called by `generate_step` as `(history, logits) -> logits` once per step, in order; it
-    learns the previous step's token from the tail of `history`. It must come after any
-    penalty processors so it sees the final logits. `candidates` is how many of the most
-    likely tokens are tried per step (trying all 150k would cost seconds per token); if none
-    of them fits, the next byte of the shortest completion is forced, which always fits.
+    def __init__(self, tokenizer, n_vocab: int):
+        eos = list(tokenizer.eos_token_ids)
+        self.n_vocab = n_vocab
+        self.lltok = lg.LLTokenizer(tokenizer.to_json(), n_vocab=n_vocab, eos_token=eos)
+        self.eos = eos
+        self.words = (n_vocab + 31) // 32
+        # One token per single byte, for completion(): byte-level BPE has all 256.
+        ids = ((b, tokenizer.token_to_id(c)) for c, b in byte_decoder().items())
+        self.byte_token = {b: t for b, t in ids if t is not None}
+
+
+_bridges: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_bridges_lock = threading.Lock()
+
+
+def bridge(tokenizer, n_vocab: int) -> _Bridge:
+    """The llguidance view of `tokenizer` for logits `n_vocab` wide, built once and shared."""
+    with _bridges_lock:
+        per = _bridges.setdefault(tokenizer, {})
+        if n_vocab not in per:
+            per[n_vocab] = _Bridge(tokenizer, n_vocab)
+        return per[n_vocab]
+
+
+class ConstraintProcessor:
+    """Masks each step's logits to the tokens the grammar allows next.
+
+    Called as `(history, logits) -> logits` once per step, in order, after any penalty processors.
+    The first call sees the prompt; each later call feeds the matcher the tokens added to
+    `history` since (the previous step's sample). The mask depends only on those tokens, never
+    on the logits, so the model's forward pass can run while it is computed.
     """
 
-    def __init__(self, grammar: Grammar, tokenizer, max_tokens: int, candidates: int = 128):
-        self.grammar, self.tok, self.max_tokens = grammar, tokenizer, max_tokens
-        self.candidates = candidates
-        self.eos = list(tokenizer.eos_token_ids)
-        self.state = grammar.start()
-        self.steps = 0  # tokens generated so far
-        self._seen: int | None = None  # history length already consumed
+    def __init__(self, constraint: Constraint, bridge_: _Bridge):
+        self.constraint, self.bridge = constraint, bridge_
+        self.matcher = lg.LLMatcher(bridge_.lltok, constraint.grammar, log_level=0)
+        if self.matcher.is_error():
+            raise ConstraintError(self.matcher.get_error())
+        self._seen: int | None = None
+        self._mask = np.full(bridge_.words, -1, dtype=np.int32)
+        self._neg = None
 
-    def _consume(self, history) -> None:
+    def feed(self, tokens: list[int]) -> None:
+        for t in tokens:
+            if t in self.bridge.eos and self.matcher.is_accepting():
+                continue
+            if not self.matcher.consume_token(t):
+                raise ConstraintError(f"token {t} breaks the grammar: {self.matcher.get_error()[:200]}")
+
+    def _catch_up(self, history: mx.array) -> None:
+        n = int(history.size)
         if self._seen is None:
-            self._seen = int(history.size)
+            self._seen = n
             return
-        new = history[self._seen :].tolist()
-        self._seen += len(new)
-        for t in new:
-            self.steps += 1
-            if t in self.eos:
-                continue
-            nxt = self.grammar.advance(self.state, self.tok.token_bytes(t) or b"")
-            # Cannot happen for tokens this processor allowed; keep the last good state if so.
-            self.state = nxt if nxt is not None else self.state
+        if n > self._seen:
+            self.feed(history[self._seen :].tolist())
+            self._seen = n
 
-    def allowed(self, logits_row: np.ndarray) -> list[int]:
-        """Token ids allowed next, given the (1-D, float) logits of this step."""
-        g, state = self.grammar, self.state
-        if g.is_closed(state):
-            return self.eos[:1]
-        remaining = self.max_tokens - self.steps  # including this step's token
-        close = g.closure(state)
-        if remaining <= len(close):
-            return [self._forced(close)]
-        k = min(self.candidates, logits_row.size - 1)
-        top = np.argpartition(-logits_row, k)[:k]
-        top = top[np.argsort(-logits_row[top], kind="stable")]
-        out = []
-        check_budget = remaining <= 4 * len(close) + 256
-        for t in top.tolist():
-            if t in self.eos:
-                if g.can_end(state):
-                    out.append(t)
-                continue
-            if self.tok.is_special(t):
-                continue
-            data = self.tok.token_bytes(t)
-            if not data:
-                continue
-            nxt = g.advance(state, data)
-            if nxt is None:
-                continue
-            if check_budget and len(g.closure(nxt)) > remaining - 1:
-                continue
-            out.append(t)
-        return out or [self._forced(close)]
+    def allowed(self) -> np.ndarray:
+        """Boolean mask over the model's vocabulary for the next token."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little")
+        return bits[: self.bridge.n_vocab].astype(bool)
 
-    def _forced(self, close: bytes) -> int:
-        """A token whose bytes start the shortest completion (always a valid continuation)."""
-        ids = self.tok.encode(close.decode("utf-8", errors="replace"))
-        if ids and close.startswith(self.tok.token_bytes(ids[0]) or b"\xff"):
-            return ids[0]
-        # A byte-level vocabulary has a token for every single byte.
-        from .tokenizer import byte_decoder
+    def __call__(self, history: mx.array, logits: mx.array) -> mx.array:
+        self._catch_up(history)
+        mask = mx.array(self.allowed())
+        if self._neg is None:
+            self._neg = mx.array(-np.inf, dtype=logits.dtype)
+        return mx.where(mask, logits, self._neg)
 
-        char = next(c for c, b in byte_decoder().items() if b == close[0])
-        t = self.tok.token_to_id(char)
-        return t if t is not None else ids[0]
+    @property
+    def done(self) -> bool:
+        """True when the output so far is complete (only the end may follow, or it may stop here)."""
+        return self.matcher.is_accepting()
 
-    def __call__(self, history, logits):
-        import mlx.core as mx
+    def completion(self, generated: list[int]) -> tuple[int, str]:
+        """How to complete an output cut short after the tokens `generated`: (cut, text).
 
-        self._consume(history)
-        row = np.array(logits[0].astype(mx.float32))
-        allowed = self.allowed(row)
-        bias = np.full(row.shape, -np.inf, dtype=np.float32)
-        bias[allowed] = 0.0
-        return logits + mx.array(bias)[None]
+        The completed output is `decode(generated)` without its last `cut` characters, then `text`:
+        a character the cut split in two (decoded as one U+FFFD) is finished, not replaced.
+        (0, "") when the output is already complete.
+        """
+        ids = [t for t in generated if t not in self.bridge.eos]
+        tail = self._close(ids)
+        if not tail:
+            return 0, ""
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        utf8.decode(self.bridge.lltok.decode_bytes(ids))
+        split = utf8.getstate()[0]  # the bytes of a character not finished yet
+        return (1 if split else 0), (split + tail).decode("utf-8", errors="replace")
+
+    def _close(self, ids: list[int]) -> bytes:
+        """Bytes that complete the output after `ids`, b"" if it is complete.
+
+        Forced bytes first (a required key, a closing quote), otherwise the first character of
+        `_CLOSERS` the grammar allows; gives up (returns what it has) after CLOSE_STEPS tokens.
+        """
+        m = lg.LLMatcher(self.bridge.lltok, self.constraint.grammar, log_level=0)
+        if not m.consume_tokens(ids):
+            return b""
+        out = b""
+        mask = np.zeros(self.bridge.words, dtype=np.int32)
+        for _ in range(CLOSE_STEPS):
+            if m.is_accepting():
+                return out
+            ff = m.compute_ff_tokens()
+            if ff:
+                m.consume_tokens(ff)
+                out += self.bridge.lltok.decode_bytes(ff)
+                continue
+            m.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
+            bits = np.unpackbits(mask.view(np.uint8), bitorder="little")
+            # A character picked REPEAT times in a row goes last, so "0.000…" cannot run forever.
+            order = sorted(_CLOSERS, key=lambda b: out.endswith(bytes([b]) * REPEAT))
+            pick = next((t for b in order if bits[t := self.bridge.byte_token.get(b, 0)]), None)
+            if pick is None:
+                ok = np.nonzero(bits[: self.bridge.n_vocab])[0]
+                ok = [t for t in ok.tolist() if t not in self.bridge.eos]
+                if not ok:
+                    return out
+                pick = ok[0]
+            m.consume_token(pick)
+            out += self.bridge.lltok.decode_bytes([pick])
+        return out

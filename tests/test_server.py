@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ from fastapi.testclient import TestClient
 from tiny import tiny_config, write_folder
 
 import qmlx
+from qmlx.constrain import ConstraintProcessor
 from qmlx.server import Engine, create_app
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -189,6 +191,44 @@ def test_json_object_streamed(client):
     assert isinstance(json.loads(text), dict)
 
 
+@pytest.mark.parametrize("max_tokens", [2, 40])
+def test_guided_fields_and_llama_cpp_grammar_fields(client, max_tokens):
+    """vLLM's guided_* fields on both endpoints and llama.cpp's grammar / json_schema on completions, streamed
+    and whole; every output is checked with `re` / `json`, also when max_tokens cut it short."""
+    pattern = r"[0-9]{3}-[a-z]{2,4}"
+    cases = [
+        ({"guided_regex": pattern}, lambda t: re.fullmatch(pattern, t)),
+        ({"guided_choice": ["alpha", "beta"]}, lambda t: t in ("alpha", "beta")),
+        ({"guided_grammar": 'root ::= "(" [0-9]+ ")"'}, lambda t: re.fullmatch(r"\([0-9]+\)", t)),
+        (
+            {"guided_json": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}},
+            lambda t: isinstance(json.loads(t), list),
+        ),
+    ]
+    completion_cases = cases + [
+        ({"grammar": 'root ::= ("yes" | "no") "!"'}, lambda t: t in ("yes!", "no!")),
+        (
+            {"json_schema": {"type": "object", "properties": {"a": {"const": 1}}, "required": ["a"]}},
+            lambda t: json.loads(t)["a"] == 1,
+        ),
+    ]
+    for fields, ok in cases:
+        body = chat(client, max_tokens=max_tokens, **fields).json()
+        assert ok(body["choices"][0]["message"]["content"]), (fields, body)
+        r = chat(client, max_tokens=max_tokens, stream=True, **fields)
+        text = "".join(
+            e["choices"][0]["delta"].get("content", "") for e in sse_events(r.text) if e["choices"]
+        )
+        assert ok(text), (fields, text)
+    for fields, ok in completion_cases:
+        body = {"prompt": "Answer:", "max_tokens": max_tokens, "temperature": 1.0, "seed": 3, **fields}
+        out = client.post("/v1/completions", json=body).json()
+        assert ok(out["choices"][0]["text"]), (fields, out)
+        r = client.post("/v1/completions", json={**body, "stream": True})
+        text = "".join(e["choices"][0]["text"] for e in sse_events(r.text) if e["choices"])
+        assert ok(text), (fields, text)
+
+
 TOOLS = [
     {
         "type": "function",
@@ -332,11 +372,19 @@ def test_tool_results_are_accepted_in_the_conversation(client):
                 "messages": MESSAGES,
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"schema": {"type": "string", "pattern": "a+"}},
+                    "json_schema": {"schema": {"type": "string", "not": {"const": "a"}}},
                 },
             },
             "response_format.json_schema.schema",
-            "pattern",
+            'unsupported JSON Schema keyword(s): ["not"]',
+        ),
+        ({"messages": MESSAGES, "guided_regex": "[a-z+"}, "guided_regex", "unclosed character class"),
+        ({"messages": MESSAGES, "guided_choice": []}, "guided_choice", "non-empty list"),
+        ({"messages": MESSAGES, "guided_grammar": "start: x"}, "guided_grammar", "guided_grammar"),
+        (
+            {"messages": MESSAGES, "guided_regex": "a", "response_format": {"type": "json_object"}},
+            "guided_regex",
+            "cannot both constrain",
         ),
         ({"messages": MESSAGES, "response_format": {"type": "xml"}}, None, ""),
         (
@@ -591,18 +639,15 @@ def test_json_schema_and_tool_call_requests_batched_with_plain_ones(client, engi
 def test_a_request_failing_alone_fails_only_itself(tiny, engine, client, monkeypatch):
     """A bug in one request's own part of a step (its grammar) fails that request with a 500 error object;
     the requests batched with it finish normally."""
-    from qmlx.server import engine as engine_module
-
     wait_idle(engine)
-    real = engine_module.JsonLogitsProcessor
+    real = ConstraintProcessor.__call__
 
-    class Broken(real):
-        def __call__(self, history, logits):
-            if self.steps >= 1:
-                raise RuntimeError("boom")
-            return super().__call__(history, logits)
+    def broken(self, history, logits):
+        if self._seen is not None:  # its second step
+            raise RuntimeError("boom")
+        return real(self, history, logits)
 
-    monkeypatch.setattr(engine_module, "JsonLogitsProcessor", Broken)
+    monkeypatch.setattr(ConstraintProcessor, "__call__", broken)
     plain = {"messages": MESSAGES, "temperature": 0.0, "max_tokens": 12}
     bad = {**plain, "response_format": {"type": "json_object"}}
     want = _answer(client.post("/v1/chat/completions", json=plain))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..batch import BatchDecoder
-from ..constrain import Grammar, JsonLogitsProcessor
+from ..constrain import ConstraintProcessor
 from ..errors import UserError
 from ..prompt_cache import PrefixCache
 from .schemas import APIError
@@ -48,7 +48,7 @@ class Job:
     ids: list[int]
     max_tokens: int
     sampling: dict[str, Any]
-    grammar: Grammar | None = None
+    constraint: ConstraintProcessor | None = None  # the output's grammar (JSON, regex, tool call)
     top_logprobs: int = 0  # how many alternatives per token to report (0: none)
     loop: asyncio.AbstractEventLoop | None = None
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -88,6 +88,7 @@ class Engine:
             raise UserError(f"--request-timeout must be a positive number of seconds, got {request_timeout}")
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.context = int(model.config.max_position_embeddings)
+        self.vocab = int(model.config.vocab_size)  # the logits' width (>= the tokenizer's vocabulary)
         self.max_queue, self.request_timeout = max_queue, request_timeout
         self.decoder = BatchDecoder(model, tokenizer, max_rows=max_concurrency, prefill_step=prefill_step)
         self.prefixes = PrefixCache(prompt_cache_bytes)
@@ -214,9 +215,8 @@ class Engine:
         pc = self.prefixes.checkout(self.model, job.ids)
         job.cached_tokens = len(pc.tokens)
         self.stats["prompt_tokens_reused"] += job.cached_tokens
-        # A grammar (JSON output, forced tool calls) masks the logits after the penalties;
-        # stop strings do not apply to it: the output ends when the JSON value is complete.
-        constraint = [JsonLogitsProcessor(job.grammar, self.tokenizer, job.max_tokens)] if job.grammar else []
+        # A grammar (JSON output, forced tool calls, regex) masks the logits after the penalties.
+        constraint = [job.constraint] if job.constraint is not None else []
         with self.cond:
             self.running[job.key] = (job, pc)
         self.decoder.add(

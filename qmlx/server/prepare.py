@@ -2,19 +2,21 @@
 
 Everything here runs before a request reaches the engine (in a worker thread), so anything a client
 can get wrong is refused with a 400 naming the field, and the engine only ever sees valid jobs.
-Tool choice and response_format become a grammar (qmlx/constrain.py): "required" or a named function
-starts the answer inside `<tool_call>` and constrains the call's JSON to the tools' schemas.
+Tool choice, response_format and the guided_* / grammar fields become a constraint (qmlx/constrain.py,
+on llguidance): "required" or a named function starts the answer inside `<tool_call>` and constrains the
+call's JSON, arguments included, to the tools' schemas. Its processor is built here, off the engine's thread.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from ..constrain import Grammar, Node, SchemaError, compile_schema
+from ..constrain import Constraint, ConstraintError
 from ..toolcalls import OPEN, MessageError, template_messages
 from .engine import Engine, Job
-from .schemas import APIError, ChatRequest, CompletionRequest, NamedToolChoice, ResponseFormat, Sampling, Tool
+from .schemas import APIError, ChatRequest, CompletionRequest, NamedToolChoice, Sampling, Tool
 
 DEFAULT_MAX_TOKENS = 2048  # when a request names no limit (OpenAI's "up to the context")
 
@@ -85,42 +87,63 @@ def _limit_tokens(engine: Engine, ids: list[int], asked: int | None, param: str)
     return asked if asked is not None else min(DEFAULT_MAX_TOKENS, ctx - n)
 
 
-def _tool_call_grammar(tools: list[Tool]) -> Grammar:
-    """The JSON of one call to one of `tools`, with its arguments' schema where supported."""
-    node = Node()
-    for t in tools:
-        params = t.function.parameters or {"type": "object"}
-        wrapper = {
-            "type": "object",
-            "properties": {"name": {"const": t.function.name}, "arguments": params},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        try:
-            node.alts += compile_schema({**wrapper, "$defs": params.get("$defs", {})}, strict=False).alts
-        except SchemaError:  # a schema we cannot follow: any object is still a valid call
-            wrapper["properties"]["arguments"] = {"type": "object"}
-            node.alts += compile_schema(wrapper).alts
-    return Grammar(node)
-
-
-def _response_grammar(fmt: ResponseFormat | None) -> Grammar | None:
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return Grammar.json_object()
-    if fmt.json_schema is None:
-        raise APIError(
-            400,
-            "response_format of type json_schema needs a json_schema object",
-            "response_format.json_schema",
-        )
+def _constraint(make, param: str) -> Constraint:
     try:
-        return Grammar.for_schema(fmt.json_schema.schema_)
-    except SchemaError as e:
-        raise APIError(
-            400, f"response_format.json_schema.schema: {e}", "response_format.json_schema.schema"
-        ) from None
+        return make()
+    except ConstraintError as e:
+        raise APIError(400, str(e), param) from None
+
+
+def _tool_call_constraint(tools: list[Tool]) -> Constraint:
+    """The JSON of one call to one of `tools`, its arguments constrained to that tool's schema."""
+    pairs = [(t.function.name, t.function.parameters or {"type": "object"}) for t in tools]
+    return _constraint(lambda: Constraint.tool_call(pairs), "tools")
+
+
+CONSTRAINT_FIELDS = {  # request field -> how its value becomes a constraint
+    "guided_json": Constraint.json_schema,
+    "json_schema": Constraint.json_schema,
+    "guided_regex": Constraint.regex,
+    "guided_choice": Constraint.choice,
+    "guided_grammar": Constraint.grammar_text,
+    "grammar": Constraint.grammar_text,
+}
+
+
+def _response_constraint(req: Sampling) -> Constraint | None:
+    """The request's output constraint: response_format or one of the guided_* / llama.cpp fields."""
+    given = []
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.type == "json_object":
+        given.append(("response_format", Constraint.json_object))
+    elif fmt is not None and fmt.type == "json_schema":
+        if fmt.json_schema is None:
+            raise APIError(
+                400,
+                "response_format of type json_schema needs a json_schema object",
+                "response_format.json_schema",
+            )
+        where = "response_format.json_schema.schema"
+        given.append((where, partial(Constraint.json_schema, fmt.json_schema.schema_, where)))
+    for name, make in CONSTRAINT_FIELDS.items():
+        value = getattr(req, name)
+        if value is not None:
+            given.append((name, partial(make, value, name)))
+    if len(given) > 1:
+        raise APIError(400, f"{given[0][0]} and {given[1][0]} cannot both constrain the output", given[1][0])
+    if not given:
+        return None
+    param, make = given[0]
+    return _constraint(make, param)
+
+
+def _attach(engine: Engine, job: Job, constraint: Constraint | None) -> Job:
+    """The job with its constraint's processor (built here, off the engine's thread)."""
+    if constraint is not None:
+        job.constraint = constraint.processor(engine.tokenizer, engine.vocab)
+        if constraint.json_output:
+            job.sampling["stop"] = None  # JSON output ends when the value does
+    return job
 
 
 def prepare_chat(engine: Engine, req: ChatRequest) -> Prepared:
@@ -132,7 +155,7 @@ def prepare_chat(engine: Engine, req: ChatRequest) -> Prepared:
         messages = template_messages([m.model_dump(exclude_none=True) for m in req.messages])
     except MessageError as e:
         raise APIError(400, str(e), e.param) from None
-    grammar = _response_grammar(req.response_format)
+    grammar = _response_constraint(req)
     choice = req.tool_choice or ("auto" if req.tools else "none")
     tools = req.tools or []
     if isinstance(choice, NamedToolChoice):
@@ -158,20 +181,18 @@ def prepare_chat(engine: Engine, req: ChatRequest) -> Prepared:
     if tools_forced:
         # Start the answer inside a call, as the model itself would, then constrain its JSON.
         prompt += OPEN + "\n"
-        grammar = _tool_call_grammar(tools_forced)
+        grammar = _tool_call_constraint(tools_forced)
     ids = _encode(tok, prompt, "messages")
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = _limit_tokens(engine, ids, asked, param)
     sampling = _sampling_kwargs(req, tok)
-    if grammar is not None:
-        sampling.pop("stop")  # JSON output ends when the value does
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     # The chosen token's logprob comes with the alternatives, so ask for at least one.
     n_top = max(req.top_logprobs or 0, 1) if req.logprobs else 0
     return Prepared(
-        Job(ids, max_tokens, sampling, grammar, top_logprobs=n_top),
+        _attach(engine, Job(ids, max_tokens, sampling, top_logprobs=n_top), grammar),
         parse_tools=bool(rendered_tools) and not tools_forced and grammar is None,
         forced_call=bool(tools_forced),
         tool_names={t.function.name for t in tools},
@@ -198,4 +219,5 @@ def prepare_completion(engine: Engine, req: CompletionRequest) -> Prepared:
         ids = _encode(tok, p, "prompt")
     max_tokens = _limit_tokens(engine, ids, req.max_tokens, "max_tokens")
     n_top = 0 if req.logprobs is None else max(req.logprobs, 1)
-    return Prepared(Job(ids, max_tokens, _sampling_kwargs(req, tok), top_logprobs=n_top))
+    job = Job(ids, max_tokens, _sampling_kwargs(req, tok), top_logprobs=n_top)
+    return Prepared(_attach(engine, job, _response_constraint(req)))

@@ -128,6 +128,13 @@ class Sampling(Strict):
     logit_bias: dict[str, float] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    # Constrained output beyond response_format: vLLM's guided_* extensions, llama.cpp's fields.
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    grammar: str | None = None  # llama.cpp: GBNF (or Lark)
+    json_schema: dict | None = None  # llama.cpp: a schema for the output
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -150,3 +157,4 @@ class CompletionRequest(Sampling):
     echo: bool = False
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
+    response_format: ResponseFormat | None = None

@@ -16,7 +16,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from ..constrain import Grammar
 from ..toolcalls import ToolCall, ToolCallParser, parse_call
 from .engine import Job
 from .prepare import Prepared
@@ -52,12 +51,16 @@ def usage(job: Job, ev) -> dict[str, Any]:
     }
 
 
-def _finish_json(grammar: Grammar, text: str) -> str:
-    """Complete a constrained output cut short (by the token limit) so it always parses."""
-    state = grammar.advance(grammar.start(), text.encode())
-    if state is None or grammar.can_end(state):
-        return ""
-    return grammar.closure(state).decode("utf-8", errors="replace")
+def completed(job: Job, ev, tokens: list[int]) -> str:
+    """The text of event `ev`; at the last event of a constrained output cut short by the token limit,
+    completed so that it still parses (`tokens`: every token generated, this event's included)."""
+    if ev.finish_reason is None or job.constraint is None:
+        return ev.text
+    cut, add = job.constraint.completion(tokens)
+    text = ev.text
+    if cut and text.endswith("\ufffd"):  # the split character the detokenizer flushed at the end
+        text = text[:-1]
+    return text + add
 
 
 async def job_events(job: Job, request: Request | None, heartbeat: bool = False) -> AsyncIterator:
@@ -119,10 +122,14 @@ class ChatOutput:
         self.prep, self.tok = prep, tok
         self.parser = ToolCallParser(prep.tool_names) if prep.parse_tools else None
         self.text = ""  # all generated text (for the forced call and JSON completion)
+        self.tokens: list[int] = []  # and its tokens (for the completion of a constrained output)
         self.calls: list[ToolCall] = []
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
-        """(content to show, completed tool calls) for a text delta."""
+    def feed(self, ev) -> tuple[str, list[ToolCall]]:
+        """(content to show, completed tool calls) for a generation event."""
+        if ev.token is not None:
+            self.tokens.append(ev.token)
+        text = completed(self.prep.job, ev, self.tokens)
         self.text += text
         if self.prep.forced_call:
             return "", []
@@ -133,16 +140,13 @@ class ChatOutput:
     def finish(self) -> tuple[str, list[ToolCall]]:
         job = self.prep.job
         if self.prep.forced_call:
-            tail = _finish_json(job.grammar, self.text)
-            call = parse_call(self.text + tail)
+            call = parse_call(self.text)
             if call is None:  # cannot happen with the grammar; never answer with nothing
-                return self.text + tail, []
+                return self.text, []
             self.calls.append(call)
             return "", [call]
-        if job.grammar is not None:
-            tail = _finish_json(job.grammar, self.text)
-            self.text += tail
-            return tail, []
+        if job.constraint is not None:
+            return "", []
         if self.parser is None:
             return "", []
         return self._split(self.parser.finish())
@@ -186,7 +190,7 @@ class ChatFormat:
         return [self._chunk({"role": "assistant", "content": ""})]
 
     def feed(self, ev) -> list[dict]:
-        content, calls = self.out.feed(ev.text)
+        content, calls = self.out.feed(ev)
         self.text.append(content)
         lp = None
         if self.req.logprobs and ev.token is not None:
@@ -237,6 +241,7 @@ class CompletionFormat:
         self.head = {**head, "object": "text_completion"}
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
         self.events: list = []
+        self.texts: list[str] = []  # each event's text (the last one completed if constrained)
 
     def _logprobs(self, evs) -> dict | None:
         if self.req.logprobs is None:
@@ -256,11 +261,13 @@ class CompletionFormat:
 
     def feed(self, ev) -> list[dict]:
         self.events.append(ev)
-        if not (ev.text or ev.finish_reason):
+        text = completed(self.job, ev, [e.token for e in self.events if e.token is not None])
+        self.texts.append(text)
+        if not (text or ev.finish_reason):
             return []
         choice = {
             "index": 0,
-            "text": ev.text,
+            "text": text,
             "logprobs": self._logprobs([ev]),
             "finish_reason": ev.finish_reason,
         }
@@ -272,7 +279,7 @@ class CompletionFormat:
     def whole(self, last) -> dict:
         choice = {
             "index": 0,
-            "text": "".join(e.text for e in self.events),
+            "text": "".join(self.texts),
             "logprobs": self._logprobs(self.events),
             "finish_reason": last.finish_reason,
         }
