@@ -131,9 +131,44 @@ def add_generate(sub) -> None:
         metavar="N",
         help="draft by matching the last N (or fewer) tokens earlier in the context",
     )
+    g = p.add_argument_group("constrained output (one of)").add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON matching this JSON Schema")
+    g.add_argument("--json", action="store_true", help="the output is a JSON object")
+    g.add_argument("--regex", metavar="R", help="the output matches this regular expression")
+    g.add_argument("--grammar", metavar="FILE", help="the output follows this Lark or GBNF grammar")
+    g.add_argument(
+        "--choice", action="append", metavar="TEXT", help="the output is one of these (repeatable)"
+    )
     add_sampling_flags(p)
     add_pipeline_flags(p)
     p.set_defaults(run=run_generate)
+
+
+def read_constraint(args):
+    """The Constraint that --json-schema / --json / --regex / --grammar / --choice ask for, or None."""
+    from .constrain import Constraint, ConstraintError
+
+    def text_of(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: cannot be read ({e})") from None
+
+    try:
+        if args.json_schema:
+            return Constraint.json_schema(text_of(args.json_schema), args.json_schema)
+        if args.grammar:
+            return Constraint.grammar_text(text_of(args.grammar), args.grammar)
+        if args.regex is not None:
+            return Constraint.regex(args.regex, "--regex")
+        if args.choice:
+            return Constraint.choice(args.choice, "--choice")
+        if args.json:
+            return Constraint.json_object()
+    except ConstraintError as e:
+        raise UserError(str(e)) from None
+    return None
 
 
 def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
@@ -200,6 +235,11 @@ def run_generate(args) -> int:
         raise UserError("--prompt-cache, --draft-model and --prompt-lookup do not work in a pipeline")
     if args.raw and not args.prompt and not args.prompt_cache:
         raise UserError("--prompt is empty; with --raw nothing would be sent to the model")
+    constraint = read_constraint(args)  # before loading: a bad file fails fast
+    if constraint is not None and (args.draft_model or args.prompt_lookup):
+        # Drafted tokens are not checked against the grammar: decode without drafting instead.
+        print("note: a constrained output is decoded without --draft-model/--prompt-lookup", file=sys.stderr)
+        args.draft_model, args.prompt_lookup = None, 0
     loaded = load_or_join(args, kv_cache_kwargs(args))
     if loaded is None:
         return 0
@@ -222,7 +262,8 @@ def run_generate(args) -> int:
         prompt = tokenizer.user_prompt(prompt, system)
     elif not prompt:
         raise UserError("--prompt is empty; with --raw nothing would be sent to the model")
-    last, drafted = None, 0
+    procs = [constraint.processor(tokenizer, model.config.vocab_size)] if constraint is not None else []
+    last, drafted, generated = None, 0, []
     for ev in stream_generate(
         model,
         tokenizer,
@@ -235,9 +276,15 @@ def run_generate(args) -> int:
         draft_model=draft,
         num_draft_tokens=args.num_draft_tokens,
         prompt_lookup=args.prompt_lookup,
+        logits_processors=procs,
         **sampling_kwargs(args),
     ):
-        sys.stdout.write(ev.text)
+        text = ev.text
+        if procs:
+            generated += [ev.token] if ev.token is not None else []
+            if ev.finish_reason == "length":  # cut short: completed so that it still parses
+                text = procs[0].finish_text(text, generated)
+        sys.stdout.write(text)
         sys.stdout.flush()
         last, drafted = ev, drafted + ev.from_draft
     sys.stdout.write("\n")

@@ -294,6 +294,13 @@ class ConstraintProcessor:
         split = utf8.getstate()[0]  # the bytes of a character not finished yet
         return (1 if split else 0), (split + tail).decode("utf-8", errors="replace")
 
+    def finish_text(self, text: str, generated: list[int]) -> str:
+        """`text`, the end of an output (its last event's text), completed if the cut left it unfinished."""
+        cut, add = self.completion(generated)
+        if cut and text.endswith("\ufffd"):  # the split character, flushed by the detokenizer at the end
+            text = text[:-1]
+        return text + add
+
     def _close(self, ids: list[int]) -> bytes:
         """Bytes that complete the output after `ids`, b"" if it is complete.
 

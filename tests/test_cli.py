@@ -178,3 +178,36 @@ def test_wrong_arguments_are_user_errors(files, tmp_path, monkeypatch, capsys, c
 )
 def test_more_wrong_lines(argv, capsys):
     assert check(argv, capsys) is None
+
+
+def test_generate_constrained_output(files, tmp_path, capsys):
+    """--json-schema / --regex / --grammar / --choice: stdout matches them (checked by jsonschema and re),
+    also when --max-tokens cuts the output short; a drafting flag is turned off with a note."""
+    import re
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 10}, "tag": {"enum": ["x", "y"]}},
+        "required": ["id", "tag"],
+        "additionalProperties": False,
+    }
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.gbnf").write_text('root ::= "<" [a-c]+ ">"')
+    m = str(files / "m")
+    for n in ("3", "40"):
+        base = ["generate", "-m", m, "-p", "hi", "-n", n, "--temp", "1", "--seed", "5"]
+        assert main([*base, "--json-schema", str(tmp_path / "s.json"), "--prompt-lookup", "2"]) == 0
+        out, err = capsys.readouterr()
+        jsonschema.validate(json.loads(out), schema)
+        assert "without --draft-model/--prompt-lookup" in err
+        assert main([*base, "--regex", "[0-9]{2}:[0-9]{2}"]) == 0
+        assert re.fullmatch(r"[0-9]{2}:[0-9]{2}\n", capsys.readouterr().out)
+        assert main([*base, "--grammar", str(tmp_path / "g.gbnf")]) == 0
+        assert re.fullmatch(r"<[a-c]+>\n", capsys.readouterr().out)
+        assert main([*base, "--choice", "left", "--choice", "right"]) == 0
+        assert capsys.readouterr().out in ("left\n", "right\n")
+    (tmp_path / "bad.json").write_text('{"type": "string", "not": {}}')
+    assert main(["generate", "-m", m, "-p", "hi", "--json-schema", str(tmp_path / "bad.json")]) == 2
+    assert f'{tmp_path / "bad.json"}: unsupported JSON Schema keyword(s): ["not"]' in capsys.readouterr().err

@@ -54,13 +54,9 @@ def usage(job: Job, ev) -> dict[str, Any]:
 def completed(job: Job, ev, tokens: list[int]) -> str:
     """The text of event `ev`; at the last event of a constrained output cut short by the token limit,
     completed so that it still parses (`tokens`: every token generated, this event's included)."""
-    if ev.finish_reason is None or job.constraint is None:
+    if ev.finish_reason != "length" or job.constraint is None:
         return ev.text
-    cut, add = job.constraint.completion(tokens)
-    text = ev.text
-    if cut and text.endswith("\ufffd"):  # the split character the detokenizer flushed at the end
-        text = text[:-1]
-    return text + add
+    return job.constraint.finish_text(ev.text, tokens)
 
 
 async def job_events(job: Job, request: Request | None, heartbeat: bool = False) -> AsyncIterator:
