@@ -224,6 +224,7 @@ class BatchDecoder:
         logits = self.model(y, cache=cache)[:, -1, :].astype(mx.float32)
         failed: dict[int, Exception] = {}  # row -> what broke its own part of the step
         if any(r.processors for r in rows):
+            mx.async_eval(logits)  # the pass runs while the processors (a grammar's mask) work on the host
             parts = []
             for b, r in enumerate(rows):
                 try:

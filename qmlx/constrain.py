@@ -235,6 +235,8 @@ class ConstraintProcessor:
     on the logits, so the model's forward pass can run while it is computed.
     """
 
+    drafting_safe = False  # it follows one sequence: speculative decoding's drafts would derail it
+
     def __init__(self, constraint: Constraint, bridge_: _Bridge):
         self.constraint, self.bridge = constraint, bridge_
         self.matcher = lg.LLMatcher(bridge_.lltok, constraint.grammar, log_level=0)

@@ -65,6 +65,9 @@ def generate_step(
         nonlocal history
         logits = model(y[None], cache=cache)[:, -1, :].astype(mx.float32)
         if logits_processors:
+            # Start the forward pass now: processors that read the tokens so far (a grammar's mask)
+            # wait for the previous step only, and do their host work while this one runs.
+            mx.async_eval(logits)
             for proc in logits_processors:
                 logits = proc(history, logits)
         lp = logprobs(logits)
@@ -236,6 +239,12 @@ def stream_generate(
     cache, todo = prompt_cache.prepare(model, ids) if prompt_cache is not None else (cache, ids)
     clock.computed = len(todo)
     draft = (draft_model, num_draft_tokens, prompt_lookup)
+    if (draft_model is not None or prompt_lookup) and not all(
+        getattr(p, "drafting_safe", True) for p in processors
+    ):
+        raise ValueError(
+            "a grammar constraint cannot check drafted tokens: decode it without draft_model/prompt_lookup"
+        )
     steps = _token_steps(model, ids, todo, cache, s, sampler, processors, max_tokens, prefill_step, draft)
     steps = _committing(steps, prompt_cache, ids) if prompt_cache is not None else steps
     with closing(steps):  # also on early exit (a client gone, Ctrl-C): the cache must know what it holds

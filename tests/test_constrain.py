@@ -214,3 +214,14 @@ def test_a_character_split_by_the_cut_is_finished_not_replaced(tok):
     assert text.endswith("\ufffd")
     value = json.loads(finished(text, proc, ids))
     assert len(value) == 1 and "\ufffd" not in value and value.encode()[0] == "한".encode()[0]
+
+
+def test_stream_generate_refuses_drafting_under_a_constraint(tok):
+    from tiny import random_model, tiny_config
+
+    from qmlx.generate import stream_generate
+
+    model = random_model(tiny_config())
+    proc = Constraint.json_object().processor(tok, model.config.vocab_size)
+    with pytest.raises(ValueError, match="drafted tokens"):
+        next(stream_generate(model, tok, "hi", 4, prompt_lookup=2, logits_processors=[proc]))
