@@ -118,6 +118,7 @@ class BatchDecoder:
         logit_bias: dict[int, float] | None = None,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
+        stop_tokens: Sequence[int] = (),
         top_logprobs: int = 0,
         sampler: Sampler | None = None,
         logits_processors: Sequence[LogitsProcessor] = (),
@@ -160,7 +161,7 @@ class BatchDecoder:
             caches, todo = prompt_cache.prepare(self.model, ids)
         else:
             caches, todo = make_cache(len(self.model.layers), **self.cache_kwargs), ids
-        text = TextStream(self.tokenizer, stop)
+        text = TextStream(self.tokenizer, stop, stop_tokens)
         row = _Row(
             key, ids, caches, todo, prompt_cache, max_tokens, sampler, greedy, processors, text, top_logprobs
         )

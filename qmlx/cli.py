@@ -107,9 +107,18 @@ def add_storage_dtype_flag(p, help: str) -> None:
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="complete one prompt, streaming to stdout")
     p.add_argument("--model", "-m", required=True, help="model folder or hub repo id")
-    p.add_argument("--prompt", "-p", required=True, help="the prompt; '-' reads standard input")
+    p.add_argument("--prompt", "-p", help="the prompt; '-' reads standard input")
     p.add_argument("--system", "-s", help="system prompt (chat template)")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, no chat template")
+    g = p.add_argument_group("fill in the middle (Qwen2.5-Coder; instead of --prompt)")
+    g.add_argument("--fim-prefix-file", metavar="FILE", help="the code before the cursor")
+    g.add_argument("--fim-suffix-file", metavar="FILE", help="the code after the cursor")
+    g.add_argument(
+        "--fim-extra",
+        metavar="FILE",
+        action="append",
+        help="another file of the project, as context (repeatable)",
+    )
     p.add_argument("--max-tokens", "-n", type=int, default=256)
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     add_dtype_flag(p)
@@ -144,17 +153,32 @@ def add_generate(sub) -> None:
     p.set_defaults(run=run_generate)
 
 
+def read_text_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read ({e})") from None
+
+
+def fim_request(args):
+    """(prompt ids, stop ids) of the fill-in-the-middle flags, or None without them."""
+    if not (args.fim_prefix_file or args.fim_suffix_file or args.fim_extra):
+        return None
+    if args.prompt is not None or args.prompt_cache or args.system:
+        raise UserError("--fim-prefix-file/--fim-suffix-file replace --prompt (and --system, --prompt-cache)")
+    if not (args.fim_prefix_file and args.fim_suffix_file):
+        raise UserError("fill in the middle needs both --fim-prefix-file and --fim-suffix-file")
+    prefix, suffix = read_text_file(args.fim_prefix_file), read_text_file(args.fim_suffix_file)
+    extra = [(p, read_text_file(p)) for p in args.fim_extra or []]
+    return prefix, suffix, extra, args.fim_prefix_file
+
+
 def read_constraint(args):
     """The Constraint that --json-schema / --json / --regex / --grammar / --choice ask for, or None."""
     from .constrain import Constraint, ConstraintError
 
-    def text_of(path: str) -> str:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: cannot be read ({e})") from None
-
+    text_of = read_text_file
     try:
         if args.json_schema:
             return Constraint.json_schema(text_of(args.json_schema), args.json_schema)
@@ -233,7 +257,10 @@ def run_generate(args) -> int:
         raise UserError(f"--prefill-step must be at least 1, got {args.prefill_step}")
     if launched() and (args.prompt_cache or args.draft_model or args.prompt_lookup):
         raise UserError("--prompt-cache, --draft-model and --prompt-lookup do not work in a pipeline")
-    if args.raw and not args.prompt and not args.prompt_cache:
+    fim = fim_request(args)
+    if fim is None and args.prompt is None:
+        raise UserError("give --prompt (or --fim-prefix-file and --fim-suffix-file)")
+    if args.raw and not args.prompt and not args.prompt_cache and fim is None:
         raise UserError("--prompt is empty; with --raw nothing would be sent to the model")
     constraint = read_constraint(args)  # before loading: a bad file fails fast
     if constraint is not None and (args.draft_model or args.prompt_lookup):
@@ -244,7 +271,17 @@ def run_generate(args) -> int:
     if loaded is None:
         return 0
     model, tokenizer = loaded
-    prompt = read_prompt(args.prompt)
+    stop_tokens: list[int] = []
+    if fim is not None:
+        from .fim import ExtraFile, fim_prompt, stop_ids
+
+        prefix, suffix, extra, path = fim
+        prompt = fim_prompt(
+            tokenizer, prefix, suffix, [ExtraFile(p, t) for p, t in extra], path=path if extra else None
+        )
+        stop_tokens, args.raw = stop_ids(tokenizer), True
+    else:
+        prompt = read_prompt(args.prompt)
     cache_kwargs, prompt_cache, cache, draft = kv_cache_kwargs(args), None, None, None
     system, raw = args.system, args.raw
     if args.prompt_cache:
@@ -260,7 +297,7 @@ def run_generate(args) -> int:
         draft = load_draft_model(args.draft_model, tokenizer, dtype=args.dtype)
     if not raw:
         prompt = tokenizer.user_prompt(prompt, system)
-    elif not prompt:
+    elif fim is None and not prompt:
         raise UserError("--prompt is empty; with --raw nothing would be sent to the model")
     procs = [constraint.processor(tokenizer, model.config.vocab_size)] if constraint is not None else []
     last, drafted, generated = None, 0, []
@@ -277,6 +314,7 @@ def run_generate(args) -> int:
         num_draft_tokens=args.num_draft_tokens,
         prompt_lookup=args.prompt_lookup,
         logits_processors=procs,
+        stop_tokens=stop_tokens,
         **sampling_kwargs(args),
     ):
         text = ev.text

@@ -102,9 +102,9 @@ class TextStream:
     after a stop string.
     """
 
-    def __init__(self, tokenizer, stops: Sequence[str] | str | None):
+    def __init__(self, tokenizer, stops: Sequence[str] | str | None, stop_tokens: Sequence[int] = ()):
         self.detok = tokenizer.detokenizer()
-        self.eos = set(tokenizer.eos_token_ids)
+        self.eos = set(tokenizer.eos_token_ids) | set(stop_tokens)  # ids that end the text unseen
         self.stops = StopMatcher(stops)
         self.finish: str | None = None
 

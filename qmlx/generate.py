@@ -193,6 +193,7 @@ def stream_generate(
     logit_bias: dict[int, float] | None = None,
     seed: int | None = None,
     stop: Sequence[str] | str | None = None,
+    stop_tokens: Sequence[int] = (),
     top_logprobs: int = 0,
     cache: list | None = None,
     prompt_cache: PromptCache | None = None,
@@ -206,8 +207,8 @@ def stream_generate(
 
     Sampling arguments left as None take the model's generation_config.json values.
     With a `prompt_cache`, the longest prefix it already holds is not computed again.
-    Generation stops at any EOS id (finish_reason "stop"), at a stop string (which is never
-    shown, not even in part), or after max_tokens ("length").
+    Generation stops at any EOS id or id of `stop_tokens` (finish_reason "stop"; the id is not
+    shown), at a stop string (never shown, not even in part), or after max_tokens ("length").
     A `draft_model` (same tokenizer) or `prompt_lookup` = n (match up to n-grams in the
     context) turns on speculative decoding (qmlx/speculative.py): same output distribution,
     up to `num_draft_tokens` tokens per model pass.
@@ -235,7 +236,7 @@ def stream_generate(
         frequency_penalty=frequency_penalty,
         logit_bias=logit_bias,
     ) + list(logits_processors)
-    text, clock = TextStream(tokenizer, stop), Clock(len(ids))
+    text, clock = TextStream(tokenizer, stop, stop_tokens), Clock(len(ids))
     cache, todo = prompt_cache.prepare(model, ids) if prompt_cache is not None else (cache, ids)
     clock.computed = len(todo)
     draft = (draft_model, num_draft_tokens, prompt_lookup)

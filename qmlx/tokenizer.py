@@ -112,6 +112,7 @@ class Tokenizer:
         decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
         self._byte_level = decoder.get("type") == "ByteLevel"
         self._bytes_cache: dict[int, bytes] = {}
+        self._plain: HFTokenizer | None = None  # a copy that reads special tokens as text
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -155,6 +156,15 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special tokens written in the text are recognised, none added."""
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of `text` with special tokens written in it taken as plain text (user content
+        that may quote them, e.g. code between fill-in-the-middle markers)."""
+        if self._plain is None:
+            plain = HFTokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

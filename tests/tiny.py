@@ -76,8 +76,19 @@ def write_folder(folder: str, cfg: dict, seed: int = 0, shards: int = 2, dtype=m
     return model
 
 
-def write_tokenizer(folder: str) -> None:
-    """A byte-level BPE tokenizer with no merges plus Qwen-style special tokens."""
+FIM_TOKENS = [
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
+
+
+def write_tokenizer(folder: str, fim: bool = False) -> None:
+    """A byte-level BPE tokenizer with no merges plus Qwen-style special tokens (and Qwen2.5-Coder's
+    fill-in-the-middle tokens after them with `fim`: a model for it needs vocab_size TOKENIZER_VOCAB + 6)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     from qmlx.tokenizer import byte_decoder
@@ -88,6 +99,8 @@ def write_tokenizer(folder: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    if fim:
+        tok.add_special_tokens(FIM_TOKENS)
     tok.save(os.path.join(folder, "tokenizer.json"))
     template = (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"

@@ -30,9 +30,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from .engine import DEFAULT_PROMPT_CACHE_BYTES, MAX_QUEUE, Engine, Job, metrics_text
-from .prepare import Prepared, prepare_chat, prepare_completion
-from .schemas import APIError, ChatRequest, CompletionRequest
-from .stream import ChatFormat, CompletionFormat, respond
+from .prepare import Prepared, prepare_chat, prepare_completion, prepare_infill
+from .schemas import APIError, ChatRequest, CompletionRequest, InfillRequest
+from .stream import ChatFormat, CompletionFormat, InfillFormat, respond
 
 log = logging.getLogger("qmlx.server")
 
@@ -115,6 +115,12 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = DEFAU
         prep = await run_in_threadpool(prepare_completion, engine, req)
         job = start(prep)
         return await respond(job, CompletionFormat(prep, req, tok, head("cmpl-")), request, req.stream)
+
+    @app.post("/infill")
+    async def infill(req: InfillRequest, request: Request):
+        prep = await run_in_threadpool(prepare_infill, engine, req)
+        job = start(prep)
+        return await respond(job, InfillFormat(prep, tok, engine.model_id), request, req.stream)
 
     return app
 

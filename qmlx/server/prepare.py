@@ -14,9 +14,10 @@ from functools import partial
 from typing import Any
 
 from ..constrain import Constraint, ConstraintError
+from ..fim import ExtraFile, FIMError, fim_prompt, stop_ids
 from ..toolcalls import OPEN, MessageError, template_messages
 from .engine import Engine, Job
-from .schemas import APIError, ChatRequest, CompletionRequest, NamedToolChoice, Sampling, Tool
+from .schemas import APIError, ChatRequest, CompletionRequest, InfillRequest, NamedToolChoice, Sampling, Tool
 
 DEFAULT_MAX_TOKENS = 2048  # when a request names no limit (OpenAI's "up to the context")
 
@@ -204,8 +205,8 @@ def prepare_completion(engine: Engine, req: CompletionRequest) -> Prepared:
     tok = engine.tokenizer
     if req.n != 1:
         raise APIError(400, "only n=1 is supported", "n")
-    if req.echo or req.suffix:
-        raise APIError(400, "echo and suffix are not supported", "echo" if req.echo else "suffix")
+    if req.echo:
+        raise APIError(400, "echo is not supported", "echo")
     p = req.prompt
     if isinstance(p, list) and p and isinstance(p[0], int):
         if not all(0 <= t < tok.vocab_size for t in p):
@@ -216,8 +217,40 @@ def prepare_completion(engine: Engine, req: CompletionRequest) -> Prepared:
             if len(p) != 1:
                 raise APIError(400, "exactly one prompt per request is supported", "prompt")
             p = p[0]
-        ids = _encode(tok, p, "prompt")
+        ids = None if req.suffix is not None else _encode(tok, p, "prompt")
+    sampling = _sampling_kwargs(req, tok)
+    if req.suffix is not None:  # fill in the middle: the prompt is the code before the cursor
+        if not isinstance(p, str):
+            raise APIError(400, "a prompt with a suffix must be text, not token ids", "prompt")
+        ids = _fim(tok, p, req.suffix, [], "suffix")
+        sampling["stop_tokens"] = stop_ids(tok)
     max_tokens = _limit_tokens(engine, ids, req.max_tokens, "max_tokens")
     n_top = 0 if req.logprobs is None else max(req.logprobs, 1)
-    job = Job(ids, max_tokens, _sampling_kwargs(req, tok), top_logprobs=n_top)
+    job = Job(ids, max_tokens, sampling, top_logprobs=n_top)
+    return Prepared(_attach(engine, job, _response_constraint(req)))
+
+
+def _fim(tok, prefix: str, suffix: str, extra: list[ExtraFile], param: str) -> list[int]:
+    try:
+        return fim_prompt(tok, prefix, suffix, extra)
+    except FIMError as e:
+        raise APIError(400, str(e), param) from None
+    except Exception as e:  # e.g. lone surrogates a JSON string can carry
+        raise APIError(400, f"{param} cannot be tokenized: {e}", param) from None
+
+
+def prepare_infill(engine: Engine, req: InfillRequest) -> Prepared:
+    """llama.cpp's /infill: prefix, suffix and other files of the project -> a fill-in-the-middle job."""
+    tok = engine.tokenizer
+    extra = [ExtraFile(c.filename or f"file{i}", c.text) for i, c in enumerate(req.input_extra)]
+    ids = _fim(tok, req.input_prefix, req.input_suffix, extra, "input_prefix")
+    if req.prompt:
+        ids += tok.encode_plain(req.prompt)
+    if req.repeat_penalty is not None and req.repetition_penalty is None:
+        req = req.model_copy(update={"repetition_penalty": req.repeat_penalty})
+    sampling = _sampling_kwargs(req, tok)
+    sampling["stop_tokens"] = stop_ids(tok)
+    asked = req.n_predict if req.n_predict > 0 else req.max_tokens
+    max_tokens = _limit_tokens(engine, ids, asked, "n_predict")
+    job = Job(ids, max_tokens, sampling)
     return Prepared(_attach(engine, job, _response_constraint(req)))

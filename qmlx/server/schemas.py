@@ -158,3 +158,21 @@ class CompletionRequest(Sampling):
     suffix: str | None = None
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for this endpoint
     response_format: ResponseFormat | None = None
+
+
+class ExtraChunk(Strict):
+    """llama.cpp's input_extra: another file of the project."""
+
+    filename: str = ""
+    text: str = ""
+
+
+class InfillRequest(Sampling):
+    """llama.cpp's /infill, as editors (llama.vscode, llama.vim) send it."""
+
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[ExtraChunk] = Field(default_factory=list)
+    prompt: str = ""  # text after the middle marker: the start of the current line, typically
+    n_predict: int = Field(-1, ge=-1)  # -1: up to the context
+    repeat_penalty: float | None = Field(None, gt=0, le=10)

@@ -282,6 +282,48 @@ class CompletionFormat:
         return {**self.head, "choices": [choice], "usage": usage(self.job, last)}
 
 
+class InfillFormat:
+    """llama.cpp's /infill answer: {"content", "stop", ...}; streamed, one such object per event, no [DONE]."""
+
+    DONE = ""
+
+    def __init__(self, prep: Prepared, tok, model_id: str):
+        self.job, self.tok, self.model_id = prep.job, tok, model_id
+        self.events: list = []
+        self.texts: list[str] = []
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def feed(self, ev) -> list[dict]:
+        self.events.append(ev)
+        text = completed(self.job, ev, [e.token for e in self.events if e.token is not None])
+        self.texts.append(text)
+        return [{"content": text, "stop": False}] if text else []
+
+    def _stats(self, last) -> dict:
+        return {
+            "model": self.model_id,
+            "stop": True,
+            "stop_type": "limit" if last.finish_reason == "length" else "eos",
+            "tokens_predicted": last.generation_tokens,
+            "tokens_evaluated": last.prompt_tokens,
+            "tokens_cached": self.job.cached_tokens,
+            "timings": {
+                "prompt_n": last.prompt_tokens - self.job.cached_tokens,
+                "prompt_per_second": last.prompt_tps,
+                "predicted_n": last.generation_tokens,
+                "predicted_per_second": last.generation_tps,
+            },
+        }
+
+    def finish(self, last) -> list[dict]:
+        return [{"content": "", **self._stats(last)}]
+
+    def whole(self, last) -> dict:
+        return {"content": "".join(self.texts), **self._stats(last)}
+
+
 async def respond(job: Job, fmt, request: Request, stream: bool):
     """The one way a job becomes a response: server-sent events, or one body when it is done.
 
@@ -289,6 +331,9 @@ async def respond(job: Job, fmt, request: Request, stream: bool):
     leaves the batch at once; an error after the stream began is sent as an error event.
     """
     if stream:
+        done = getattr(
+            fmt, "DONE", "data: [DONE]\n\n"
+        )  # the end-of-stream line (llama.cpp's routes send none)
 
         async def events():
             try:
@@ -305,11 +350,11 @@ async def respond(job: Job, fmt, request: Request, stream: bool):
                             yield sse(c)
                 except APIError as e:
                     yield sse(e.body())
-                    yield "data: [DONE]\n\n"
+                    yield done
                     return
                 for c in fmt.finish(last):
                     yield sse(c)
-                yield "data: [DONE]\n\n"
+                yield done
             finally:
                 job.cancel()
 
