@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
+from . import anthropic
 from .engine import DEFAULT_PROMPT_CACHE_BYTES, MAX_QUEUE, Engine, Job, metrics_text
 from .prepare import Prepared, prepare_chat, prepare_completion, prepare_infill
 from .schemas import APIError, ChatRequest, CompletionRequest, InfillRequest
@@ -39,8 +40,15 @@ log = logging.getLogger("qmlx.server")
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes; a long-context prompt is well under this
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers or None)
+def error_response(e: APIError, path: str = "") -> JSONResponse:
+    """The refusal in the shape the route's clients expect (OpenAI's, Anthropic's, Ollama's)."""
+    if path.startswith("/v1/messages"):
+        body = anthropic.error_body(e)
+    elif path.startswith("/api/"):
+        body = {"error": e.message}
+    else:
+        body = e.body()
+    return JSONResponse(body, status_code=e.status, headers=e.headers or None)
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
@@ -51,7 +59,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = DEFAU
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return error_response(exc)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
@@ -59,20 +67,23 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = DEFAU
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             detail = err.get("ctx", {}).get("error", "")
-            return error_response(APIError(400, f"the request body is not valid JSON: {detail}".rstrip(": ")))
+            msg = f"the request body is not valid JSON: {detail}".rstrip(": ")
+            return error_response(APIError(400, msg), request.url.path)
         msg = err.get("msg", "invalid request")
         where = ".".join(loc)
-        return error_response(APIError(400, f"{where}: {msg}" if where else msg, where or None))
+        return error_response(
+            APIError(400, f"{where}: {msg}" if where else msg, where or None), request.url.path
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         code = None if exc.status_code != 404 else "not_found"
-        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code), request.url.path)
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):
         log.exception("unhandled error")
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}"), request.url.path)
 
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
 
@@ -122,6 +133,18 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = DEFAU
         job = start(prep)
         return await respond(job, InfillFormat(prep, tok, engine.model_id), request, req.stream)
 
+    @app.post("/v1/messages")
+    async def messages(req: anthropic.MessagesRequest, request: Request):
+        chat_req = anthropic.to_chat(req)
+        prep = await run_in_threadpool(prepare_chat, engine, chat_req)
+        job = start(prep)
+        fmt = anthropic.MessagesFormat(prep, req, tok, engine.model_id)
+        return await respond(job, fmt, request, req.stream)
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(req: anthropic.CountRequest):
+        return await run_in_threadpool(anthropic.count_tokens, engine, req)
+
     return app
 
 
@@ -139,18 +162,25 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
         if self.api_key is not None:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:] if auth[:7].lower() == "bearer " else ""
+            given = given or headers.get(b"x-api-key", b"").decode("latin-1")  # Anthropic's clients
             if not hmac.compare_digest(given.encode("utf-8", "replace"), self.api_key.encode()):
-                msg = "missing or invalid API key (send Authorization: Bearer KEY)"
-                return await error_response(APIError(401, msg, code="invalid_api_key"))(scope, receive, send)
+                msg = "missing or invalid API key (send Authorization: Bearer KEY or x-api-key: KEY)"
+                return await error_response(APIError(401, msg, code="invalid_api_key"), path)(
+                    scope, receive, send
+                )
         too_big = error_response(
-            APIError(413, f"the request body is larger than {self.max_body} bytes", code="request_too_large")
+            APIError(413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"),
+            path,
         )
         size = headers.get(b"content-length", b"0").decode("latin-1")
         if not size.isdigit():
-            return await error_response(APIError(400, "invalid Content-Length header"))(scope, receive, send)
+            return await error_response(APIError(400, "invalid Content-Length header"), path)(
+                scope, receive, send
+            )
         if int(size) > self.max_body:
             return await too_big(scope, receive, send)
         body, more = bytearray(), True

@@ -331,14 +331,15 @@ async def respond(job: Job, fmt, request: Request, stream: bool):
     leaves the batch at once; an error after the stream began is sent as an error event.
     """
     if stream:
-        done = getattr(
-            fmt, "DONE", "data: [DONE]\n\n"
-        )  # the end-of-stream line (llama.cpp's routes send none)
+        # A dialect may name its events, shape its errors and end without OpenAI's [DONE] line.
+        encode = getattr(fmt, "encode", sse)
+        error_body = getattr(fmt, "error_body", APIError.body)
+        done = getattr(fmt, "DONE", "data: [DONE]\n\n")
 
         async def events():
             try:
                 for c in fmt.opening():
-                    yield sse(c)
+                    yield encode(c)
                 last = None
                 try:
                     async for ev in job_events(job, None, heartbeat=True):
@@ -347,13 +348,13 @@ async def respond(job: Job, fmt, request: Request, stream: bool):
                             continue
                         last = ev
                         for c in fmt.feed(ev):
-                            yield sse(c)
+                            yield encode(c)
                 except APIError as e:
-                    yield sse(e.body())
+                    yield encode(error_body(e))
                     yield done
                     return
                 for c in fmt.finish(last):
-                    yield sse(c)
+                    yield encode(c)
                 yield done
             finally:
                 job.cancel()
