@@ -62,3 +62,37 @@ def test_anthropic_tool_use_round_trip(claude):
     m2 = claude.messages.create(model="qwen", max_tokens=40, messages=follow, tools=[WEATHER], **GREEDY)
     text = "".join(b.text for b in m2.content if b.type == "text")
     assert m2.stop_reason == "end_turn" and "31" in text
+
+
+def test_ollama_lists_fills_in_the_middle_and_chats(url):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=url, headers={"Authorization": "Bearer test-key"}, timeout=120)
+    assert [m.model for m in client.list().models] == ["qwen"]
+    prefix = 'def celsius_to_fahrenheit(c: float) -> float:\n    """Convert degrees Celsius to degrees Fahrenheit."""\n'
+    suffix = "\n\nassert celsius_to_fahrenheit(100) == 212\nassert celsius_to_fahrenheit(0) == 32\n"
+    r = client.generate(
+        model="qwen",
+        prompt=prefix,
+        suffix=suffix,
+        options={"temperature": 0, "num_predict": 40, "stop": ["\n\n"]},
+    )
+    ns: dict = {}
+    exec(
+        compile(prefix + r.response + suffix, "fim", "exec"), ns
+    )  # the model's own code, asserted by its suffix
+    tool = {"type": "function", "function": {"name": "get_weather", "description": WEATHER["description"],
+                                             "parameters": WEATHER["input_schema"]}}  # fmt: skip
+    ask = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
+    parts = list(
+        client.chat(
+            model="qwen",
+            messages=ask,
+            tools=[tool],
+            stream=True,
+            options={"temperature": 0, "num_predict": 48},
+        )
+    )
+    calls = [c for p in parts for c in (p.message.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert "paris" in calls[0].function.arguments["city"].lower()
+    assert parts[-1].done and parts[-1].done_reason == "stop"

@@ -54,7 +54,7 @@ def test_the_folder_helpers_need_only_the_errors():
 
 def test_the_server_engine_knows_no_http():
     """qmlx/server: schemas -> engine -> prepare -> stream -> app, and the engine imports no web framework."""
-    order = ["schemas", "engine", "prepare", "stream", "anthropic", "app"]
+    order = ["schemas", "engine", "prepare", "stream", "anthropic", "ollama", "app"]
     for i, name in enumerate(order):
         inside = {
             m.rpartition(".")[2] for m in imports(f"qmlx.server.{name}") if m.startswith("qmlx.server.")

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from . import anthropic
+from . import anthropic, ollama
 from .engine import DEFAULT_PROMPT_CACHE_BYTES, MAX_QUEUE, Engine, Job, metrics_text
 from .prepare import Prepared, prepare_chat, prepare_completion, prepare_infill
 from .schemas import APIError, ChatRequest, CompletionRequest, InfillRequest
@@ -140,6 +140,31 @@ def create_app(engine: Engine, api_key: str | None = None, max_body: int = DEFAU
         job = start(prep)
         fmt = anthropic.MessagesFormat(prep, req, tok, engine.model_id)
         return await respond(job, fmt, request, req.stream)
+
+    @app.post("/api/generate")
+    async def ollama_generate(req: ollama.GenerateRequest, request: Request):
+        creq = ollama.generate_request(req, tok)
+        prep = await run_in_threadpool(prepare_completion, engine, creq)
+        job = start(prep)
+        return await respond(job, ollama.GenerateFormat(prep, tok, engine.model_id), request, req.stream)
+
+    @app.post("/api/chat")
+    async def ollama_chat(req: ollama.OChatRequest, request: Request):
+        prep = await run_in_threadpool(prepare_chat, engine, ollama.chat_request(req))
+        job = start(prep)
+        return await respond(job, ollama.ChatFormatOllama(prep, tok, engine.model_id), request, req.stream)
+
+    @app.get("/api/tags")
+    async def ollama_tags():
+        return ollama.tags(engine)
+
+    @app.post("/api/show")
+    async def ollama_show(body: dict):
+        return ollama.show(engine, body.get("model") or body.get("name"))
+
+    @app.get("/api/version")
+    async def ollama_version():
+        return {"version": "0.6.0"}
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(req: anthropic.CountRequest):

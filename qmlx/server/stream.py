@@ -95,8 +95,8 @@ async def job_events(job: Job, request: Request | None, heartbeat: bool = False)
 class EventStream(StreamingResponse):
     """Server-sent events; a client that hangs up just ends the stream (and its generation)."""
 
-    def __init__(self, content, **kw):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}, **kw)
+    def __init__(self, content, media_type: str = "text/event-stream", **kw):
+        super().__init__(content, media_type=media_type, headers={"Cache-Control": "no-cache"}, **kw)
 
     async def __call__(self, scope, receive, send):
         try:
@@ -335,6 +335,7 @@ async def respond(job: Job, fmt, request: Request, stream: bool):
         encode = getattr(fmt, "encode", sse)
         error_body = getattr(fmt, "error_body", APIError.body)
         done = getattr(fmt, "DONE", "data: [DONE]\n\n")
+        ping = getattr(fmt, "PING", ": ping\n\n")  # None: the format has no comment lines
 
         async def events():
             try:
@@ -344,7 +345,8 @@ async def respond(job: Job, fmt, request: Request, stream: bool):
                 try:
                     async for ev in job_events(job, None, heartbeat=True):
                         if ev is None:
-                            yield ": ping\n\n"  # writing is how a vanished client is noticed
+                            if ping:
+                                yield ping  # writing is how a vanished client is noticed
                             continue
                         last = ev
                         for c in fmt.feed(ev):
@@ -359,7 +361,7 @@ async def respond(job: Job, fmt, request: Request, stream: bool):
             finally:
                 job.cancel()
 
-        return EventStream(events())
+        return EventStream(events(), media_type=getattr(fmt, "MEDIA", "text/event-stream"))
     last = None
     try:
         async for ev in job_events(job, request):
