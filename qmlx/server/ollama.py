@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError
 
 from .prepare import Prepared
 from .schemas import APIError, ChatRequest, CompletionRequest, Strict
-from .stream import ChatOutput, completed
+from .stream import ChatOutput, TextOutput
 
 OPTION_FIELDS = {  # Ollama option -> our sampling field
     "temperature": "temperature",
@@ -140,7 +140,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class _Ollama:
+class _Ollama(TextOutput):
     """What /api/generate and /api/chat answers share: NDJSON lines and the final statistics."""
 
     DONE = ""
@@ -148,9 +148,9 @@ class _Ollama:
     MEDIA = "application/x-ndjson"
 
     def __init__(self, prep: Prepared, tok, model_id: str):
-        self.job, self.tok, self.model_id = prep.job, tok, model_id
+        super().__init__(prep.job)
+        self.tok, self.model_id = tok, model_id
         self.start = time.monotonic_ns()
-        self.texts: list[str] = []
 
     @staticmethod
     def encode(obj: dict) -> str:
@@ -159,9 +159,6 @@ class _Ollama:
     @staticmethod
     def error_body(e: APIError) -> dict:
         return {"error": e.message}
-
-    def opening(self) -> list[dict]:
-        return []
 
     def _head(self) -> dict:
         return {"model": self.model_id, "created_at": _now()}
@@ -183,12 +180,7 @@ class _Ollama:
 
 class GenerateFormat(_Ollama):
     def feed(self, ev) -> list[dict]:
-        tokens = getattr(self, "tokens", [])
-        if ev.token is not None:
-            tokens.append(ev.token)
-        self.tokens = tokens
-        text = completed(self.job, ev, tokens)
-        self.texts.append(text)
+        text = self._text(ev)
         return [{**self._head(), "response": text, "done": False}] if text else []
 
     def finish(self, last) -> list[dict]:

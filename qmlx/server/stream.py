@@ -229,15 +229,33 @@ class ChatFormat:
         return {**self.head, "object": "chat.completion", "choices": [choice], "usage": usage(self.job, last)}
 
 
-class CompletionFormat:
+class TextOutput:
+    """What every plain-text answer format keeps: the events, and each one's text (the last one
+    completed if a constraint's output was cut short)."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.events: list = []
+        self.texts: list[str] = []
+
+    def _text(self, ev) -> str:
+        self.events.append(ev)
+        text = completed(self.job, ev, [e.token for e in self.events if e.token is not None])
+        self.texts.append(text)
+        return text
+
+    def opening(self) -> list[dict]:
+        return []
+
+
+class CompletionFormat(TextOutput):
     """A text completion: a chunk per event with text, or the whole text at the end."""
 
     def __init__(self, prep: Prepared, req: CompletionRequest, tok, head: dict):
-        self.req, self.tok, self.job = req, tok, prep.job
+        super().__init__(prep.job)
+        self.req, self.tok = req, tok
         self.head = {**head, "object": "text_completion"}
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.events: list = []
-        self.texts: list[str] = []  # each event's text (the last one completed if constrained)
 
     def _logprobs(self, evs) -> dict | None:
         if self.req.logprobs is None:
@@ -252,13 +270,8 @@ class CompletionFormat:
             ],
         }
 
-    def opening(self) -> list[dict]:
-        return []
-
     def feed(self, ev) -> list[dict]:
-        self.events.append(ev)
-        text = completed(self.job, ev, [e.token for e in self.events if e.token is not None])
-        self.texts.append(text)
+        text = self._text(ev)
         if not (text or ev.finish_reason):
             return []
         choice = {
@@ -282,23 +295,17 @@ class CompletionFormat:
         return {**self.head, "choices": [choice], "usage": usage(self.job, last)}
 
 
-class InfillFormat:
+class InfillFormat(TextOutput):
     """llama.cpp's /infill answer: {"content", "stop", ...}; streamed, one such object per event, no [DONE]."""
 
     DONE = ""
 
     def __init__(self, prep: Prepared, tok, model_id: str):
-        self.job, self.tok, self.model_id = prep.job, tok, model_id
-        self.events: list = []
-        self.texts: list[str] = []
-
-    def opening(self) -> list[dict]:
-        return []
+        super().__init__(prep.job)
+        self.tok, self.model_id = tok, model_id
 
     def feed(self, ev) -> list[dict]:
-        self.events.append(ev)
-        text = completed(self.job, ev, [e.token for e in self.events if e.token is not None])
-        self.texts.append(text)
+        text = self._text(ev)
         return [{"content": text, "stop": False}] if text else []
 
     def _stats(self, last) -> dict:
