@@ -207,8 +207,7 @@ def main() -> int:
     lg, ids_of = mask_times(tok, n_vocab)
     xg = None
     if args.xgrammar_python:
-        cases = {k: (s, ids) for k, (s, ids) in ids_of.items()}
-        r = subprocess.run([args.xgrammar_python, "-c", XGRAMMAR_CHILD, folder, str(n_vocab)], input=json.dumps(cases),
+        r = subprocess.run([args.xgrammar_python, "-c", XGRAMMAR_CHILD, folder, str(n_vocab)], input=json.dumps(ids_of),
                            capture_output=True, text=True, timeout=1800)  # fmt: skip
         if r.returncode != 0:
             print(f"xgrammar child failed:\n{r.stderr[-2000:]}")

@@ -162,7 +162,7 @@ def read_text_file(path: str) -> str:
 
 
 def fim_request(args):
-    """(prompt ids, stop ids) of the fill-in-the-middle flags, or None without them."""
+    """(prefix, suffix, [(path, text) of --fim-extra], prefix path) of the fill-in-the-middle flags, or None."""
     if not (args.fim_prefix_file or args.fim_suffix_file or args.fim_extra):
         return None
     if args.prompt is not None or args.prompt_cache or args.system:
@@ -178,12 +178,11 @@ def read_constraint(args):
     """The Constraint that --json-schema / --json / --regex / --grammar / --choice ask for, or None."""
     from .constrain import Constraint, ConstraintError
 
-    text_of = read_text_file
     try:
         if args.json_schema:
-            return Constraint.json_schema(text_of(args.json_schema), args.json_schema)
+            return Constraint.json_schema(read_text_file(args.json_schema), args.json_schema)
         if args.grammar:
-            return Constraint.grammar_text(text_of(args.grammar), args.grammar)
+            return Constraint.grammar_text(read_text_file(args.grammar), args.grammar)
         if args.regex is not None:
             return Constraint.regex(args.regex, "--regex")
         if args.choice:

@@ -100,7 +100,7 @@ def _rewrite(node: Any, where: str) -> Any:
         elif k == "uniqueItems":
             continue  # false: no constraint
         else:
-            out[k] = _rewrite(v, f"{where}.{k}" if where else k)
+            out[k] = _rewrite(v, f"{where}.{k}")
     return out
 
 
@@ -117,8 +117,8 @@ def _checked(grammar: str, what: str) -> str:
 class Constraint:
     """What an output must match: a grammar llguidance has compiled and checked."""
 
-    def __init__(self, grammar: str, kind: str, json_output: bool = False):
-        self.grammar, self.kind = grammar, kind
+    def __init__(self, grammar: str, json_output: bool = False):
+        self.grammar = grammar
         self.json_output = json_output  # the output is one JSON value (stop strings do not apply)
 
     @classmethod
@@ -132,12 +132,12 @@ class Constraint:
             schema = {} if schema else {"not": {}}
         if not isinstance(schema, dict):
             raise ConstraintError(f"{what} must be a JSON object")
-        schema = _rewrite(schema, "")
+        schema = _rewrite(schema, what)
         try:
             g = lg.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
         except ValueError as e:
             raise ConstraintError(f"{what}: {e}") from None
-        return cls(_checked(g, what), "json_schema", json_output=True)
+        return cls(_checked(g, what), json_output=True)
 
     @classmethod
     def json_object(cls) -> Constraint:
@@ -146,14 +146,14 @@ class Constraint:
 
     @classmethod
     def regex(cls, pattern: str, what: str = "regex") -> Constraint:
-        return cls(_checked(lg.LLMatcher.grammar_from_regex(pattern), what), "regex")
+        return cls(_checked(lg.LLMatcher.grammar_from_regex(pattern), what))
 
     @classmethod
     def choice(cls, options: list[str], what: str = "choice") -> Constraint:
         if not options or not all(isinstance(o, str) and o for o in options):
             raise ConstraintError(f"{what} must be a non-empty list of non-empty strings")
         lark = "start: " + " | ".join(json.dumps(o, ensure_ascii=False) for o in options)
-        return cls(_checked(lg.LLMatcher.grammar_from_lark(lark), what), "choice")
+        return cls(_checked(lg.LLMatcher.grammar_from_lark(lark), what))
 
     @classmethod
     def grammar_text(cls, text: str, what: str = "grammar") -> Constraint:
@@ -163,7 +163,7 @@ class Constraint:
             g = lg.grammar_from(fmt, text)
         except ValueError as e:
             raise ConstraintError(f"{what}: {e}") from None
-        return cls(_checked(g, what), fmt)
+        return cls(_checked(g, what))
 
     @classmethod
     def tool_call(cls, tools: list[tuple[str, dict]], what: str = "tools") -> Constraint:
@@ -179,7 +179,8 @@ class Constraint:
                 "additionalProperties": False,
                 **defs,
             }
-            # Each tool's schema is its own JSON grammar, so its $refs resolve against itself.
+            # Each tool's schema is its own JSON grammar, so its $refs resolve against itself; checked
+            # alone first so that a refusal names the tool.
             _checked(
                 lg.LLMatcher.grammar_from_json_schema(json.dumps(call), defaults=JSON_OPTIONS), f"{what}[{i}]"
             )
@@ -188,19 +189,14 @@ class Constraint:
         if not alts:
             raise ConstraintError(f"{what}: no tool to call")
         lark = f"start: {' | '.join(alts)}\n" + "\n".join(rules)
-        return cls(_checked(lg.LLMatcher.grammar_from_lark(lark), what), "tool_call", json_output=True)
+        return cls(_checked(lg.LLMatcher.grammar_from_lark(lark), what), json_output=True)
 
     def processor(self, tokenizer, n_vocab: int) -> ConstraintProcessor:
         return ConstraintProcessor(self, bridge(tokenizer, n_vocab))
 
-    def matches(self, tokenizer, text: str, n_vocab: int | None = None) -> bool:
-        """True if `text` (as the tokenizer encodes it) is a complete output of this grammar."""
-        m = lg.LLMatcher(bridge(tokenizer, n_vocab or tokenizer.vocab_size).lltok, self.grammar, log_level=0)
-        return m.consume_tokens(tokenizer.encode(text)) and m.is_accepting()
-
 
 class _Bridge:
-    """A tokenizer as llguidance sees it, plus what completion() needs (every token's bytes)."""
+    """A tokenizer as llguidance sees it, plus what completion() needs (the token of each single byte)."""
 
     def __init__(self, tokenizer, n_vocab: int):
         eos = list(tokenizer.eos_token_ids)

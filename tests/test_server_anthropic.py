@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import anthropic
 import jsonschema
 import pytest
@@ -109,4 +107,3 @@ def test_errors_have_anthropics_shape(setup):
     with pytest.raises(anthropic.BadRequestError, match="not"):
         client.messages.create(model="tiny", max_tokens=2, messages=[{"role": "user", "content": "x"}],
                                tools=[schema], tool_choice={"type": "any"})  # fmt: skip
-    json.dumps(body)

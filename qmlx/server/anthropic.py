@@ -267,15 +267,12 @@ class MessagesFormat:
         self.open = False
         return [{"type": "content_block_stop", "index": len(self.blocks) - 1}]
 
-    def _tokens(self) -> list[int]:
-        return self.out.tokens
-
     def feed(self, ev) -> list[dict]:
         return self._add(*self.out.feed(ev))
 
     def finish(self, last) -> list[dict]:
         events = self._add(*self.out.finish()) + self._close()
-        reason, seq = _stop(self.req, self.tok, self._tokens(), last.finish_reason, self.out.calls)
+        reason, seq = _stop(self.req, self.tok, self.out.tokens, last.finish_reason, self.out.calls)
         return events + [
             {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
              "usage": {"output_tokens": last.generation_tokens}},
@@ -283,7 +280,7 @@ class MessagesFormat:
         ]  # fmt: skip
 
     def whole(self, last) -> dict:
-        reason, seq = _stop(self.req, self.tok, self._tokens(), last.finish_reason, self.out.calls)
+        reason, seq = _stop(self.req, self.tok, self.out.tokens, last.finish_reason, self.out.calls)
         content = [b for b in self.blocks if b["type"] != "text" or b["text"]]
         if self.out.calls:  # text around a call is the model thinking aloud: keep it, trimmed
             content = [{**b, "text": b["text"].strip()} if b["type"] == "text" else b for b in content]

@@ -237,10 +237,13 @@ class TextOutput:
         self.job = job
         self.events: list = []
         self.texts: list[str] = []
+        self.tokens: list[int] = []  # every token generated so far
 
     def _text(self, ev) -> str:
         self.events.append(ev)
-        text = completed(self.job, ev, [e.token for e in self.events if e.token is not None])
+        if ev.token is not None:
+            self.tokens.append(ev.token)
+        text = completed(self.job, ev, self.tokens)
         self.texts.append(text)
         return text
 
