@@ -6,7 +6,14 @@ extra or misshapen tensor is reported up front, naming the file and tensor.
 
 from __future__ import annotations
 
+import re
+
+import mlx.core as mx
+
 from qmlx.config import ModelConfig
+
+from .errors import ConvertError
+from .source_types import SourceTensor
 
 # Tensors some exporters add that carry nothing the runtime needs (RoPE tables are recomputed).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -31,20 +38,93 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
                 p + "self_attn.v_proj.bias": (kv_dims,),
                 p + "self_attn.o_proj.weight": (d, q_dims),
                 p + "post_attention_layernorm.weight": (d,),
-                p + "mlp.gate_proj.weight": (h, d),
-                p + "mlp.up_proj.weight": (h, d),
-                p + "mlp.down_proj.weight": (d, h),
             }
         )
+        if not config.attention_bias:
+            for proj in ("q", "k", "v"):
+                out.pop(p + f"self_attn.{proj}_proj.bias")
+        if config.sparse_layer(i):
+            out.update(_moe_tensors(config, p + "mlp."))
+        else:
+            out.update(_mlp_tensors(p + "mlp.", d, h))
     out["model.norm.weight"] = (d,)
     if not config.tie_word_embeddings:
         out["lm_head.weight"] = (v, d)
     return out
 
 
+def _mlp_tensors(p: str, d: int, h: int) -> dict[str, tuple[int, ...]]:
+    return {p + "gate_proj.weight": (h, d), p + "up_proj.weight": (h, d), p + "down_proj.weight": (d, h)}
+
+
+def _moe_tensors(config: ModelConfig, p: str) -> dict[str, tuple[int, ...]]:
+    """A sparse block's tensors: router, routed experts stacked (MLX layout), shared expert and its gate."""
+    d, h, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+    out = {p + "gate.weight": (e, d)}
+    out.update({k: (e, *shape) for k, shape in _mlp_tensors(p + "switch_mlp.", d, h).items()})
+    out.update(_mlp_tensors(p + "shared_expert.", d, config.shared_expert_intermediate_size))
+    out[p + "shared_expert_gate.weight"] = (1, d)
+    return out
+
+
+def stack_experts(tensors: dict[str, SourceTensor], config: ModelConfig) -> dict[str, SourceTensor]:
+    """A source's Hugging Face per-expert tensors (`mlp.experts.{e}.*_proj.weight`) as one stacked tensor
+    per projection (`mlp.switch_mlp.*_proj.weight`, leading expert axis), read an expert at a time: the
+    converter never holds more than the block of experts it is quantizing."""
+    groups: dict[str, dict[int, SourceTensor]] = {}
+    out = {}
+    for name, t in tensors.items():
+        m = _match_expert(name)
+        if m is None:
+            out[name] = t
+        else:
+            groups.setdefault(f"{m[0]}.switch_mlp.{m[2]}", {})[m[1]] = t
+    for name, experts in groups.items():
+        prefix, rest = name.split(".switch_mlp.")
+        missing = sorted(set(range(config.num_experts)) - set(experts))
+        where = next(iter(experts.values())).where
+        if missing:
+            raise ConvertError(f"{where}: tensor {f'{prefix}.experts.{missing[0]}.{rest}'!r} is missing")
+        if len(experts) != config.num_experts:
+            extra = f"{prefix}.experts.{max(experts)}.{rest}"
+            raise ConvertError(
+                f"{experts[max(experts)].where}: unexpected tensor {extra!r} "
+                f"(the config has {config.num_experts} experts)"
+            )
+        shapes = {tuple(t.shape) for t in experts.values()}
+        if len(shapes) != 1:
+            odd = next(t for t in experts.values() if tuple(t.shape) != tuple(experts[0].shape))
+            raise ConvertError(
+                f"{odd.where}: tensor {odd.name!r} has shape {list(odd.shape)}, "
+                f"expert 0 has {list(experts[0].shape)}"
+            )
+        out[name] = _stacked(name, [experts[e] for e in range(config.num_experts)])
+    return out
+
+
+def _match_expert(name: str) -> tuple[str, int, str] | None:
+    m = _EXPERT_NAME.match(name)
+    return None if m is None else (m[1], int(m[2]), m[3])
+
+
+_EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.((?:gate|up|down)_proj\.weight)$")
+
+
+def _stacked(name: str, experts: list[SourceTensor]) -> SourceTensor:
+    rows = experts[0].shape[0]
+
+    def read(start: int, end: int) -> mx.array:
+        return mx.stack([experts[e].read(0, rows) for e in range(start, end)])
+
+    return SourceTensor(
+        name, (len(experts), *experts[0].shape), sum(t.nbytes for t in experts), read, experts[0].where
+    )
+
+
 def quantizable(name: str, shape: tuple[int, ...]) -> bool:
-    """Whether a tensor is the weight of a Linear or Embedding layer (all 2-D weights in Qwen2)."""
-    return name.endswith(".weight") and len(shape) == 2
+    """Whether a tensor is the weight of a Linear or Embedding layer (every 2-D weight in Qwen2) or of
+    stacked experts (3-D)."""
+    return name.endswith(".weight") and (len(shape) == 2 or (len(shape) == 3 and ".switch_mlp." in name))
 
 
 def layer_sort_key(name: str) -> tuple:

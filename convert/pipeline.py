@@ -26,7 +26,7 @@ from qmlx.tokenizer import Tokenizer
 from . import calibrated, card
 from .calib import calibration_tokens
 from .errors import ConvertError
-from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantizable
+from .layout import IGNORED_SUFFIXES, expected_tensors, layer_sort_key, quantizable, stack_experts
 from .source_types import Source
 from .sources import open_source
 from .writer import (
@@ -100,11 +100,16 @@ def convert(
             "weights (then quantize that folder again if you want other settings)"
         )
     config = ModelConfig.from_dict(source.config, source=f"{src}: config.json")
+    if config.is_moe and method in CALIBRATED:
+        raise ConvertError(
+            f"--method {method} calibrates dense Qwen2 blocks; a qwen2_moe model converts with "
+            f"--method {' or '.join(m for m in METHODS if m not in CALIBRATED)}"
+        )
     tensors = _checked_tensors(source, config)
     dtype_name = dtype or _default_dtype(source.config)
     out_dtype = DTYPES[dtype_name]
 
-    layers = {n.removesuffix(".weight"): t.shape[1] for n, t in tensors.items() if quantizable(n, t.shape)}
+    layers = {n.removesuffix(".weight"): t.shape[-1] for n, t in tensors.items() if quantizable(n, t.shape)}
     measured = None if dequantize else measured_recipe(recipe)
     if measured and method not in CALIBRATED:
         raise ConvertError(
@@ -167,7 +172,8 @@ def _checked_tensors(source: Source, config: ModelConfig) -> dict:
     """The source's tensors in model order, checked against what the config implies."""
     expected = expected_tensors(config)
     tensors = {}
-    for name, t in source.tensors.items():
+    source_tensors = stack_experts(source.tensors, config) if config.is_moe else source.tensors
+    for name, t in source_tensors.items():
         if name.endswith(IGNORED_SUFFIXES):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -196,12 +202,12 @@ def _job(t, quantization: dict | None, out_dtype):
     dname = DTYPE_NAMES[out_dtype]
     if params is None:
         return t, [OutTensor(t.name, dname, tuple(t.shape))], None
-    rows, cols = t.shape
+    *lead, cols = t.shape  # (rows, cols), or (experts, rows, cols) for stacked experts
     groups = cols // params["group_size"]
     outs = [
-        OutTensor(f"{path}.weight", "U32", (rows, cols * params["bits"] // 32)),
-        OutTensor(f"{path}.scales", dname, (rows, groups)),
-        OutTensor(f"{path}.biases", dname, (rows, groups)),
+        OutTensor(f"{path}.weight", "U32", (*lead, cols * params["bits"] // 32)),
+        OutTensor(f"{path}.scales", dname, (*lead, groups)),
+        OutTensor(f"{path}.biases", dname, (*lead, groups)),
     ]
     return t, outs, params
 

@@ -140,8 +140,8 @@ def _dequantized(path: str, infos, offsets, config: ModelConfig, config_path: st
         raise ConvertError(f"{config_path}: layer {path!r} has scales but its quantization entry is false")
     bits, group_size = params["bits"], params["group_size"]
     packed, scales = parts["weight"], parts["scales"]
-    rows, cols = scales.shape[0], scales.shape[1] * group_size
-    if packed.dtype != "U32" or packed.shape != (rows, cols * bits // 32):
+    lead, cols = tuple(scales.shape[:-1]), scales.shape[-1] * group_size  # lead: (rows,) or (experts, rows)
+    if packed.dtype != "U32" or tuple(packed.shape) != (*lead, cols * bits // 32):
         raise ConvertError(
             f"{packed.file}: tensor {packed.name!r} has shape {list(packed.shape)} ({packed.dtype}), "
             f"which does not match {bits}-bit groups of {group_size} for scales {list(scales.shape)}"
@@ -152,4 +152,4 @@ def _dequantized(path: str, infos, offsets, config: ModelConfig, config_path: st
         return dequantize(w, sc, b, bits, group_size)
 
     nbytes = sum(i.nbytes for i in parts.values())
-    return SourceTensor(f"{path}.weight", (rows, cols), nbytes, read, packed.file)
+    return SourceTensor(f"{path}.weight", (*lead, cols), nbytes, read, packed.file)

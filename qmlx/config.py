@@ -19,7 +19,18 @@ class ConfigError(UserError):
     """A config.json that qmlx cannot run; the message names the file and field."""
 
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen2_moe")
+# transformers' Qwen2MoeConfig defaults, for the mixture-of-experts fields a qwen2_moe config omits.
+MOE_DEFAULTS = {
+    "num_experts": 60,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632,
+    "decoder_sparse_step": 1,
+    "norm_topk_prob": False,
+    "mlp_only_layers": [],
+    "qkv_bias": True,
+}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 
 
@@ -45,6 +56,15 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     head_dim: int | None = None
+    # Qwen2-MoE (model_type qwen2_moe); None for a dense qwen2 model (MOE_DEFAULTS fill them in).
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    decoder_sparse_step: int | None = None
+    norm_topk_prob: bool | None = None
+    mlp_only_layers: list[int] | None = None
+    qkv_bias: bool | None = None
     # The MLX community convention: {"group_size": 64, "bits": 4, "<layer path>": {...}, ...}
     quantization: dict | None = None
 
@@ -57,6 +77,10 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // max(self.num_attention_heads, 1)
+        if self.model_type == "qwen2_moe":
+            for name, default in MOE_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, list(default) if isinstance(default, list) else default)
         self.validate()
 
     # ------------------------------------------------------------------ construction
@@ -145,6 +169,34 @@ class ModelConfig:
             self._fail("rope_theta", f"must be positive, got {self.rope_theta!r}")
         self._validate_rope_scaling()
         self._validate_quantization()
+        if self.is_moe:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        for name in ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                self._fail(name, f"must be a positive integer, got {v!r}")
+        for name in ("num_experts", "shared_expert_intermediate_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                self._fail(name, f"must be a non-negative integer, got {v!r}")
+        if self.num_experts and self.num_experts_per_tok > self.num_experts:
+            self._fail(
+                "num_experts_per_tok",
+                f"({self.num_experts_per_tok}) must not exceed num_experts ({self.num_experts})",
+            )
+        for name in ("norm_topk_prob", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                self._fail(name, f"must be true or false, got {getattr(self, name)!r}")
+        layers = self.mlp_only_layers
+        if not isinstance(layers, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers
+        ):
+            self._fail("mlp_only_layers", f"must be a list of layer numbers, got {layers!r}")
+        bad = [i for i in layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            self._fail("mlp_only_layers", f"names layer {bad[0]}, outside 0..{self.num_hidden_layers - 1}")
 
     def _validate_rope_scaling(self) -> None:
         rs = self.rope_scaling
@@ -177,6 +229,45 @@ class ModelConfig:
             self._fail("quantization", f"has mode {mode!r}; qmlx supports 'affine'")
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def is_moe(self) -> bool:
+        return self.model_type == "qwen2_moe"
+
+    def sparse_layer(self, index: int) -> bool:
+        """Whether block `index` holds routed experts (transformers' rule) rather than a dense MLP."""
+        return (
+            self.is_moe
+            and self.num_experts > 0
+            and index not in self.mlp_only_layers
+            and (index + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def attention_bias(self) -> bool:
+        """q/k/v projections carry a bias: always in Qwen2; per `qkv_bias` in Qwen2-MoE."""
+        return bool(self.qkv_bias) if self.is_moe else True
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(total, active per token) parameters from the shapes alone. They differ only for a
+        mixture of experts, where a token runs `num_experts_per_tok` of the `num_experts`."""
+        d, v = self.hidden_size, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        attention = 2 * d * q + 2 * d * kv + 2 * d + (q + 2 * kv if self.attention_bias else 0)
+        total = active = v * d * (1 if self.tie_word_embeddings else 2) + d
+        for i in range(self.num_hidden_layers):
+            total, active = total + attention, active + attention
+            if not self.sparse_layer(i):
+                total, active = (
+                    total + 3 * d * self.intermediate_size,
+                    active + 3 * d * self.intermediate_size,
+                )
+                continue
+            expert = 3 * d * self.moe_intermediate_size
+            always = d * self.num_experts + 3 * d * self.shared_expert_intermediate_size + d
+            total += always + self.num_experts * expert
+            active += always + self.num_experts_per_tok * expert
+        return total, active
+
     @property
     def rope_type(self) -> str:
         rs = self.rope_scaling or {}

@@ -7,6 +7,7 @@ The model is pure: no tokenizer, sampling, files or flags. It sees a cache only 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ import mlx.nn as nn
 from . import kernels
 from .attention import attend
 from .config import ModelConfig
+from .errors import UserError
 
 
 class RoPE(nn.Module):
@@ -62,14 +64,14 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        d = config.hidden_size
+        d, bias = config.hidden_size, config.attention_bias
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=True)
-        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
-        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=True)
+        self.q_proj = Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = Linear(self.n_heads * self.head_dim, d, bias=False)
         self.rope = RoPE(config)
 
@@ -88,9 +90,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        d, h = config.hidden_size, config.intermediate_size
+        d, h = config.hidden_size, intermediate_size or config.intermediate_size
         self.gate_proj = Linear(d, h, bias=False)
         self.up_proj = Linear(d, h, bias=False)
         self.down_proj = Linear(h, d, bias=False)
@@ -99,11 +101,76 @@ class MLP(nn.Module):
         return self.down_proj(kernels.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-class Block(nn.Module):
+class SwitchLinear(nn.Module):
+    """`num_experts` linears stacked on a leading axis (weight (E, out, in), no bias), applied per row to
+    the experts a router chose. Quantized as `qmlx.quant.QuantizedSwitchLinear` (same parameter names as
+    the MLX community's layer, so stacked checkpoints load as they are)."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        scale = input_dims**-0.5
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        return kernels.gather_linear(x, self.weight, indices)
+
+
+class Experts(nn.Module):
+    """The routed SwiGLU experts of a Qwen2-MoE block, stacked (the MLX community's `switch_mlp`).
+
+    x (T, d) and the chosen experts (T, k) give (T, k, d): only the chosen experts' weights are read.
+    """
+
     def __init__(self, config: ModelConfig):
         super().__init__()
+        d, h, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+        self.gate_proj = SwitchLinear(d, h, e)
+        self.up_proj = SwitchLinear(d, h, e)
+        self.down_proj = SwitchLinear(h, d, e)
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        T, k = indices.shape
+        h = kernels.silu_mul(self.gate_proj(x, indices), self.up_proj(x, indices))  # (T, k, h)
+        return self.down_proj(h.reshape(T * k, -1), indices.reshape(T * k, 1)).reshape(T, k, -1)
+
+
+class SparseMoE(nn.Module):
+    """Qwen2-MoE's sparse block: a softmax router (float32) picks `num_experts_per_tok` experts per token,
+    their outputs are summed with the router's weights (renormalised when `norm_topk_prob`), plus the
+    shared expert scaled by sigmoid(shared_expert_gate(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = Linear(d, config.num_experts, bias=False)
+        self.switch_mlp = Experts(config)
+        self.shared_expert = MLP(config, config.shared_expert_intermediate_size)
+        self.shared_expert_gate = Linear(d, 1, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = mx.softmax(self.gate(x).astype(mx.float32), axis=-1)
+        k = self.top_k
+        # The k largest, ties to the lower expert number as torch.topk does.
+        indices = mx.stop_gradient(mx.argsort(-probs, axis=-1)[:, :k]).astype(mx.int32)
+        weights = mx.take_along_axis(probs, indices, axis=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        y = self.switch_mlp(x, indices)
+        y = (y * weights.astype(y.dtype)[..., None]).sum(axis=1)
+        if self.shared_expert.gate_proj.weight.shape[0]:
+            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return y.reshape(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, index: int = 0):
+        super().__init__()
         self.self_attn = Attention(config)
-        self.mlp = MLP(config)
+        self.mlp = SparseMoE(config) if config.sparse_layer(index) else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -116,7 +183,7 @@ class Qwen2Model(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = [Block(config) for _ in range(config.num_hidden_layers)]
+        self.layers = [Block(config, i) for i in range(config.num_hidden_layers)]
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def __call__(self, inputs: mx.array, cache=None, input_embeddings=None) -> mx.array:
@@ -137,7 +204,7 @@ class Qwen2Model(nn.Module):
 
 
 class Model(nn.Module):
-    """Qwen2ForCausalLM: token ids (B, L) [+ per-layer caches] -> logits (B, L, vocab)."""
+    """Qwen2ForCausalLM (or Qwen2MoeForCausalLM): token ids (B, L) [+ per-layer caches] -> logits (B, L, vocab)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -170,4 +237,31 @@ class Model(nn.Module):
             if k == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             out[k] = v
-        return out
+        return stack_experts(out, self.config) if self.config.is_moe else out
+
+
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+
+
+def stack_experts(weights: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face per-expert tensors (`mlp.experts.{e}.{gate,up,down}_proj.*`) stacked on a leading
+    expert axis under `mlp.switch_mlp.*` (lazily: nothing is read until the stack is evaluated). Names
+    already stacked pass through; a missing or surplus expert is a UserError naming the tensor."""
+    groups: dict[str, dict[int, Any]] = {}
+    out = {}
+    for k, v in weights.items():
+        m = _EXPERT.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            groups.setdefault(f"{m[1]}.switch_mlp.{m[3]}.{m[4]}", {})[int(m[2])] = v
+    for name, experts in groups.items():
+        prefix, rest = name.split(".switch_mlp.")
+        missing = sorted(set(range(config.num_experts)) - set(experts))
+        if missing:
+            raise UserError(f"tensor {f'{prefix}.experts.{missing[0]}.{rest}'!r} is missing from the weights")
+        if len(experts) != config.num_experts:
+            extra = f"{prefix}.experts.{max(experts)}.{rest}"
+            raise UserError(f"unexpected tensor {extra!r} (the config has {config.num_experts} experts)")
+        out[name] = mx.stack([experts[e] for e in range(config.num_experts)])
+    return out

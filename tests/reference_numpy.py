@@ -58,14 +58,38 @@ def forward(cfg: dict, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
         y = x @ w[p + ".weight"].T
         return y + w[p + ".bias"] if bias else y
 
+    def silu(g):
+        return g / (1 + np.exp(-g))
+
+    def mlp(h, p):
+        return lin(silu(lin(h, p + "gate_proj")) * lin(h, p + "up_proj"), p + "down_proj")
+
+    def moe(h, p):
+        """Every token through its top-k experts, one token and one expert at a time."""
+        logits = h @ w[p + "gate.weight"].T
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out = np.zeros_like(h)
+        for t in range(h.shape[0]):
+            top = np.argsort(-probs[t], kind="stable")[: cfg["num_experts_per_tok"]]
+            weights = probs[t, top]
+            if cfg.get("norm_topk_prob"):
+                weights = weights / weights.sum()
+            for e, wt in zip(top, weights):
+                g, u, d = (w[f"{p}switch_mlp.{n}.weight"][e] for n in ("gate_proj", "up_proj", "down_proj"))
+                out[t] += wt * ((silu(h[t] @ g.T) * (h[t] @ u.T)) @ d.T)
+        gate = 1 / (1 + np.exp(-(h @ w[p + "shared_expert_gate.weight"].T)))
+        return out + gate * mlp(h, p + "shared_expert.")
+
     x = w["model.embed_tokens.weight"][ids]
     mask = np.triu(np.full((L, L), -np.inf), 1)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         h = rms(x, w[p + "input_layernorm.weight"])
-        q = lin(h, p + "self_attn.q_proj", True).reshape(L, H, hd).transpose(1, 0, 2)
-        k = lin(h, p + "self_attn.k_proj", True).reshape(L, KV, hd).transpose(1, 0, 2)
-        v = lin(h, p + "self_attn.v_proj", True).reshape(L, KV, hd).transpose(1, 0, 2)
+        qkv_bias = cfg.get("qkv_bias", True) or cfg.get("model_type") != "qwen2_moe"
+        q = lin(h, p + "self_attn.q_proj", qkv_bias).reshape(L, H, hd).transpose(1, 0, 2)
+        k = lin(h, p + "self_attn.k_proj", qkv_bias).reshape(L, KV, hd).transpose(1, 0, 2)
+        v = lin(h, p + "self_attn.v_proj", qkv_bias).reshape(L, KV, hd).transpose(1, 0, 2)
         q, k = q * cos + rot(q) * sin, k * cos + rot(k) * sin
         k, v = np.repeat(k, H // KV, 0), np.repeat(v, H // KV, 0)
         s = q @ k.transpose(0, 2, 1) / math.sqrt(hd) + mask
@@ -74,8 +98,10 @@ def forward(cfg: dict, w: dict[str, np.ndarray], ids: list[int]) -> np.ndarray:
         a = (s @ v).transpose(1, 0, 2).reshape(L, D)
         x = x + lin(a, p + "self_attn.o_proj")
         h = rms(x, w[p + "post_attention_layernorm.weight"])
-        g = lin(h, p + "mlp.gate_proj")
-        x = x + lin((g / (1 + np.exp(-g))) * lin(h, p + "mlp.up_proj"), p + "mlp.down_proj")
+        if p + "mlp.gate.weight" in w:
+            x = x + moe(h, p + "mlp.")
+            continue
+        x = x + mlp(h, p + "mlp.")
     x = rms(x, w["model.norm.weight"])
     head = w["model.embed_tokens.weight"] if cfg.get("tie_word_embeddings") else w["lm_head.weight"]
     return x @ head.T

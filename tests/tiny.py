@@ -37,6 +37,38 @@ def tiny_config(**overrides) -> dict:
     return cfg
 
 
+def tiny_moe_config(**overrides) -> dict:
+    """A tiny Qwen2-MoE: 8 experts, top 2, a shared expert, every second layer sparse."""
+    cfg = tiny_config(
+        architectures=["Qwen2MoeForCausalLM"],
+        model_type="qwen2_moe",
+        num_hidden_layers=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=96,
+        decoder_sparse_step=1,
+        norm_topk_prob=False,
+        mlp_only_layers=[],
+        tie_word_embeddings=False,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def hf_expert_names(weights: dict) -> dict:
+    """Stacked experts (`mlp.switch_mlp.*`, leading expert axis) as Hugging Face's per-expert tensors."""
+    out = {}
+    for name, w in weights.items():
+        if ".mlp.switch_mlp." not in name:
+            out[name] = w
+            continue
+        prefix, rest = name.split(".switch_mlp.")
+        for e in range(w.shape[0]):
+            out[f"{prefix}.experts.{e}.{rest}"] = w[e]
+    return out
+
+
 def random_model(cfg: dict, seed: int = 0) -> Model:
     """A model with random weights large enough to give non-trivial logits."""
     mx.random.seed(seed)
@@ -54,10 +86,11 @@ def random_model(cfg: dict, seed: int = 0) -> Model:
 
 
 def write_folder(folder: str, cfg: dict, seed: int = 0, shards: int = 2, dtype=mx.float32) -> Model:
-    """Write a random model as a sharded HF folder (config, index, shards, byte-level tokenizer)."""
+    """Write a random model as a sharded HF folder (config, index, shards, byte-level tokenizer); a
+    Qwen2-MoE's experts in Hugging Face's per-expert layout."""
     os.makedirs(folder, exist_ok=True)
     model = random_model(cfg, seed)
-    weights = dict(tree_flatten(model.parameters()))
+    weights = hf_expert_names(dict(tree_flatten(model.parameters())))
     names = sorted(weights)
     per = -(-len(names) // shards)
     weight_map = {}

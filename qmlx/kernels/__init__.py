@@ -114,6 +114,14 @@ def linear(x: mx.array, weight: mx.array, bias: mx.array | None = None) -> mx.ar
     return y + bias if bias is not None else y
 
 
+def gather_linear(x: mx.array, weight: mx.array, indices: mx.array) -> mx.array:
+    """out[t, j] = x[t] @ weight[indices[t, j]]ᵀ for stacked float weights (E, out, in): x (T, in) and
+    indices (T, k) give (T, k, out), reading only the chosen experts' weights."""
+    T, k = indices.shape
+    y = mx.gather_mm(x.reshape(T, 1, 1, x.shape[-1]), weight.swapaxes(-1, -2), rhs_indices=indices)
+    return y.reshape(T, k, weight.shape[1])
+
+
 def rope(
     x: mx.array,
     dims: int,

@@ -10,7 +10,7 @@ from .groups import (
     dequantize,
     quantize,
 )
-from .layers import QuantizedEmbedding, QuantizedLinear
+from .layers import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear
 from .recipes import RECIPES, layer_params, plan
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "QuantizationError",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "QuantizedSwitchLinear",
     "bits_per_weight",
     "check_params",
     "dequantize",

@@ -9,8 +9,9 @@ from __future__ import annotations
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
+from ..model import SwitchLinear
 from .groups import check_params
-from .layers import QuantizedEmbedding, QuantizedLinear
+from .layers import QuantizedEmbedding, QuantizedLinear, QuantizedSwitchLinear
 from .recipes import layer_params
 
 
@@ -33,7 +34,7 @@ def quantize_model(
     check_params(quantization.get("bits"), quantization.get("group_size"), f"{source}: quantization")
     swaps = []
     for path, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Embedding)):
+        if not isinstance(module, (nn.Linear, nn.Embedding)) and not _is_switch(module):
             continue
         params = layer_params(quantization, path, source)
         if params is None:
@@ -49,7 +50,15 @@ def quantize_model(
     return model
 
 
+def _is_switch(module: nn.Module) -> bool:
+    """Stacked float experts (E, out, in): the model's SwitchLinear."""
+    return isinstance(module, SwitchLinear)
+
+
 def _empty_like(module: nn.Module, bits: int, group_size: int) -> nn.Module:
+    if _is_switch(module):
+        e, rows, cols = module.weight.shape
+        return QuantizedSwitchLinear(cols, rows, e, group_size, bits)
     rows, cols = module.weight.shape
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding(rows, cols, group_size, bits)
@@ -57,6 +66,8 @@ def _empty_like(module: nn.Module, bits: int, group_size: int) -> nn.Module:
 
 
 def _quantized_copy(module: nn.Module, bits: int, group_size: int) -> nn.Module:
+    if _is_switch(module):
+        return QuantizedSwitchLinear.from_switch(module, group_size, bits)
     if isinstance(module, nn.Embedding):
         return QuantizedEmbedding.from_embedding(module, group_size, bits)
     return QuantizedLinear.from_linear(module, group_size, bits)

@@ -47,11 +47,12 @@ def packed_cols(cols: int, bits: int) -> int:
 
 
 def quantize(w: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:
-    """(packed uint32, scales, biases) of a 2-D matrix; scales/biases take w's dtype."""
-    if w.ndim != 2 or w.shape[-1] % group_size:
+    """(packed uint32, scales, biases) of a 2-D matrix, or of a stack of them (experts: 3-D), grouped
+    along the last axis; scales/biases take w's dtype."""
+    if w.ndim not in (2, 3) or w.shape[-1] % group_size:
         raise QuantizationError(
             f"cannot quantize a tensor of shape {list(w.shape)} with group_size {group_size}: "
-            "it must be 2-D with columns divisible by the group size"
+            "it must be 2-D (or 3-D, stacked experts) with columns divisible by the group size"
         )
     return mx.quantize(w, group_size=group_size, bits=bits)
 
