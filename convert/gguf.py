@@ -71,7 +71,8 @@ def open_gguf(path: str) -> Source:
     arch = meta.get("general.architecture")
     if arch != "qwen2":
         raise ConvertError(
-            f"{path}: general.architecture is {arch!r}; qmlx converts Qwen2/Qwen2.5 models ('qwen2')"
+            f"{path}: general.architecture is {arch!r}; qmlx converts Qwen2/Qwen2.5 models ('qwen2') from GGUF"
+            + (" (convert a Qwen2-MoE from its Hugging Face or MLX folder)" if arch == "qwen2moe" else "")
         )
     tensors: dict[str, SourceTensor] = {}
     for info in infos:

@@ -100,6 +100,11 @@ def convert(
             "weights (then quantize that folder again if you want other settings)"
         )
     config = ModelConfig.from_dict(source.config, source=f"{src}: config.json")
+    if recipe == "dense-8" and not config.is_moe:
+        raise ConvertError(
+            f"--recipe dense-8 keeps a mixture of experts' shared layers at 8 bits; {src} is a dense "
+            f"{config.model_type} model (use --bits 8, or head-8 / kv-8)"
+        )
     if config.is_moe and method in CALIBRATED:
         raise ConvertError(
             f"--method {method} calibrates dense Qwen2 blocks; a qwen2_moe model converts with "

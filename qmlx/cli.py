@@ -525,7 +525,9 @@ def run_chat(args) -> int:
         cache_kwargs=cache_kwargs,
     )  # fmt: skip
     if sys.stdin.isatty() and sys.stdout.isatty():
-        return run_terminal(session, banner=f"qmlx chat · {os.path.basename(folder.rstrip('/'))}")
+        banner = f"qmlx chat · {os.path.basename(folder.rstrip('/'))}"
+        config = getattr(model, "config", None)
+        return run_terminal(session, banner=banner + (f" · {config.summary()}" if config is not None else ""))
     return run_plain(session)
 
 
@@ -815,11 +817,25 @@ def version_text() -> str:
     )
 
 
+def model_text(model: str) -> str:
+    """`qmlx --version -m MODEL`: what the model is, from its config.json alone."""
+    from .config import ModelConfig
+    from .lora.estimate import read_config  # a file, a folder or a hub id's config.json alone
+
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    return f"{model}: {ModelConfig.from_dict(read_config(model), source=path).summary()}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="qmlx", description="Run, convert, chat with and serve Qwen2/Qwen2.5 models on MLX.")
     parser.add_argument(
         "--version", action="store_true", help="print versions, the kernels and the BLAS in use"
     )
+    parser.add_argument(
+        "--model", "-m", dest="version_model", metavar="MODEL",
+        help="with --version: also describe a model (folder, hub id or config.json): its parameters, "
+        "active ones per token for a mixture of experts, and quantization",
+    )  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS.values():
         add(sub)
@@ -833,6 +849,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.version:
         print(version_text())
+        if args.version_model:
+            try:
+                print(model_text(args.version_model))
+            except UserError as e:
+                print(f"qmlx: error: {e}", file=sys.stderr)
+                return 2
         return 0
     if not getattr(args, "run", None):
         parser.print_help()

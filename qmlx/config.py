@@ -173,14 +173,15 @@ class ModelConfig:
             self._validate_moe()
 
     def _validate_moe(self) -> None:
-        for name in ("num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+        for name in (
+            "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "shared_expert_intermediate_size"
+        ):  # fmt: skip
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 self._fail(name, f"must be a positive integer, got {v!r}")
-        for name in ("num_experts", "shared_expert_intermediate_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                self._fail(name, f"must be a non-negative integer, got {v!r}")
+        v = self.num_experts
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            self._fail("num_experts", f"must be a non-negative integer, got {v!r}")
         if self.num_experts and self.num_experts_per_tok > self.num_experts:
             self._fail(
                 "num_experts_per_tok",
@@ -268,6 +269,18 @@ class ModelConfig:
             active += always + self.num_experts_per_tok * expert
         return total, active
 
+    def summary(self) -> str:
+        """One line for people: type, depth, parameters (active ones for a mixture of experts), bits."""
+        total, active = self.parameter_counts()
+        line = f"{self.model_type}, {self.num_hidden_layers} layers, {_count(total)} parameters"
+        if self.is_moe:
+            line += (
+                f" ({_count(active)} active per token: {self.num_experts_per_tok} of {self.num_experts} "
+                "experts and a shared expert)"
+            )
+        q = self.quantization
+        return line + (f", {q.get('bits')}-bit (group {q.get('group_size')})" if q else "")
+
     @property
     def rope_type(self) -> str:
         rs = self.rope_scaling or {}
@@ -328,3 +341,7 @@ class ModelConfig:
         if e is None:
             return []
         return [e] if isinstance(e, int) else list(e)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"

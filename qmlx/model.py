@@ -92,7 +92,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig, intermediate_size: int | None = None):
         super().__init__()
-        d, h = config.hidden_size, intermediate_size or config.intermediate_size
+        d, h = (
+            config.hidden_size,
+            config.intermediate_size if intermediate_size is None else intermediate_size,
+        )
         self.gate_proj = Linear(d, h, bias=False)
         self.up_proj = Linear(d, h, bias=False)
         self.down_proj = Linear(h, d, bias=False)
@@ -161,8 +164,7 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(axis=-1, keepdims=True)
         y = self.switch_mlp(x, indices)
         y = (y * weights.astype(y.dtype)[..., None]).sum(axis=1)
-        if self.shared_expert.gate_proj.weight.shape[0]:
-            y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        y = y + mx.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return y.reshape(shape)
 
 

@@ -231,7 +231,8 @@ def plan_for(
     quant = config.quantization
     what = f"{quant['bits']}-bit (group {quant['group_size']})" if quant else "unquantized"
     head = (
-        f"{model}: {n_layers} layers, {what}, {str(parse_dtype(dtype)).split('.')[-1]} compute: "
+        f"{model}: {config.summary()}\n"
+        f"{n_layers} layers, {what}, {str(parse_dtype(dtype)).split('.')[-1]} compute: "
         f"{(sizes.total - sizes.kv * n_layers) / GB:.2f} GB of weights"
         + (f", KV cache for {context} tokens {sizes.kv * n_layers / GB:.2f} GB" if context else "")
     )

@@ -114,6 +114,39 @@ def test_weight_sizes_of_a_quantized_config():
     assert sizes.total == sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def test_weight_sizes_of_a_quantized_moe_config():
+    from tiny import random_model, tiny_moe_config
+
+    from qmlx.quant import quantize_model
+
+    cfg = tiny_moe_config(decoder_sparse_step=2)
+    model = quantize_model(random_model(cfg), {"bits": 4, "group_size": 32})
+    mx.eval(model.parameters())
+    config = ModelConfig.from_dict({**cfg, "quantization": {"bits": 4, "group_size": 32}})
+    sizes = weight_sizes(config, mx.float32)
+    actual = dict(tree_flatten(model.parameters()))
+    assert sizes.total == sum(v.nbytes for v in actual.values())
+    assert sizes.layers[1] == sum(v.nbytes for k, v in actual.items() if k.startswith("model.layers.1."))
+    assert sizes.layers[1] > 2 * sizes.layers[0]  # the sparse block holds 8 experts
+
+
+def test_shard_plan_of_qwen2_57b_a14b_reports_active_parameters(tmp_path):
+    cfg = dict(
+        model_type="qwen2_moe", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+        moe_intermediate_size=2560, shared_expert_intermediate_size=20480, vocab_size=151936,
+        tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+    )  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    out = run_qmlx("shard-plan", "-m", str(path), "--hosts", "a:24,b:24", "--bits", "4")
+    assert out.returncode == 0, out.stderr
+    assert "57.4B parameters (14.2B active per token: 8 of 64 experts" in out.stdout
+    weights = float(re.search(r"([\d.]+) GB of weights", out.stdout)[1])
+    assert 29.5 < weights < 31  # GiB: 57.4B parameters at 4.5 bits, ~32 GB
+    assert re.search(r"0\s+a\s+0-13 \(14\)", out.stdout) and re.search(r"1\s+b\s+14-27 \(14\)", out.stdout)
+
+
 def test_kv_reservation_matches_a_filled_cache():
     from qmlx.cache import cache_nbytes
     from qmlx.shard_plan import kv_bytes_per_layer
@@ -261,9 +294,21 @@ def tied_4bit_folder(tmp_path_factory):
     return str(root / "q4")
 
 
-@pytest.mark.parametrize("which", ["dense", "tied_4bit"])
+@pytest.fixture(scope="module")
+def moe_4bit_folder(tmp_path_factory):
+    """A Qwen2-MoE (sparse blocks 1 and 3) converted to 4 bits: each rank holds routed experts."""
+    from tiny import tiny_moe_config
+
+    root = tmp_path_factory.mktemp("distmoe")
+    write_folder(str(root / "src"), tiny_moe_config(decoder_sparse_step=2))
+    out = run_qmlx("convert", str(root / "src"), str(root / "q4"), "--bits", "4", "--group-size", "32")
+    assert out.returncode == 0, out.stderr
+    return str(root / "q4")
+
+
+@pytest.mark.parametrize("which", ["dense", "tied_4bit", "moe_4bit"])
 def test_two_ranks_on_loopback_match_one_process(which, request):
-    folder = request.getfixturevalue({"dense": "tiny_folder", "tied_4bit": "tied_4bit_folder"}[which])
+    folder = request.getfixturevalue(f"{'tiny' if which == 'dense' else which}_folder")
     args = ["generate", "-m", folder, "-p", "hello there", "--raw", "-n", "12", "--temp", "0"]
     single = run_qmlx(*args)
     assert single.returncode == 0, single.stderr

@@ -74,7 +74,8 @@ def test_missing_moe_fields_take_transformers_defaults():
         ("norm_topk_prob", "yes", "true or false"),
         ("mlp_only_layers", [7], "outside 0..3"),
         ("mlp_only_layers", 2, "list of layer numbers"),
-        ("shared_expert_intermediate_size", -1, "non-negative"),
+        ("shared_expert_intermediate_size", 0, "positive integer"),
+        ("num_experts", -1, "non-negative"),
     ],
 )
 def test_bad_moe_fields_are_refused_by_name(field, value, words):
@@ -123,9 +124,9 @@ def test_57b_parameter_counts():
         {"norm_topk_prob": True},
         {"decoder_sparse_step": 2, "mlp_only_layers": [3]},
         {"tie_word_embeddings": True, "qkv_bias": False},
-        {"num_experts_per_tok": 1, "shared_expert_intermediate_size": 0},
+        {"num_experts_per_tok": 1},
     ],
-    ids=["defaults", "norm-topk", "step2-mlp-only", "tied-no-qkv-bias", "top1-no-shared"],
+    ids=["defaults", "norm-topk", "step2-mlp-only", "tied-no-qkv-bias", "top1"],
 )
 def test_forward_matches_reference(overrides):
     cfg = tiny_moe_config(**overrides)
@@ -348,3 +349,109 @@ def test_batched_rows_equal_each_prompt_alone(moe_folder):
             if e.token is not None
         ]
         assert r.tokens == alone, prompt
+
+
+# ------------------------------------------------------------------ LoRA
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_lora_adapts_attention_and_the_shared_expert_and_gradients_reach_them(moe_folder, quantized):
+    import mlx.nn as nn
+
+    from qmlx.lora.apply import apply_lora
+    from qmlx.lora.layers import LoRALinear
+    from qmlx.lora.score import loss_fn
+
+    model, _ = qmlx.load(moe_folder, dtype="float32")
+    if quantized:
+        quantize_model(model, {"bits": 4, "group_size": 32})
+    apply_lora(model, rank=4, alpha=8.0, targets=["q", "v", "gate", "down"])
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    assert "model.layers.1.mlp.shared_expert.gate_proj.lora_A" in names  # sparse block
+    assert "model.layers.0.mlp.gate_proj.lora_A" in names  # dense block (step 2)
+    assert not any(".switch_mlp." in k or ".mlp.gate.lora" in k for k in names)
+    assert len(names) == 2 * 4 * 4  # A and B x 4 targets x 4 blocks
+    mx.random.seed(0)
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.lora_B = 0.05 * mx.random.normal(m.lora_B.shape)
+    tokens = mx.array([IDS])
+    (loss, _), grads = nn.value_and_grad(model, loss_fn)(model, tokens, mx.ones(tokens.shape, mx.bool_))
+    flat = dict(tree_flatten(grads))
+    assert set(flat) == set(names) and np.isfinite(loss.item())
+    assert all(mx.abs(g).max().item() > 0 for g in flat.values())
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_estimate_counts_match_a_built_moe_model(moe_folder, bits):
+    from qmlx.lora.apply import apply_lora
+    from qmlx.lora.estimate import estimate
+
+    with open(os.path.join(moe_folder, "config.json")) as f:
+        cfg = json.load(f)
+    model, _ = qmlx.load(moe_folder, dtype="float32")
+    if bits:
+        quantize_model(model, {"bits": bits, "group_size": 32})
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    apply_lora(model, rank=4, alpha=8.0, targets=["q", "k", "up", "down"])
+    n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    e = estimate(cfg, bits, 32, rank=4, targets=["q", "k", "up", "down"], dtype_bytes=4)
+    assert e.adapter_params == n
+    assert e.weights == weights
+    assert e.total_checkpointed <= e.total
+
+
+def test_adapter_round_trip_and_peft_export_name_only_the_adapted_modules(moe_folder, tmp_path):
+    import re
+
+    from qmlx.lora.adapters import load_adapter, save_adapter
+    from qmlx.lora.apply import apply_lora
+    from qmlx.lora.peft import export_peft
+
+    model, _ = qmlx.load(moe_folder, dtype="float32")
+    apply_lora(model, rank=2, alpha=4.0, targets=["q", "up"])
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B = mx.ones(m.lora_B.shape) * 0.01
+    want = np.array(model(mx.array([IDS])))
+    folder = str(tmp_path / "adapter")
+    save_adapter(model, folder, {"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["q", "up"]})
+    again, _ = qmlx.load(moe_folder, dtype="float32")
+    load_adapter(again, folder)
+    np.testing.assert_array_equal(np.array(again(mx.array([IDS]))), want)
+    with open(os.path.join(export_peft(folder, str(tmp_path / "peft")), "adapter_config.json")) as f:
+        pattern = json.load(f)["target_modules"]
+    hf_modules = [f"model.layers.{i}.self_attn.{p}" for i in range(4) for p in ("q_proj", "k_proj")]
+    hf_modules += ["model.layers.1.mlp.shared_expert.up_proj", "model.layers.1.mlp.experts.3.up_proj"]
+    hf_modules += ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.gate", "model.layers.3.mlp.up_proj"]
+    matched = [m for m in hf_modules if re.fullmatch(pattern, m)]
+    assert matched == [f"model.layers.{i}.self_attn.q_proj" for i in range(4)] + [
+        "model.layers.1.mlp.shared_expert.up_proj", "model.layers.0.mlp.up_proj", "model.layers.3.mlp.up_proj"
+    ]  # fmt: skip
+
+
+def test_dense_8_recipe_keeps_everything_but_the_routed_experts_at_8_bits(moe_folder, tmp_path):
+    dst = str(tmp_path / "d8")
+    run_convert(moe_folder, dst, bits=4, group_size=32, recipe="dense-8", progress=False)
+    with open(os.path.join(dst, "config.json")) as f:
+        quant = json.load(f)["quantization"]
+    model = load_model(dst, dtype="float32")
+    bits = {p: m.bits for p, m in model.named_modules() if hasattr(m, "bits")}
+    assert bits["model.layers.1.mlp.switch_mlp.up_proj"] == 4 and quant["bits"] == 4
+    assert all(b == 8 for p, b in bits.items() if ".switch_mlp." not in p)
+    assert {"model.layers.1.mlp.gate", "model.layers.1.mlp.shared_expert.down_proj", "lm_head"} <= set(bits)
+    ids = mx.array([IDS])
+    full = np.array(load_model(moe_folder, dtype="float32")(ids))
+    uniform = str(tmp_path / "u4")
+    run_convert(moe_folder, uniform, bits=4, group_size=32, progress=False)
+    err_dense8 = np.abs(np.array(model(ids)) - full).mean()
+    err_uniform = np.abs(np.array(load_model(uniform, dtype="float32")(ids)) - full).mean()
+    assert err_dense8 < err_uniform
+
+
+def test_dense_8_is_refused_for_a_dense_model(tmp_path):
+    from tiny import tiny_config
+
+    write_folder(str(tmp_path / "dense"), tiny_config())
+    with pytest.raises(ConvertError, match="dense-8.*dense qwen2 model"):
+        run_convert(str(tmp_path / "dense"), str(tmp_path / "out"), recipe="dense-8", progress=False)

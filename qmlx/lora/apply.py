@@ -26,6 +26,15 @@ TARGETS = {
 DEFAULT_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+def target_path(block: nn.Module, target: str) -> str:
+    """The path of a short target inside `block`: in a Qwen2-MoE sparse block the MLP targets are its
+    shared expert's projections (the routed experts stay frozen)."""
+    path = TARGETS[target]
+    if path.startswith("mlp.") and hasattr(block.mlp, "shared_expert"):
+        return "mlp.shared_expert." + path.removeprefix("mlp.")
+    return path
+
+
 def parse_targets(spec: str | list[str] | tuple[str, ...], flag: str = "--targets") -> list[str]:
     """Validated short target names from "q,v" or a list; unknown names are a user error."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -61,9 +70,10 @@ def apply_lora(
     layers = model.layers if num_layers is None else model.layers[-num_layers:]
     for block in layers:
         swaps = []
+        modules = dict(block.named_modules())
         for t in targets:
-            path = TARGETS[t]
-            base = dict(block.named_modules())[path]
+            path = target_path(block, t)
+            base = modules[path]
             swaps.append((path, LoRALinear(base, rank, alpha, dropout)))
         block.update_modules(tree_unflatten(swaps))
     return model

@@ -54,10 +54,12 @@ def read_config(model: str) -> dict:
     return d
 
 
-def linear_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each projection of one block, by short target name."""
+def linear_shapes(c: ModelConfig, layer: int = 0) -> dict[str, tuple[int, int]]:
+    """(out, in) of each adaptable projection of block `layer`, by short target name (in a Qwen2-MoE
+    sparse block the MLP targets are the shared expert's)."""
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    d, i = c.hidden_size, c.intermediate_size
+    d = c.hidden_size
+    i = c.shared_expert_intermediate_size if c.sparse_layer(layer) else c.intermediate_size
     return {
         "q": (q, d),
         "k": (kv, d),
@@ -110,8 +112,7 @@ def estimate(
 ) -> Estimate:
     c = ModelConfig.from_dict(config)
     n_layers = c.num_hidden_layers
-    adapted = n_layers if num_layers is None else min(num_layers, n_layers)
-    shapes = linear_shapes(c)
+    first_adapted = n_layers - (n_layers if num_layers is None else min(num_layers, n_layers))
     d, vocab, T = c.hidden_size, c.vocab_size, batch_size * seq_len
 
     def matrix_bytes(rows: int, cols: int) -> float:
@@ -119,41 +120,60 @@ def estimate(
             return rows * cols * dtype_bytes
         return rows * cols * bits_per_weight(bits, group_size, scale_bits=8 * dtype_bytes) / 8
 
-    block = sum(matrix_bytes(o, i) for o, i in shapes.values())
-    block += (shapes["q"][0] + 2 * shapes["k"][0]) * dtype_bytes + 2 * d * dtype_bytes  # qkv biases, norms
+    weights = lora_params = activations = 0.0
+    largest = min(vocab, _out_block()) * d  # the largest matrix a product dequantizes at once (CPU)
+    per_blocks = []
+    for layer in range(n_layers):
+        shapes = linear_shapes(c, layer)
+        q, kv, inter = shapes["q"][0], shapes["k"][0], shapes["up"][0]
+        weights += sum(matrix_bytes(o, i) for o, i in shapes.values()) + 2 * d * dtype_bytes  # + norms
+        weights += (q + 2 * kv) * dtype_bytes if c.attention_bias else 0
+        largest = max([largest] + [o * i for o, i in shapes.values()])
+        # Elements kept per token by one block's backward pass (dropout adds its input and mask).
+        keep = (
+            4 * d  # block input, first norm output, attention residual, second norm output
+            + 2 * q
+            + 2 * kv  # RoPE'd queries and keys, values, attention output
+            + 4 * inter  # gate, up, silu(gate), their product (down's input)
+            + rank * len(targets)  # x·A of each adapter
+        )
+        if c.sparse_layer(layer):
+            e, k, h = c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
+            # router, routed experts (E·3 matrices, stacked) and the shared expert's gate
+            weights += matrix_bytes(e, d) + e * 3 * matrix_bytes(h, d) + matrix_bytes(1, d)
+            largest = max(largest, h * d)  # stacked experts are multiplied one expert at a time
+            keep += 2 * e + k * (4 * h + d) + 2  # router logits and probabilities, each chosen expert's
+            # gate, up, silu(gate), product and output, the shared expert's gate
+        if dropout > 0:
+            keep += 2 * (2 * d + q + inter)  # dropped inputs and masks of the adapted inputs
+        per_block = T * keep * dtype_bytes + 2 * batch_size * c.num_attention_heads * seq_len**2 * dtype_bytes
+        per_blocks.append(per_block)
+        if layer >= first_adapted:
+            lora_params += sum(rank * (o + i) for t, (o, i) in shapes.items() if t in targets)
+            activations += per_block
+        else:
+            activations += T * d * dtype_bytes
     head = 0 if c.tie_word_embeddings else matrix_bytes(vocab, d)
-    weights = n_layers * block + matrix_bytes(vocab, d) + head + d * dtype_bytes
-
-    lora_params = adapted * sum(rank * (o + i) for t, (o, i) in shapes.items() if t in targets)
+    weights += matrix_bytes(vocab, d) + head + d * dtype_bytes
+    lora_params = int(lora_params)
     adapters = lora_params * 4 * 4  # float32 parameter, gradient, AdamW m and v
-
-    # Elements kept per token by one block's backward pass (dropout adds its input and mask).
-    q, kv, inter = shapes["q"][0], shapes["k"][0], c.intermediate_size
-    keep = (
-        4 * d  # block input, first norm output, attention residual, second norm output
-        + 2 * q
-        + 2 * kv  # RoPE'd queries and keys, values, attention output
-        + 4 * inter  # gate, up, silu(gate), their product (down's input)
-        + rank * len(targets)  # x·A of each adapter
-    )
-    if dropout > 0:
-        keep += 2 * (2 * d + q + inter)  # dropped inputs and masks of the adapted inputs
-    per_block = T * keep * dtype_bytes + 2 * batch_size * c.num_attention_heads * seq_len**2 * dtype_bytes
-    activations = adapted * per_block + (n_layers - adapted) * T * d * dtype_bytes
     # Checkpointed: block inputs only, plus one block recomputed at a time.
-    activations_ckpt = n_layers * T * d * dtype_bytes + per_block
+    activations_ckpt = n_layers * T * d * dtype_bytes + max(per_blocks)
     logits = min(T, LOSS_CHUNK) * vocab * (dtype_bytes + 4 + 4)  # one chunk at a time (score.py)
 
     dequant = dequant_ckpt = 0.0
     if cpu and bits is not None:
         # One float32 matrix (or head block) at a time, forward and backward (quant/layers.py).
-        from ..quant.layers import OUT_BLOCK
-
-        largest = max([o * i for o, i in shapes.values()] + [min(vocab, OUT_BLOCK) * d])
         dequant = dequant_ckpt = 2.0 * largest * 4  # the product's operand and MLX's temporary
     return Estimate(
         weights, adapters, lora_params, activations, activations_ckpt, logits, dequant, dequant_ckpt
     )
+
+
+def _out_block() -> int:
+    from ..quant.layers import OUT_BLOCK
+
+    return OUT_BLOCK
 
 
 def report(e: Estimate, title: str) -> str:

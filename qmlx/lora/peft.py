@@ -9,6 +9,7 @@ model; an adapter trained over a quantized base then sees slightly different bas
 from __future__ import annotations
 
 import os
+import re
 
 import mlx.core as mx
 
@@ -39,6 +40,12 @@ def export_peft(
                 "exporting needs the base model (--model)"
             )
         layers = list(range(num_hidden_layers - cfg["num_layers"], num_hidden_layers))
+    targets = sorted(TARGETS[t].split(".")[-1] for t in cfg["targets"])
+    modules = sorted({name.rsplit(".", 1)[0] for name in weights})
+    if any(".mlp.shared_expert." in m for m in modules):
+        # Qwen2-MoE: a name list would also match every routed expert's gate/up/down_proj; PEFT full-matches
+        # a string against each module path, so name exactly the adapted modules.
+        targets, layers = "|".join(re.escape(m) for m in modules), None
     os.makedirs(dst, exist_ok=True)
     tmp = os.path.join(dst, f".tmp{os.getpid()}.safetensors")
     mx.save_safetensors(tmp, out, metadata={"format": "pt"})
@@ -52,7 +59,7 @@ def export_peft(
             "r": cfg["rank"],
             "lora_alpha": cfg["alpha"],
             "lora_dropout": cfg.get("dropout", 0.0),
-            "target_modules": sorted(TARGETS[t].split(".")[-1] for t in cfg["targets"]),
+            "target_modules": targets,
             "layers_to_transform": layers,
             "bias": "none",
             "fan_in_fan_out": False,

@@ -23,6 +23,9 @@ RECIPES = {
     "head-8": "embeddings and output head at 8 bits, the rest at --bits",
     "kv-8": "every block's k_proj and v_proj at 8 bits, the rest at --bits (Qwen2.5's grouped "
     "k/v projections are ~1% of the weights: +0.05 bits/weight)",
+    "dense-8": "mixture of experts: every layer but the routed experts at 8 bits (router, shared expert, "
+    "attention, embeddings, head: what every token reads; ~14% of Qwen2-57B-A14B's weights, +0.6 "
+    "bits/weight), the routed experts at --bits",
     "mixed-2-6": "2 bits; sensitive layers, embeddings and head at 6",
     "mixed-3-4": "3 bits; sensitive layers, embeddings and head at 4",
     "mixed-3-6": "3 bits; sensitive layers, embeddings and head at 6",
@@ -106,6 +109,10 @@ def _is_kv(path: str, n_layers: int) -> bool:
     return path.endswith(KV_PROJECTIONS)
 
 
+def _is_dense(path: str, n_layers: int) -> bool:
+    return ".switch_mlp." not in path
+
+
 def _is_head_or_sensitive(path: str, n_layers: int) -> bool:
     index = layer_index(path)
     return _is_head(path, n_layers) or (
@@ -121,6 +128,8 @@ def parse_recipe(recipe: str | None, bits: int):
         return bits, 8, _is_head
     if recipe == "kv-8":
         return bits, 8, _is_kv
+    if recipe == "dense-8":
+        return bits, 8, _is_dense
     m = _MIXED.match(recipe)
     if m:
         low, high = int(m.group(1)), int(m.group(2))
