@@ -455,3 +455,53 @@ def test_dense_8_is_refused_for_a_dense_model(tmp_path):
     write_folder(str(tmp_path / "dense"), tiny_config())
     with pytest.raises(ConvertError, match="dense-8.*dense qwen2 model"):
         run_convert(str(tmp_path / "dense"), str(tmp_path / "out"), recipe="dense-8", progress=False)
+
+
+# ------------------------------------------------------------------ caches and serving
+
+
+@pytest.fixture(scope="module")
+def moe_q4(tmp_path_factory) -> str:
+    """A 4-bit MoE with head_dim 32 (room for a quantized KV cache)."""
+    root = tmp_path_factory.mktemp("moeq4")
+    write_folder(str(root / "src"), tiny_moe_config(hidden_size=128, decoder_sparse_step=2), seed=6)
+    dst = str(root / "q4")
+    run_convert(str(root / "src"), dst, bits=4, group_size=32, progress=False)
+    return dst
+
+
+@pytest.mark.parametrize("kv", [{}, {"kv_bits": 8, "kv_group_size": 32}, {"max_kv_size": 24}])
+def test_saved_prompt_cache_continues_identically(moe_q4, tmp_path, kv):
+    from qmlx.prompt_cache import PromptCache, fill_prompt_cache, load_prompt_cache, save_prompt_cache
+
+    model, tok = qmlx.load(moe_q4)
+    doc = tok.encode("a document that questions share")
+    question = doc + tok.encode(" -- and the question?")
+    path = str(tmp_path / "doc.safetensors")
+    save_prompt_cache(path, fill_prompt_cache(model, doc, prefill_step=8, **kv), model)
+    pc, _ = load_prompt_cache(path, model, kv)
+    warm = [e.token for e in qmlx.stream_generate(model, tok, question, 12, temperature=0.0, prompt_cache=pc)]
+    assert pc.reused == len(doc)
+    cold = qmlx.stream_generate(model, tok, question, 12, temperature=0.0, prompt_cache=PromptCache(**kv))
+    assert warm == [e.token for e in cold]
+
+
+def test_served_chat_equals_local_generation(moe_q4):
+    from fastapi.testclient import TestClient
+
+    from qmlx.server import Engine, create_app
+
+    model, tok = qmlx.load(moe_q4)
+    engine = Engine(model, tok, "moe", max_concurrency=2)
+    engine.start()
+    try:
+        client = TestClient(create_app(engine))
+        messages = [{"role": "user", "content": "hi"}]
+        r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0.0, "max_tokens": 10})
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["message"]["content"]
+    finally:
+        engine.stop()
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    want = "".join(e.text for e in qmlx.stream_generate(model, tok, prompt, 10, temperature=0.0))
+    assert got == want
