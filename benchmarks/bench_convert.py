@@ -15,10 +15,9 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
-from common import PEAK_RSS_SOURCE, fixture_dir, model_dir, ratio, run_isolated
+from common import PEAK_RSS_SOURCE, model_dir, ratio, run_isolated, write_random_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.environ.get("QMLX_SHARED", os.path.join(HERE, "..", "..", "shared"))
@@ -88,59 +87,8 @@ def report(title: str, src: str, rows: dict[str, dict]) -> None:
 
 def write_random_7b(folder: str) -> None:
     """Random bf16 weights with Qwen2.5-7B's shapes, streamed to 5 GB shards (~15 GB)."""
-    sys.path.insert(0, os.path.join(HERE, ".."))
-    import mlx.core as mx
-
-    import qmlx  # noqa: F401  (BLAS before mlx.core)
-    from convert.card import write_index
-    from convert.layout import expected_tensors
-    from convert.writer import OutTensor, ShardWriter
-    from qmlx.config import ModelConfig
-
     with open(CONFIG_7B) as f:
-        raw = json.load(f)
-    shapes = expected_tensors(ModelConfig.from_dict(raw))
-    need = sum(2 * max(1, _prod(s)) for s in shapes.values())
-    free = shutil.disk_usage(os.path.dirname(os.path.abspath(folder))).free
-    # Source, plus the two quantized outputs (~4.5 GB each at 4 bits), plus slack.
-    if free < need * 1.8:
-        sys.exit(
-            f"not enough disk for the 7B mode: need ~{need * 1.8 / 1e9:.0f} GB, {free / 1e9:.0f} GB free"
-        )
-    tmp = folder + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    groups = [[OutTensor(n, "BF16", s)] for n, s in shapes.items()]
-    writer = ShardWriter(tmp, groups, 5 * 10**9, {"format": "pt"})
-    mx.random.seed(0)
-    for i, (name, shape) in enumerate(shapes.items()):
-        if len(shape) == 1:
-            block = mx.ones(shape) if name.endswith("norm.weight") else 0.02 * mx.random.normal(shape)
-            writer.write(name, 0, block.astype(mx.bfloat16))
-            continue
-        step = max(1, (64 << 20) // (4 * shape[1]))
-        for start in range(0, shape[0], step):
-            rows = min(step, shape[0] - start)
-            block = (0.02 * mx.random.normal((rows, shape[1]))).astype(mx.bfloat16)
-            mx.eval(block)
-            writer.write(name, start, block)
-        print(f"\rwriting random 7B weights: {i + 1}/{len(shapes)}", end="", file=sys.stderr)
-    print(file=sys.stderr)
-    weight_map = writer.close()
-    write_index(tmp, weight_map, writer.total_size, sum(_prod(s) for s in shapes.values()))
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump({**raw, "torch_dtype": "bfloat16"}, f, indent=2)
-    fixture = fixture_dir()
-    for file in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        shutil.copyfile(os.path.join(fixture, file), os.path.join(tmp, file))
-    os.replace(tmp, folder)
-
-
-def _prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        write_random_checkpoint(folder, json.load(f), outputs_bytes_per_source_byte=0.8)
 
 
 def main() -> None:

@@ -467,3 +467,74 @@ def test_attention_rows_is_each_row_alone_over_its_own_cache():
         kernels._ext.attention_rows(q, keys[:2], values, 0.125)
     with pytest.raises(ValueError, match="float32"):
         kernels._ext.attention_rows(q, [k.astype(mx.bfloat16) for k in keys], values, 0.125)
+
+
+def _stacked(E, n, k, bits, gs, sb_dtype, seed):
+    parts = [_packed(n, k, bits, gs, sb_dtype, seed + e) for e in range(E)]
+    return tuple(mx.stack([p[i] for p in parts]) for i in range(3)) + (np.stack([p[3] for p in parts]),)
+
+
+@pytest.mark.parametrize(
+    "bits,gs,sb_dtype", [(4, 64, mx.bfloat16), (8, 32, mx.float32), (3, 128, mx.float16)]
+)
+@pytest.mark.parametrize("tokens,k", [(1, 8), (5, 2), (300, 2)])
+def test_gathered_experts_match_float64_reference(bits, gs, sb_dtype, tokens, k):
+    """Stacked experts, each (token, choice) pair through its own expert: decode-sized groups (GEMV, one
+    pass of the pool) and prefill-sized ones (GEMM, 300 tokens over 6 experts), float32 and bfloat16 x,
+    an expert chosen twice by one token, an expert number outside the stack giving zeros."""
+    E, n, K = 6, 197, 256
+    q, s, b, wd = _stacked(E, n, K, bits, gs, sb_dtype, seed=bits)
+    idx = np.random.default_rng(tokens).integers(0, E, size=(tokens, k)).astype(np.int32)
+    idx[0, : min(k, 2)] = 3
+    if tokens > 1:
+        idx[1, 0] = E + 4  # outside: zeros
+    for xdt, tol in ((mx.float32, 1e-4), (mx.bfloat16, 8e-3)):
+        x, xr = _x((tokens, K), xdt, seed=tokens)
+        y = kernels.gather_quantized_matmul(x, q, s, b, mx.array(idx), group_size=gs, bits=bits)
+        assert y.shape == (tokens, k, n) and y.dtype == xdt
+        ref = np.zeros((tokens, k, n))
+        for t in range(tokens):
+            for j in range(k):
+                if idx[t, j] < E:
+                    ref[t, j] = xr[t] @ wd[idx[t, j]].T
+        assert _rel_err(y, ref) < tol, f"x={xdt}"
+        if tokens > 1:
+            assert not np.array(y[1, 0].astype(mx.float32)).any()
+
+
+def test_gathered_experts_rows_are_the_plain_product_and_their_gradient_is_autograds():
+    E, n, K = 4, 64, 128
+    q, s, b, wd = _stacked(E, n, K, 4, 32, mx.float32, seed=7)
+    x, _ = _x((3, K), mx.float32, seed=3)
+    idx = mx.array([[2, 0], [1, 1], [3, 2]], dtype=mx.int32)
+    y = kernels.gather_quantized_matmul(x, q, s, b, idx, group_size=32, bits=4)
+    for t in range(3):
+        for j in range(2):
+            e = idx[t, j].item()
+            alone = kernels.quantized_matmul(x[t : t + 1], q[e], s[e], b[e], group_size=32, bits=4)
+            assert mx.array_equal(y[t, j][None], alone).item()  # the same kernels, bit for bit
+    cot = mx.array(np.random.default_rng(0).standard_normal((3, 2, n)).astype(np.float32))
+
+    def loss(x):
+        return (kernels.gather_quantized_matmul(x, q, s, b, idx, group_size=32, bits=4) * cot).sum()
+
+    w = mx.array(wd.astype(np.float32))
+
+    def dense(x):
+        return (mx.einsum("ti,tjoi->tjo", x, w[idx]) * cot).sum()
+
+    np.testing.assert_allclose(np.array(mx.grad(loss)(x)), np.array(mx.grad(dense)(x)), atol=1e-4, rtol=1e-4)
+
+
+def test_gathered_experts_refuse_bad_arguments():
+    q, s, b, _ = _stacked(2, 64, 128, 4, 64, mx.float32, seed=1)
+    x = mx.zeros((3, 128))
+    idx = mx.zeros((3, 2), dtype=mx.int32)
+    with pytest.raises(ValueError, match="3-D uint32"):
+        kernels.gather_quantized_matmul(x, q[0], s[0], b[0], idx)
+    with pytest.raises(ValueError, match="2-D with x's 3 rows"):
+        kernels.gather_quantized_matmul(x, q, s, b, mx.zeros((2, 2), dtype=mx.int32))
+    with pytest.raises(ValueError, match="integer array"):
+        kernels.gather_quantized_matmul(x, q, s, b, mx.zeros((3, 2)))
+    with pytest.raises(ValueError, match="last dimension is 64"):
+        kernels.gather_quantized_matmul(mx.zeros((3, 64)), q, s, b, idx)

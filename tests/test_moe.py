@@ -497,7 +497,9 @@ def test_served_chat_equals_local_generation(moe_q4):
     try:
         client = TestClient(create_app(engine))
         messages = [{"role": "user", "content": "hi"}]
-        r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0.0, "max_tokens": 10})
+        r = client.post(
+            "/v1/chat/completions", json={"messages": messages, "temperature": 0.0, "max_tokens": 10}
+        )
         assert r.status_code == 200, r.text
         got = r.json()["choices"][0]["message"]["content"]
     finally:

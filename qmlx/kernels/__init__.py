@@ -162,6 +162,24 @@ def quantized_matmul(
     return _ext.quantized_matmul(x, w, scales, biases, transpose, group_size, bits, bias)
 
 
+def gather_quantized_matmul(
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    indices: mx.array,
+    *,
+    group_size: int = 64,
+    bits: int = 4,
+) -> mx.array:
+    """out[t, j] = x[t] · dequantize(w[indices[t, j]])ᵀ for stacked quantized experts w (E, out, packed):
+    x (T, in) and indices (T, k) give (T, k, out), as mx.gather_qmm, on the CPU in one op. The pairs are
+    grouped by expert inside the op, so only the chosen experts' weights are read, each once per call."""
+    if _ext is None:
+        raise RuntimeError(f"qmlx's kernels are not in use: {status}")
+    return _ext.gather_quantized_matmul(x, w, scales, biases, indices, True, group_size, bits)
+
+
 def dequantize_rows(
     w: mx.array, scales: mx.array, biases: mx.array, ids: mx.array, *, group_size: int, bits: int
 ) -> mx.array:

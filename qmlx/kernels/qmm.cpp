@@ -114,6 +114,54 @@ void add_bias(float* y, int64_t M, int64_t N, const mx::array& bias) {
     for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
 }
 
+// Tasks of rows whose packed bytes are ~32 KB: enough of them to balance, few enough to be cheap.
+int64_t gemv_task_rows(const QW& q) { return std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(q.row_bytes, 1)); }
+
+// x (M <= gemv_max_rows rows of q.K) prepared for the GEMV, GEMV_BLOCK rows per block of `words` words.
+struct PreparedX {
+  std::vector<uint64_t> buf;
+  size_t words = 0;
+  int64_t M = 0, blocks = 0;
+  PreparedX(const Kernels& k, const QW& q, const float* xf, int64_t M_) : M(M_) {
+    blocks = (M + GEMV_BLOCK - 1) / GEMV_BLOCK;
+    words = (k.prep_bytes(GEMV_BLOCK, q.K, q.bits, q.gs) + 7) / 8;
+    buf.resize(words * blocks);
+    for (int64_t b = 0; b < blocks; ++b)
+      k.prep_x(xf + b * GEMV_BLOCK * q.K, std::min(GEMV_BLOCK, M - b * GEMV_BLOCK), q.K, q.bits, q.gs,
+               buf.data() + b * words);
+  }
+  // y rows (M x q.N) for W's rows n0..n1; each row's result is the same whatever M is.
+  void gemv(const Kernels& k, const QW& q, float* y, int64_t n0, int64_t n1) const {
+    for (int64_t b = 0; b < blocks; ++b)
+      k.gemv(q, buf.data() + b * words, std::min(GEMV_BLOCK, M - b * GEMV_BLOCK), y + b * GEMV_BLOCK * q.N, n0, n1);
+  }
+};
+
+// y = x · Wᵀ (transpose) or x · W through the blocked GEMM: dequantize a panel, reuse it for every row.
+void gemm_product(const Kernels& k, const QW& q, const float* xf, int64_t M, float* y, bool transpose) {
+  const int nr = k.nr;
+  // transpose: y (M x N) = x (M x K) · Wᵀ, panels over W's rows, reduction over K.
+  // plain:     y (M x K) = x (M x N) · W,  panels over W's columns, reduction over N.
+  const int64_t cols = transpose ? q.N : q.K, red = transpose ? q.K : q.N;
+  const int64_t panels = (cols + nr - 1) / nr;
+  // Reduction blocks: a multiple of the group size (transpose packs whole groups).
+  const int64_t kc = transpose ? std::max<int64_t>(q.gs, KC / q.gs * q.gs) : KC;
+  parallel_for(panels, [&](int64_t p) {
+    thread_local std::vector<float> panel;
+    panel.resize(size_t(kc) * nr);
+    const int64_t c0 = p * nr;
+    const int nc = int(std::min<int64_t>(nr, cols - c0));
+    for (int64_t l0 = 0; l0 < red; l0 += kc) {
+      const int64_t L = std::min(kc, red - l0);
+      if (transpose)
+        k.pack_t(q, c0, l0, L, panel.data());
+      else
+        k.pack_n(q, c0, l0, L, panel.data());
+      k.gemm(xf + l0, red, M, panel.data(), L, y + c0, cols, nc, l0 > 0);
+    }
+  });
+}
+
 void compute(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b, const mx::array* bias,
              mx::array& out, bool transpose, int gs, int bits) {
   const Kernels& k = best_kernels();
@@ -133,47 +181,107 @@ void compute(const mx::array& x, const mx::array& w, const mx::array& s, const m
   }
 
   if (transpose && M <= gemv_max_rows()) {
-    // x prepared once per block of GEMV_BLOCK rows; each row's result is the same whatever M is.
-    const int64_t blocks = (M + GEMV_BLOCK - 1) / GEMV_BLOCK;
-    const size_t words = (k.prep_bytes(GEMV_BLOCK, q.K, bits, gs) + 7) / 8;
-    std::vector<uint64_t> buf(words * blocks);
-    for (int64_t b = 0; b < blocks; ++b)
-      k.prep_x(xf + b * GEMV_BLOCK * q.K, std::min(GEMV_BLOCK, M - b * GEMV_BLOCK), q.K, bits, gs,
-               buf.data() + b * words);
-    // Tasks of rows whose packed bytes are ~32 KB: enough of them to balance, few enough to be cheap.
-    const int64_t rows = std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(q.row_bytes, 1));
-    const int64_t tasks = (q.N + rows - 1) / rows;
-    parallel_for(tasks, [&](int64_t t) {
-      int64_t n0 = t * rows, n1 = std::min(q.N, n0 + rows);
-      for (int64_t b = 0; b < blocks; ++b)
-        k.gemv(q, buf.data() + b * words, std::min(GEMV_BLOCK, M - b * GEMV_BLOCK), y + b * GEMV_BLOCK * q.N, n0,
-               n1);
-    });
+    const PreparedX px(k, q, xf, M);
+    const int64_t rows = gemv_task_rows(q), tasks = (q.N + rows - 1) / rows;
+    parallel_for(tasks, [&](int64_t t) { px.gemv(k, q, y, t * rows, std::min(q.N, t * rows + rows)); });
   } else {
-    const int nr = k.nr;
-    // transpose: y (M x N) = x (M x K) · Wᵀ, panels over W's rows, reduction over K.
-    // plain:     y (M x K) = x (M x N) · W,  panels over W's columns, reduction over N.
-    const int64_t cols = transpose ? q.N : q.K, red = transpose ? q.K : q.N;
-    const int64_t panels = (cols + nr - 1) / nr;
-    // Reduction blocks: a multiple of the group size (transpose packs whole groups).
-    const int64_t kc = transpose ? std::max<int64_t>(gs, KC / gs * gs) : KC;
-    parallel_for(panels, [&](int64_t p) {
-      thread_local std::vector<float> panel;
-      panel.resize(size_t(kc) * nr);
-      const int64_t c0 = p * nr;
-      const int nc = int(std::min<int64_t>(nr, cols - c0));
-      for (int64_t l0 = 0; l0 < red; l0 += kc) {
-        const int64_t L = std::min(kc, red - l0);
-        if (transpose)
-          k.pack_t(q, c0, l0, L, panel.data());
-        else
-          k.pack_n(q, c0, l0, L, panel.data());
-        k.gemm(xf + l0, red, M, panel.data(), L, y + c0, cols, nc, l0 > 0);
-      }
-    });
+    gemm_product(k, q, xf, M, y, transpose);
   }
   if (bias) add_bias(y, M, q.N, *bias);
   if (out.dtype() != mx::float32) store_out(y, out);
+}
+
+int64_t index_at(const void* p, mx::Dtype t, int64_t i) {
+  if (t == mx::int64 || t == mx::uint64) return static_cast<const int64_t*>(p)[i];
+  if (t == mx::int32) return static_cast<const int32_t*>(p)[i];
+  return static_cast<const uint32_t*>(p)[i];
+}
+
+// Stacked experts: out[t, j] = x[t] · dequantize(W[idx[t, j]])ᵀ (transpose) or x[t] · dequantize(W[idx[t, j]]).
+// The (token, choice) pairs are grouped by expert, so each chosen expert's weights stream once per call and
+// the others are never read; decode-sized groups share one pass of the thread pool. An expert number outside
+// the stack gives zeros.
+void gather_compute(const mx::array& x, const mx::array& w, const mx::array& s, const mx::array& b,
+                    const mx::array& idx, mx::array& out, bool transpose, int gs, int bits) {
+  const Kernels& k = best_kernels();
+  const int64_t E = w.shape(0), T = idx.shape(0), J = idx.shape(1), P = T * J;
+  std::vector<char> wtmp, stmp, btmp, xbytes, itmp;
+  const auto* wp = static_cast<const uint8_t*>(row_major(w, wtmp));
+  const auto* sp = static_cast<const char*>(row_major(s, stmp));
+  const auto* bp = static_cast<const char*>(row_major(b, btmp));
+  QW base;
+  base.sbt = sb_type(s.dtype());
+  base.bits = bits;
+  base.gs = gs;
+  base.N = w.shape(1);
+  base.row_bytes = int64_t(w.shape(2)) * 4;
+  base.K = base.row_bytes * 8 / bits;
+  const int64_t groups_bytes = base.N * (base.K / gs) * int64_t(s.itemsize());
+  auto expert = [&](int64_t e) {
+    QW q = base;
+    q.w = wp + e * base.N * base.row_bytes;
+    q.s = sp + e * groups_bytes;
+    q.b = bp + e * groups_bytes;
+    return q;
+  };
+  const int64_t Kx = transpose ? base.K : base.N, Ko = transpose ? base.N : base.K;
+  std::vector<float> xtmp;
+  const float* xf = as_f32(x, xtmp, xbytes);
+  const void* ip = row_major(idx, itmp);
+  std::vector<std::vector<int64_t>> pairs(E);  // pair p = t·J + j, by expert
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t e = index_at(ip, idx.dtype(), p);
+    if (e >= 0 && e < E) pairs[e].push_back(p);
+  }
+  struct Group {
+    QW q;
+    const std::vector<int64_t>* pairs;
+    std::vector<float> x, y;
+    std::unique_ptr<PreparedX> px;
+    int64_t tasks = 0;
+  };
+  std::vector<Group> gemv, gemm;
+  for (int64_t e = 0; e < E; ++e) {
+    if (pairs[e].empty()) continue;
+    const int64_t c = int64_t(pairs[e].size());
+    Group g{expert(e), &pairs[e], std::vector<float>(size_t(c * Kx)), std::vector<float>(size_t(c * Ko)), nullptr, 0};
+    for (int64_t r = 0; r < c; ++r)
+      std::copy_n(xf + (pairs[e][r] / J) * Kx, Kx, g.x.data() + r * Kx);
+    const bool small = transpose && c <= gemv_max_rows();
+    if (small) {
+      g.px = std::make_unique<PreparedX>(k, g.q, g.x.data(), c);
+      g.tasks = (g.q.N + gemv_task_rows(g.q) - 1) / gemv_task_rows(g.q);
+    }
+    (small ? gemv : gemm).push_back(std::move(g));
+  }
+  if (!gemv.empty()) {
+    std::vector<std::pair<int, int64_t>> tasks;  // (group, first row)
+    for (size_t i = 0; i < gemv.size(); ++i)
+      for (int64_t t = 0; t < gemv[i].tasks; ++t) tasks.emplace_back(int(i), t * gemv_task_rows(gemv[i].q));
+    parallel_for(int64_t(tasks.size()), [&](int64_t t) {
+      Group& g = gemv[tasks[t].first];
+      const int64_t n0 = tasks[t].second;
+      g.px->gemv(k, g.q, g.y.data(), n0, std::min(g.q.N, n0 + gemv_task_rows(g.q)));
+    });
+  }
+  for (Group& g : gemm) gemm_product(k, g.q, g.x.data(), int64_t(g.pairs->size()), g.y.data(), transpose);
+  const bool f32 = out.dtype() == mx::float32;
+  char* o = static_cast<char*>(out.data<void>());
+  std::vector<bool> written(size_t(P), false);
+  for (auto* list : {&gemv, &gemm})
+    for (Group& g : *list)
+      for (size_t r = 0; r < g.pairs->size(); ++r) {
+        const int64_t p = (*g.pairs)[r];
+        written[p] = true;
+        const float* row = g.y.data() + int64_t(r) * Ko;
+        if (f32)
+          std::copy_n(row, Ko, reinterpret_cast<float*>(o) + p * Ko);
+        else
+          for (int64_t j = 0; j < Ko; ++j) store(o, out.dtype(), p * Ko + j, row[j]);
+      }
+  for (int64_t p = 0; p < P; ++p)
+    if (!written[p])
+      for (int64_t j = 0; j < Ko; ++j) store(o, out.dtype(), p * Ko + j, 0.0f);
 }
 
 class QuantizedMatmul : public mx::UnaryPrimitive {
@@ -300,6 +408,93 @@ std::vector<mx::array> QuantizedMatmul::jvp(const std::vector<mx::array>& primal
   return {*out};
 }
 
+mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     const mx::array& indices, bool transpose, int group_size, int bits);
+
+class GatherQuantizedMatmul : public mx::UnaryPrimitive {
+ public:
+  GatherQuantizedMatmul(mx::Stream s, int group_size, int bits, bool transpose)
+      : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), transpose_(transpose) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    for (auto& a : inputs) enc.set_input_array(a);
+    enc.set_output_array(out);
+    enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], idx = inputs[4],
+                  out = mx::array::unsafe_weak_copy(out), t = transpose_, gs = gs_, bits = bits_]() mutable {
+      gather_compute(x, w, s, b, idx, out, t, gs, bits);
+    });
+  }
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error("qmlx's gathered quantized matmul runs on the CPU only (on Metal, mx.gather_qmm)");
+  }
+  // d/dx: out[t, j] is linear in x[t], so dx[t] = sum_j cot[t, j] · W[idx[t, j]] (the other product).
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>&) override {
+    std::vector<mx::array> grads;
+    const auto& idx = primals[4];
+    const int T = idx.shape(0), J = idx.shape(1);
+    for (int a : argnums) {
+      if (a == 0) {
+        const auto& c = cotangents[0];
+        auto per_pair = gather_qmm(mx::reshape(c, {T * J, c.shape(-1)}), primals[1], primals[2], primals[3],
+                                   mx::reshape(idx, {T * J, 1}), !transpose_, gs_, bits_);
+        grads.push_back(mx::sum(mx::reshape(per_pair, {T, J, per_pair.shape(-1)}), 1));
+      } else  // packed weights are frozen, expert numbers are not differentiable: zeros nothing reads
+        grads.push_back(mx::zeros_like(primals[a], stream()));
+    }
+    return grads;
+  }
+  const char* name() const override { return "QmlxGatherQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    auto& o = static_cast<const GatherQuantizedMatmul&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_ && transpose_ == o.transpose_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {out_shape(inputs[1], inputs[4], transpose_, bits_)};
+  }
+  static mx::Shape out_shape(const mx::array& w, const mx::array& idx, bool transpose, int bits) {
+    return {idx.shape(0), idx.shape(1), transpose ? w.shape(1) : int(int64_t(w.shape(2)) * 32 / bits)};
+  }
+
+ private:
+  int gs_, bits_;
+  bool transpose_;
+};
+
+mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                     const mx::array& indices, bool transpose, int group_size, int bits) {
+  std::ostringstream err;
+  if (bits < 2 || bits > 8 || bits == 7) err << "bits must be 2, 3, 4, 5, 6 or 8 (got " << bits << ")";
+  else if (group_size != 32 && group_size != 64 && group_size != 128)
+    err << "group_size must be 32, 64 or 128 (got " << group_size << ")";
+  else if (w.ndim() != 3 || w.dtype() != mx::uint32) err << "the packed experts must be a 3-D uint32 array";
+  else if ((int64_t(w.shape(2)) * 32) % bits) err << "the packed weight's width does not hold whole values";
+  if (err.str().empty()) {
+    const int64_t K = int64_t(w.shape(2)) * 32 / bits, N = w.shape(1), E = w.shape(0);
+    if (K % group_size) err << "the unpacked width " << K << " is not a multiple of group_size " << group_size;
+    else if (K / group_size > 1024) err << "more than 1024 groups per row are not supported";
+    else if (scales.shape() != mx::Shape{int(E), int(N), int(K / group_size)} || biases.shape() != scales.shape())
+      err << "scales and biases must have shape (" << E << ", " << N << ", " << K / group_size << ")";
+    else if (scales.dtype() != biases.dtype() || !is_float(scales))
+      err << "scales and biases must both be float32, bfloat16 or float16";
+    else if (x.ndim() != 2 || !is_float(x)) err << "x must be a 2-D float32, bfloat16 or float16 array";
+    else if (x.shape(1) != (transpose ? K : N))
+      err << "x's last dimension is " << x.shape(1) << ", the experts need " << (transpose ? K : N);
+    else if (indices.ndim() != 2 || indices.shape(0) != x.shape(0))
+      err << "indices must be 2-D with x's " << x.shape(0) << " rows";
+    else if (indices.dtype() != mx::int32 && indices.dtype() != mx::uint32 && indices.dtype() != mx::int64 &&
+             indices.dtype() != mx::uint64)
+      err << "indices must be an integer array";
+  }
+  if (!err.str().empty()) throw std::invalid_argument("qmlx gather_quantized_matmul: " + err.str());
+  auto s = mx::default_stream(mx::Device::cpu);
+  return mx::array(GatherQuantizedMatmul::out_shape(w, indices, transpose, bits), x.dtype(),
+                   std::make_shared<GatherQuantizedMatmul>(s, group_size, bits, transpose),
+                   {x, w, scales, biases, mx::stop_gradient(indices)});
+}
+
 // Rows `ids` of a quantized table, dequantized (an embedding lookup): one op instead of three gathers and
 // MLX's CPU dequantize (~45 small ops per decode step).
 class DequantizeRows : public mx::UnaryPrimitive {
@@ -378,6 +573,11 @@ NB_MODULE(_qmm, m) {
         nb::arg("transpose") = true, nb::arg("group_size") = 64, nb::arg("bits") = 4,
         nb::arg("bias") = nb::none(),
         "x · dequantize(w)ᵀ (+ bias) (transpose) or x · dequantize(w), on the CPU, as an MLX lazy op");
+  m.def("gather_quantized_matmul", &qk::gather_qmm, nb::arg("x"), nb::arg("w"), nb::arg("scales"),
+        nb::arg("biases"), nb::arg("indices"), nb::arg("transpose") = true, nb::arg("group_size") = 64,
+        nb::arg("bits") = 4,
+        "out[t, j] = x[t] · dequantize(w[indices[t, j]])ᵀ for stacked experts w (E, N, packed), on the CPU; only "
+        "the chosen experts are read");
   m.def("dequantize_rows", &qk::dequantize_rows, nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::arg("ids"),
         nb::arg("group_size") = 64, nb::arg("bits") = 4,
         "dequantize(w)[ids] without dequantizing the rest (an embedding lookup), as one CPU op");

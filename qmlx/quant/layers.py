@@ -16,7 +16,6 @@ from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 
 from .. import kernels
 from .groups import check_params, packed_cols, quantize
@@ -188,37 +187,13 @@ class QuantizedEmbedding(nn.Module):
         return _quantized_product(self, x)
 
 
-def routed_product(x: mx.array, w, scales, biases, indices: mx.array, group_size: int, bits: int) -> mx.array:
-    """out[t, j] = x[t] · dequantize(w[indices[t, j]])ᵀ on qmlx's kernels: the (token, choice) pairs are
-    grouped by expert and each chosen expert's rows go through one quantized product, so every chosen
-    expert's weights stream once per call and the others are never read. The routing is read back to
-    the host (the router's result is evaluated here, once per call)."""
-    T, k = indices.shape
-    flat = np.asarray(indices, dtype=np.int64).reshape(-1)  # pair p = t·k + j
-    order = np.argsort(flat, kind="stable")
-    experts, starts = np.unique(flat[order], return_index=True)
-    ends = list(starts[1:]) + [len(order)]
-    outs = []
-    for e, a, z in zip(experts.tolist(), starts.tolist(), ends):
-        rows = order[a:z] // k
-        xe = x if T == 1 and z - a == 1 else x[mx.array(rows.astype(np.int32))]
-        outs.append(
-            kernels.quantized_matmul(xe, w[e], scales[e], biases[e], group_size=group_size, bits=bits)
-        )
-    y = outs[0] if len(outs) == 1 else mx.concatenate(outs)
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    if not np.array_equal(inverse, np.arange(len(order))):
-        y = y[mx.array(inverse.astype(np.int32))]
-    return y.reshape(T, k, w.shape[1])
-
-
 class QuantizedSwitchLinear(nn.Module):
     """Stacked experts (E, out, in) stored as affine groups, applied per row to the chosen experts.
 
     Parameter names and shapes match the MLX community's `QuantizedSwitchLinear` (weight (E, out,
-    in·bits/32), scales and biases (E, out, in/group)). On the CPU with qmlx's kernels the products run
-    expert by expert on them (`routed_product`); elsewhere `mx.gather_qmm`.
+    in·bits/32), scales and biases (E, out, in/group)). On the CPU with qmlx's kernels one op groups the
+    (token, choice) pairs by expert and streams each chosen expert once (`kernels.gather_quantized_matmul`);
+    elsewhere `mx.gather_qmm`.
     """
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, group_size: int, bits: int):
@@ -244,8 +219,8 @@ class QuantizedSwitchLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         if use_kernels():
-            return routed_product(
-                x, self.weight, self.scales, self.biases, indices, self.group_size, self.bits
+            return kernels.gather_quantized_matmul(
+                x, self.weight, self.scales, self.biases, indices, group_size=self.group_size, bits=self.bits
             )
         T, k = indices.shape
         y = mx.gather_qmm(
