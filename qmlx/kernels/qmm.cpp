@@ -11,6 +11,7 @@
 #include <optional>
 #include <sstream>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "arrays.h"
@@ -284,25 +285,46 @@ void gather_compute(const mx::array& x, const mx::array& w, const mx::array& s, 
       for (int64_t j = 0; j < Ko; ++j) store(o, out.dtype(), p * Ko + j, 0.0f);
 }
 
-class QuantizedMatmul : public mx::UnaryPrimitive {
+// What the quantized-product primitives share: their settings, equivalence, and running on the CPU stream.
+class QuantizedOp : public mx::UnaryPrimitive {
  public:
-  QuantizedMatmul(mx::Stream s, int group_size, int bits, bool transpose)
+  QuantizedOp(mx::Stream s, int group_size, int bits, bool transpose)
       : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), transpose_(transpose) {}
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    throw std::runtime_error(std::string(name()) + " runs on the CPU only (on Metal qmlx uses MLX's kernels)");
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    if (std::string(name()) != other.name()) return false;
+    auto& o = static_cast<const QuantizedOp&>(other);
+    return gs_ == o.gs_ && bits_ == o.bits_ && transpose_ == o.transpose_;
+  }
 
-  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
+ protected:
+  // Allocate `out` and return the CPU stream's encoder, set to run after the inputs. The caller's task takes
+  // a weak copy of `out` made after this (the copy must see the allocated buffer).
+  mx::cpu::CommandEncoder& prepare(const std::vector<mx::array>& inputs, mx::array& out) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& enc = mx::cpu::get_command_encoder(stream());
     for (auto& a : inputs) enc.set_input_array(a);
     enc.set_output_array(out);
+    return enc;
+  }
+  int gs_, bits_;
+  bool transpose_;
+};
+
+class QuantizedMatmul : public QuantizedOp {
+ public:
+  using QuantizedOp::QuantizedOp;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
     std::optional<mx::array> bias;
     if (inputs.size() > 4) bias = inputs[4];
+    auto& enc = prepare(inputs, out);
     enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], bias, out = mx::array::unsafe_weak_copy(out),
                   t = transpose_, gs = gs_, bits = bits_]() mutable {
       compute(x, w, s, b, bias ? &*bias : nullptr, out, t, gs, bits);
     });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("qmlx's quantized matmul runs on the CPU only (on Metal qmlx uses MLX's kernels)");
   }
 
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -311,10 +333,6 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
                              const std::vector<int>& argnums) override;
 
   const char* name() const override { return "QmlxQuantizedMatmul"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const QuantizedMatmul&>(other);
-    return gs_ == o.gs_ && bits_ == o.bits_ && transpose_ == o.transpose_;
-  }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {out_shape(inputs[0], inputs[1], transpose_, bits_)};
   }
@@ -324,10 +342,6 @@ class QuantizedMatmul : public mx::UnaryPrimitive {
     sh.back() = transpose ? w.shape(0) : int(int64_t(w.shape(1)) * 32 / bits);
     return sh;
   }
-
- private:
-  int gs_, bits_;
-  bool transpose_;
 };
 
 // What is wrong with a packed weight (empty when nothing): the format checks both ops make.
@@ -411,23 +425,16 @@ std::vector<mx::array> QuantizedMatmul::jvp(const std::vector<mx::array>& primal
 mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
                      const mx::array& indices, bool transpose, int group_size, int bits);
 
-class GatherQuantizedMatmul : public mx::UnaryPrimitive {
+class GatherQuantizedMatmul : public QuantizedOp {
  public:
-  GatherQuantizedMatmul(mx::Stream s, int group_size, int bits, bool transpose)
-      : mx::UnaryPrimitive(s), gs_(group_size), bits_(bits), transpose_(transpose) {}
+  using QuantizedOp::QuantizedOp;
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-    auto& enc = mx::cpu::get_command_encoder(stream());
-    for (auto& a : inputs) enc.set_input_array(a);
-    enc.set_output_array(out);
+    auto& enc = prepare(inputs, out);
     enc.dispatch([x = inputs[0], w = inputs[1], s = inputs[2], b = inputs[3], idx = inputs[4],
                   out = mx::array::unsafe_weak_copy(out), t = transpose_, gs = gs_, bits = bits_]() mutable {
       gather_compute(x, w, s, b, idx, out, t, gs, bits);
     });
-  }
-  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
-    throw std::runtime_error("qmlx's gathered quantized matmul runs on the CPU only (on Metal, mx.gather_qmm)");
   }
   // d/dx: out[t, j] is linear in x[t], so dx[t] = sum_j cot[t, j] · W[idx[t, j]] (the other product).
   std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
@@ -447,20 +454,12 @@ class GatherQuantizedMatmul : public mx::UnaryPrimitive {
     return grads;
   }
   const char* name() const override { return "QmlxGatherQuantizedMatmul"; }
-  bool is_equivalent(const mx::Primitive& other) const override {
-    auto& o = static_cast<const GatherQuantizedMatmul&>(other);
-    return gs_ == o.gs_ && bits_ == o.bits_ && transpose_ == o.transpose_;
-  }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {out_shape(inputs[1], inputs[4], transpose_, bits_)};
   }
   static mx::Shape out_shape(const mx::array& w, const mx::array& idx, bool transpose, int bits) {
     return {idx.shape(0), idx.shape(1), transpose ? w.shape(1) : int(int64_t(w.shape(2)) * 32 / bits)};
   }
-
- private:
-  int gs_, bits_;
-  bool transpose_;
 };
 
 mx::array gather_qmm(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
