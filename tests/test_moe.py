@@ -108,6 +108,17 @@ def test_57b_parameter_counts():
     )  # fmt: skip
     total, active = c.parameter_counts()
     assert round(total / 1e9, 1) == 57.4 and round(active / 1e9, 1) == 14.2
+    a27 = ModelConfig.from_dict(
+        dict(
+            model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+            num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+            moe_intermediate_size=1408, shared_expert_intermediate_size=5632, vocab_size=151936,
+            tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=8192,
+        )
+    )  # fmt: skip
+    assert a27.summary() == (
+        "qwen2_moe, 24 layers, 14.3B parameters (2.7B active per token: 4 of 60 experts and a shared expert)"
+    )  # Qwen1.5-MoE-A2.7B's published 14.3B / 2.7B
     with open(os.path.join(CONFIGS, "qwen2.5-7b-instruct.json")) as f:
         dense = ModelConfig.from_dict(json.load(f))
     assert dense.parameter_counts()[0] == dense.parameter_counts()[1]
