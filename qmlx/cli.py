@@ -466,6 +466,40 @@ def run_quality(args) -> int:
 
 
 @command
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a model on task benchmarks (HumanEval)")
+    p.add_argument("--model", "-m", required=True, help="model folder or hub id")
+    p.add_argument("--adapter", help="a LoRA adapter folder (qmlx lora) over the model")
+    p.add_argument("--tasks", default="humaneval", help="comma-separated tasks (available: humaneval)")
+    p.add_argument("--limit", type=int, help="only the first N items of each task")
+    p.add_argument(
+        "--samples", type=int, default=1, help="completions per problem (pass@k; needs --temperature)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per completion")
+    p.add_argument("--mode", default="auto", choices=("auto", "chat", "complete"),
+                   help="prompt through the chat template, or complete the raw stub (auto: chat if the model has a "
+                   "template)")  # fmt: skip
+    p.add_argument("--data", help="a task file in the published format instead of the packaged one")
+    p.add_argument("--out", help="write settings, scores and every item here (JSON); reruns resume from it")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run")
+    p.add_argument("--batch-size", type=int, default=8, help="completions generated together")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samplers (with --temperature)")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> int:
+    from .eval.run import evaluate, table
+
+    report = evaluate(
+        args.model, args.tasks, args.adapter, args.limit, args.samples, args.temperature, args.max_tokens,
+        args.mode, args.data, args.out, args.timeout, args.batch_size, args.seed, progress=sys.stderr.isatty(),
+    )  # fmt: skip
+    print(table(report))
+    return 0
+
+
+@command
 def add_perplexity(sub) -> None:
     p = sub.add_parser("perplexity", help="perplexity of a model on a text file")
     p.add_argument("--model", "-m", required=True, help="model folder or hub repo id")

@@ -47,6 +47,7 @@ def valid_lines(root, out) -> dict[str, list[str]]:
         "perplexity": ["-m", m, "-f", str(root / "text.txt"), "--ctx", "8"],
         "chat": ["-m", m, "-n", "2"],
         "shard-plan": ["-m", m, "--hosts", "a:24,b:24"],
+        "eval": ["-m", m, "--limit", "1", "--max-tokens", "2", "--out", f"{out}.json"],
         "lora": [
             "-m",
             m,
