@@ -12,7 +12,8 @@ empty network namespace where the kernel allows one (root, or unprivileged user 
 macOS `sandbox-exec` denies network and writes outside the folder; everywhere a prelude makes
 `socket` refuse to connect. Output goes to files in the folder, capped by the file-size limit, so a
 flood kills the program instead of filling memory. A program that outlives its wall-clock timeout is
-killed with its whole process group. Every way of not finishing cleanly with exit status 0 counts as
+killed with its whole process group. macOS does not enforce the address-space limit (RLIMIT_AS); there
+the memory a program takes is bounded only by the timeout. Every way of not finishing cleanly with exit status 0 counts as
 "failed" (the status says which).
 """
 
