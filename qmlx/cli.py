@@ -467,10 +467,13 @@ def run_quality(args) -> int:
 
 @command
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="score a model on task benchmarks (HumanEval)")
+    p = sub.add_parser("eval", help="score a model on task benchmarks (HumanEval, MMLU)")
     p.add_argument("--model", "-m", required=True, help="model folder or hub id")
     p.add_argument("--adapter", help="a LoRA adapter folder (qmlx lora) over the model")
-    p.add_argument("--tasks", default="humaneval", help="comma-separated tasks (available: humaneval)")
+    p.add_argument("--tasks", default="humaneval", help="comma-separated tasks (available: humaneval, mmlu)")
+    p.add_argument(
+        "--shots", type=int, default=0, help="MMLU: dev examples before each question (needs a dev split)"
+    )
     p.add_argument("--limit", type=int, help="only the first N items of each task")
     p.add_argument(
         "--samples", type=int, default=1, help="completions per problem (pass@k; needs --temperature)"
@@ -478,8 +481,8 @@ def add_eval(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per completion")
     p.add_argument("--mode", default="auto", choices=("auto", "chat", "complete"),
-                   help="prompt through the chat template, or complete the raw stub (auto: chat if the model has a "
-                   "template)")  # fmt: skip
+                   help="prompt through the chat template or as raw text (auto: HumanEval through the template "
+                   "when the model has one, MMLU raw)")  # fmt: skip
     p.add_argument("--data", help="a task file in the published format instead of the packaged one")
     p.add_argument("--out", help="write settings, scores and every item here (JSON); reruns resume from it")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run")
@@ -494,6 +497,7 @@ def run_eval(args) -> int:
     report = evaluate(
         args.model, args.tasks, args.adapter, args.limit, args.samples, args.temperature, args.max_tokens,
         args.mode, args.data, args.out, args.timeout, args.batch_size, args.seed, progress=sys.stderr.isatty(),
+        shots=args.shots,
     )  # fmt: skip
     print(table(report))
     return 0

