@@ -474,7 +474,8 @@ def add_eval(sub) -> None:
     p.add_argument(
         "--shots", type=int, default=0, help="MMLU: dev examples before each question (needs a dev split)"
     )
-    p.add_argument("--limit", type=int, help="only the first N items of each task")
+    p.add_argument("--limit", type=int, help="only the first N items of each task (after --stride)")
+    p.add_argument("--stride", type=int, default=1, help="every K-th item (a spread over MMLU's subjects)")
     p.add_argument(
         "--samples", type=int, default=1, help="completions per problem (pass@k; needs --temperature)"
     )
@@ -497,7 +498,7 @@ def run_eval(args) -> int:
     report = evaluate(
         args.model, args.tasks, args.adapter, args.limit, args.samples, args.temperature, args.max_tokens,
         args.mode, args.data, args.out, args.timeout, args.batch_size, args.seed, progress=sys.stderr.isatty(),
-        shots=args.shots,
+        shots=args.shots, stride=args.stride,
     )  # fmt: skip
     print(table(report))
     return 0

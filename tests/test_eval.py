@@ -341,5 +341,7 @@ def test_mmlu_eval_scores_resumes_and_refuses_shots_without_dev(tiny_task, tmp_p
     assert t["scores"]["other"]["items"] == 3
     again = evaluate(model, tasks="mmlu", data=data, out=out, progress=False)
     assert again["tasks"]["mmlu"]["items"] == items
+    spread = evaluate(model, tasks="mmlu", data=data, stride=3, limit=2, progress=False)["tasks"]["mmlu"]
+    assert [i["subject"] for i in spread["items"]] == ["elementary_mathematics"] * 2  # rows 0 and 3
     with pytest.raises(mmlu.MMLUDataError, match="--shots 5 needs MMLU's dev split"):
         evaluate(model, tasks="mmlu", data=data, shots=5, progress=False)

@@ -106,6 +106,7 @@ def _humaneval(
     settings,
     data,
     limit,
+    stride,
     samples,
     temperature,
     max_tokens,
@@ -115,7 +116,7 @@ def _humaneval(
     cache: ItemCache,
     progress: bool,
 ) -> dict:
-    problems = humaneval.load_problems(data)[:limit]
+    problems = humaneval.load_problems(data)[::stride][:limit]
     mode = settings["mode"]
     done = {k: humaneval.Sample(**{f: v[f] for f in ("task_id", "completion", "program", "status", "seconds",
                                                      "detail")})
@@ -155,11 +156,11 @@ def _humaneval(
 MMLU_CHUNK = 32
 
 
-def _mmlu(m, tok, settings, data, limit, shots, cache: ItemCache, progress: bool) -> dict:
+def _mmlu(m, tok, settings, data, limit, stride, shots, cache: ItemCache, progress: bool) -> dict:
     from .choices import continuation_logprobs
 
     test, dev = mmlu.load(data)
-    test = test[:limit]
+    test = test[::stride][:limit]
     start = time.perf_counter()
     todo = [i for i in range(len(test)) if (f"mmlu/{i}", 0) not in cache.items]
     resumed = len(test) - len(todo)
@@ -217,6 +218,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     shots: int = 0,
+    stride: int = 1,
 ) -> dict:
     """Run the tasks; returns (and writes to `out`) settings, scores and every item."""
     import qmlx
@@ -228,6 +230,8 @@ def evaluate(
         )
     if samples > 1 and temperature <= 0:
         raise UserError("--samples above 1 needs --temperature above 0 (greedy samples are all the same)")
+    if stride < 1:
+        raise UserError(f"--stride must be at least 1, got {stride}")
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     if mode not in ("auto", "chat", "complete"):
@@ -236,7 +240,7 @@ def evaluate(
         raise UserError("--data names one task's file: give one task with it")
     m, tok = qmlx.load(model, adapter=adapter)
     base = {"model": os.path.abspath(model) if os.path.exists(model) else model, "adapter": adapter,
-            "data": data, "limit": limit}  # fmt: skip
+            "data": data, "limit": limit, "stride": stride}  # fmt: skip
     report: dict = {"settings": {**base, "tasks": names}, "tasks": {}}
     for name in names:
         # auto: HumanEval through the chat template when there is one (as instruct models are evaluated);
@@ -248,12 +252,12 @@ def evaluate(
             settings = {**base, "task": name, "mode": task_mode, "samples": samples, "temperature": temperature,
                         "max_tokens": max_tokens, "timeout": timeout, "seed": seed}  # fmt: skip
             cache = ItemCache(out + ".items.jsonl" if out else None, settings)
-            result = _humaneval(m, tok, settings, data, limit, samples, temperature, max_tokens, timeout,
+            result = _humaneval(m, tok, settings, data, limit, stride, samples, temperature, max_tokens, timeout,
                                 batch_size, seed, cache, progress)  # fmt: skip
         else:
             settings = {**base, "task": name, "mode": task_mode, "shots": shots}
             cache = ItemCache(out + ".items.jsonl" if out else None, settings)
-            result = _mmlu(m, tok, settings, data, limit, shots, cache, progress)
+            result = _mmlu(m, tok, settings, data, limit, stride, shots, cache, progress)
         report["tasks"][name] = {"settings": settings, **result}
     if out:
         tmp = f"{out}.tmp{os.getpid()}"
