@@ -119,7 +119,7 @@ def test_programs_from_chat_replies_and_completions():
         "T/0", 'import math\n\n\ndef f(x):\n    """doc"""\n', "def check(c):\n    assert c(4) == 2\n", "f"
     )
     whole = "Sure!\n```python\ndef f(x):\n    return int(math.sqrt(x))\n```\nThis works."
-    assert humaneval.program_from_chat(p, whole) == "import math\ndef f(x):\n    return int(math.sqrt(x))\n"
+    assert humaneval.program_from_chat(p, whole) == p.prompt + "\ndef f(x):\n    return int(math.sqrt(x))\n"
     body = "```python\n    return int(math.sqrt(x))\n```"
     assert humaneval.program_from_chat(p, body) == p.prompt + "    return int(math.sqrt(x))\n"
     unfinished = "```python\ndef f(x):\n    return 2"  # cut by max_tokens: no closing fence

