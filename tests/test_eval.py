@@ -210,6 +210,8 @@ def test_eval_writes_every_item_and_resumes_from_its_cache(tiny_task, tmp_path, 
     calls.clear()
     again = evaluate(model, data=data, out=out, max_tokens=6, batch_size=1, progress=False)
     assert calls == [] and again["tasks"]["humaneval"]["items"] == t["items"]
+    evaluate(model, data=data, out=out, max_tokens=6, limit=1, progress=False)
+    assert calls == []  # a subset of what ran: all from the cache
     evaluate(model, data=data, out=out, max_tokens=7, batch_size=2, progress=False)
     assert calls == [2]  # other settings: generated afresh
     sampled = evaluate(model, data=data, samples=3, temperature=0.8, max_tokens=4, progress=False)

@@ -239,9 +239,13 @@ def evaluate(
     if data and len(names) > 1:
         raise UserError("--data names one task's file: give one task with it")
     m, tok = qmlx.load(model, adapter=adapter)
-    base = {"model": os.path.abspath(model) if os.path.exists(model) else model, "adapter": adapter,
-            "data": data, "limit": limit, "stride": stride}  # fmt: skip
-    report: dict = {"settings": {**base, "tasks": names}, "tasks": {}}
+    # What decides an item (the cache's key); --limit and --stride only choose which items run.
+    base = {
+        "model": os.path.abspath(model) if os.path.exists(model) else model,
+        "adapter": adapter,
+        "data": data,
+    }
+    report: dict = {"settings": {**base, "tasks": names, "limit": limit, "stride": stride}, "tasks": {}}
     for name in names:
         # auto: HumanEval through the chat template when there is one (as instruct models are evaluated);
         # MMLU on raw text (the log-likelihood convention).
