@@ -6,11 +6,10 @@ extra or misshapen tensor is reported up front, naming the file and tensor.
 
 from __future__ import annotations
 
-import re
-
 import mlx.core as mx
 
 from qmlx.config import ModelConfig
+from qmlx.model import ExpertLayoutError, expert_groups
 
 from .errors import ConvertError
 from .source_types import SourceTensor
@@ -71,43 +70,22 @@ def stack_experts(tensors: dict[str, SourceTensor], config: ModelConfig) -> dict
     """A source's Hugging Face per-expert tensors (`mlp.experts.{e}.*_proj.weight`) as one stacked tensor
     per projection (`mlp.switch_mlp.*_proj.weight`, leading expert axis), read an expert at a time: the
     converter never holds more than the block of experts it is quantizing."""
-    groups: dict[str, dict[int, SourceTensor]] = {}
-    out = {}
-    for name, t in tensors.items():
-        m = _match_expert(name)
-        if m is None:
-            out[name] = t
-        else:
-            groups.setdefault(f"{m[0]}.switch_mlp.{m[2]}", {})[m[1]] = t
-    for name, experts in groups.items():
-        prefix, rest = name.split(".switch_mlp.")
-        missing = sorted(set(range(config.num_experts)) - set(experts))
-        where = next(iter(experts.values())).where
-        if missing:
-            raise ConvertError(f"{where}: tensor {f'{prefix}.experts.{missing[0]}.{rest}'!r} is missing")
-        if len(experts) != config.num_experts:
-            extra = f"{prefix}.experts.{max(experts)}.{rest}"
-            raise ConvertError(
-                f"{experts[max(experts)].where}: unexpected tensor {extra!r} "
-                f"(the config has {config.num_experts} experts)"
-            )
-        shapes = {tuple(t.shape) for t in experts.values()}
-        if len(shapes) != 1:
-            odd = next(t for t in experts.values() if tuple(t.shape) != tuple(experts[0].shape))
+    try:
+        groups = expert_groups(tensors, config.num_experts)
+    except ExpertLayoutError as e:
+        raise ConvertError(f"{tensors[e.tensor].where}: {e}") from None
+    grouped = {n for names in groups.values() for n in names}
+    out = {name: t for name, t in tensors.items() if name not in grouped}
+    for name, names in groups.items():
+        experts = [tensors[n] for n in names]
+        odd = next((t for t in experts if tuple(t.shape) != tuple(experts[0].shape)), None)
+        if odd is not None:
             raise ConvertError(
                 f"{odd.where}: tensor {odd.name!r} has shape {list(odd.shape)}, "
                 f"expert 0 has {list(experts[0].shape)}"
             )
-        out[name] = _stacked(name, [experts[e] for e in range(config.num_experts)])
+        out[name] = _stacked(name, experts)
     return out
-
-
-def _match_expert(name: str) -> tuple[str, int, str] | None:
-    m = _EXPERT_NAME.match(name)
-    return None if m is None else (m[1], int(m[2]), m[3])
-
-
-_EXPERT_NAME = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.((?:gate|up|down)_proj\.weight)$")
 
 
 def _stacked(name: str, experts: list[SourceTensor]) -> SourceTensor:

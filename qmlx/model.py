@@ -245,25 +245,45 @@ class Model(nn.Module):
 _EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 
 
-def stack_experts(weights: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
-    """The Hugging Face per-expert tensors (`mlp.experts.{e}.{gate,up,down}_proj.*`) stacked on a leading
-    expert axis under `mlp.switch_mlp.*` (lazily: nothing is read until the stack is evaluated). Names
-    already stacked pass through; a missing or surplus expert is a UserError naming the tensor."""
-    groups: dict[str, dict[int, Any]] = {}
-    out = {}
-    for k, v in weights.items():
+class ExpertLayoutError(UserError):
+    """Per-expert tensors that do not make whole stacks; `tensor` is the one the message is about (or, for
+    a missing one, a tensor of its stack: where to look)."""
+
+    def __init__(self, message: str, tensor: str):
+        super().__init__(message)
+        self.tensor = tensor
+
+
+def expert_groups(names, num_experts: int) -> dict[str, list[str]]:
+    """Hugging Face per-expert tensor names (`mlp.experts.{e}.{gate,up,down}_proj.*`) by the stacked name
+    they make (`mlp.switch_mlp.*`), in expert order; a missing or surplus expert is an ExpertLayoutError."""
+    groups: dict[str, dict[int, str]] = {}
+    for k in names:
         m = _EXPERT.match(k)
-        if m is None:
-            out[k] = v
-        else:
-            groups.setdefault(f"{m[1]}.switch_mlp.{m[3]}.{m[4]}", {})[int(m[2])] = v
+        if m is not None:
+            groups.setdefault(f"{m[1]}.switch_mlp.{m[3]}.{m[4]}", {})[int(m[2])] = k
+    out = {}
     for name, experts in groups.items():
         prefix, rest = name.split(".switch_mlp.")
-        missing = sorted(set(range(config.num_experts)) - set(experts))
+        missing = sorted(set(range(num_experts)) - set(experts))
         if missing:
-            raise UserError(f"tensor {f'{prefix}.experts.{missing[0]}.{rest}'!r} is missing from the weights")
-        if len(experts) != config.num_experts:
-            extra = f"{prefix}.experts.{max(experts)}.{rest}"
-            raise UserError(f"unexpected tensor {extra!r} (the config has {config.num_experts} experts)")
-        out[name] = mx.stack([experts[e] for e in range(config.num_experts)])
+            raise ExpertLayoutError(
+                f"tensor {f'{prefix}.experts.{missing[0]}.{rest}'!r} is missing", next(iter(experts.values()))
+            )
+        if len(experts) != num_experts:
+            extra = experts[max(experts)]
+            raise ExpertLayoutError(
+                f"unexpected tensor {extra!r} (the config has {num_experts} experts)", extra
+            )
+        out[name] = [experts[e] for e in range(num_experts)]
+    return out
+
+
+def stack_experts(weights: dict[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The Hugging Face per-expert tensors stacked on a leading expert axis under `mlp.switch_mlp.*`
+    (lazily: nothing is read until the stack is evaluated). Names already stacked pass through."""
+    groups = expert_groups(weights, config.num_experts)
+    grouped = {n for names in groups.values() for n in names}
+    out = {k: v for k, v in weights.items() if k not in grouped}
+    out.update({name: mx.stack([weights[n] for n in names]) for name, names in groups.items()})
     return out
