@@ -801,6 +801,38 @@ def run_lora_estimate(args) -> int:
 
 
 @command
+def add_study(sub) -> None:
+    p = sub.add_parser(
+        "study", help="LoRA orderings × seeds: train each with `qmlx lora`, score with `qmlx eval`, report"
+    )
+    p.add_argument("spec", metavar="SPEC.toml", help="the study's spec (see docs/study.md)")
+    p.add_argument("--out", help="the study folder (default: the spec's `out`, else beside the spec)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the plan with each run's time and memory; train nothing"
+    )
+    p.add_argument("--report", action="store_true", help="only (re)write the report from the finished runs")
+    p.set_defaults(run=run_study)
+
+
+def run_study(args) -> int:
+    from .study import runner
+    from .study.report import write_report
+    from .study.spec import read_spec
+
+    spec = read_spec(args.spec, args.out)
+    say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.dry_run:
+        print(runner.dry_run(spec, say))
+    elif args.report:
+        if not os.path.isdir(spec.out):
+            raise UserError(f"{spec.out}: no study folder yet (run `qmlx study {args.spec}` first)")
+        print(write_report(spec))
+    else:
+        print(runner.run(spec, say))
+    return 0
+
+
+@command
 def add_fuse(sub) -> None:
     p = sub.add_parser("fuse", help="merge a LoRA adapter into its base model (or export it for PEFT)")
     p.add_argument("--model", "-m", required=True, help="the base model folder or hub id")

@@ -31,6 +31,12 @@ def files(tmp_path_factory):
         for i in range(8):
             f.write(json.dumps({"text": f"sample {i} " + "x " * i}) + "\n")
     (root / "text.txt").write_text("some text to score, long enough for a few windows. " * 4)
+    row = {"question": "What is 2 + 2?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"]}
+    (root / "mmlu.jsonl").write_text(json.dumps({**row, "answer": 1}) + "\n")
+    (root / "study.toml").write_text(
+        'model = "m"\ndata = "data"\norderings = ["random"]\nseeds = [0]\n'
+        '[lora]\nbatch_size = 2\nrank = 2\niters = 2\n[eval]\ntasks = "mmlu"\ndata = "mmlu.jsonl"\n'
+    )
     assert main(["lora", "-m", str(root / "m"), "--data", str(root / "data"), "--adapter-path",
                  str(root / "a"), "--iters", "1", "--batch-size", "2", "--rank", "2"]) == 0  # fmt: skip
     return root
@@ -63,6 +69,7 @@ def valid_lines(root, out) -> dict[str, list[str]]:
             "2",
         ],  # fmt: skip
         "fuse": ["-m", m, "--adapter", str(root / "a"), out],
+        "study": [str(root / "study.toml"), "--dry-run", "--out", out],
     }
 
 

@@ -192,7 +192,7 @@ def report(e: Estimate, title: str) -> str:
     return "\n".join(lines)
 
 
-def estimate_report(
+def estimate_for(
     model: str,
     bits: int | None = None,
     group_size: int = 64,
@@ -204,8 +204,8 @@ def estimate_report(
     dropout: float = 0.0,
     backend: str = "metal",
     num_layers: int | None = None,
-) -> str:
-    """`qmlx lora --estimate`: the table for a model (folder, config.json or hub id).
+) -> tuple[Estimate, str]:
+    """(the estimate, a title naming its settings) for a model (folder, config.json or hub id).
 
     bits None: the config's quantization (its group size too); "auto" dtype is float32 on the CPU
     backend and 16-bit on Metal.
@@ -224,4 +224,9 @@ def estimate_report(
         f"{model}: weights {weights}, rank {rank}, batch {batch_size}, "
         f"sequence {seq_len}, {backend} backend, activations {dtype_bytes * 8}-bit"
     )
-    return report(e, title)
+    return e, title
+
+
+def estimate_report(model: str, **settings) -> str:
+    """`qmlx lora --estimate`: the table for a model (settings as `estimate_for`'s)."""
+    return report(*estimate_for(model, **settings))

@@ -1,0 +1,1 @@
+"""`qmlx study`: LoRA orderings × seeds trained, scored and compared (spec, runner, statistics, report)."""
