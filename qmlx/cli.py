@@ -467,24 +467,40 @@ def run_quality(args) -> int:
 
 @command
 def add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="score a model on task benchmarks (HumanEval, MMLU)")
+    p = sub.add_parser(
+        "eval", help="score a model on task benchmarks (HumanEval, MMLU, GSM8K, KoBEST, your own)"
+    )
     p.add_argument("--model", "-m", required=True, help="model folder or hub id")
     p.add_argument("--adapter", help="a LoRA adapter folder (qmlx lora) over the model")
-    p.add_argument("--tasks", default="humaneval", help="comma-separated tasks (available: humaneval, mmlu)")
     p.add_argument(
-        "--shots", type=int, default=0, help="MMLU: dev examples before each question (needs a dev split)"
+        "--tasks",
+        default="humaneval",
+        help="comma-separated: humaneval, mmlu, gsm8k, kobest (all five, and their average), kobest_boolq, "
+        "kobest_copa, kobest_wic, kobest_hellaswag, kobest_sentineg, or a FILE.jsonl of your own "
+        "(docs/evaluation.md)",
+    )
+    p.add_argument(
+        "--shots",
+        type=int,
+        help="examples before each question: gsm8k's first train problems (default 8), MMLU's dev "
+        "questions, KoBEST's train examples (default 0)",
     )
     p.add_argument("--limit", type=int, help="only the first N items of each task (after --stride)")
     p.add_argument("--stride", type=int, default=1, help="every K-th item (a spread over MMLU's subjects)")
     p.add_argument(
-        "--samples", type=int, default=1, help="completions per problem (pass@k; needs --temperature)"
+        "--samples",
+        type=int,
+        default=1,
+        help="HumanEval: completions per problem (pass@k; needs --temperature)",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per completion")
     p.add_argument("--mode", default="auto", choices=("auto", "chat", "complete"),
-                   help="prompt through the chat template or as raw text (auto: HumanEval through the template "
-                   "when the model has one, MMLU raw)")  # fmt: skip
-    p.add_argument("--data", help="a task file in the published format instead of the packaged one")
+                   help="prompt through the chat template or as raw text (auto: generation tasks — HumanEval, "
+                   "GSM8K, a custom file's generated answers — through the template when the model has one; "
+                   "choices scored by log-likelihood — MMLU, KoBEST — raw)")  # fmt: skip
+    p.add_argument("--data", help="the task's data in a published format (a file or folder) instead of the "
+                   "download; a folder of KoBEST tasks for several")  # fmt: skip
     p.add_argument("--out", help="write settings, scores and every item here (JSON); reruns resume from it")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds each program may run")
     p.add_argument("--batch-size", type=int, default=8, help="completions generated together")
@@ -819,7 +835,7 @@ def run_study(args) -> int:
     from .study.report import write_report
     from .study.spec import read_spec
 
-    spec = read_spec(args.spec, args.out)
+    spec = read_spec(args.spec, build_parser(), args.out)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.dry_run:
         print(runner.dry_run(spec, say))

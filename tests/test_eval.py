@@ -228,7 +228,10 @@ def test_eval_command_prints_the_table_and_refuses_bad_flags(tiny_task, capsys):
     assert "humaneval" in out and "pass@1" in out and "95% CI" in out
     base = ["eval", "-m", model, "--data", data]
     for argv, words in [
-        (base + ["--tasks", "gsm8k"], "unknown task 'gsm8k'; available: humaneval, mmlu"),
+        (
+            base + ["--tasks", "arc"],
+            "unknown task 'arc'; available: humaneval, mmlu, gsm8k, kobest, kobest_boolq",
+        ),
         (base + ["--samples", "4"], "needs --temperature above 0"),
         (["eval", "-m", model, "--data", data + ".missing"], "cannot be read"),
     ]:

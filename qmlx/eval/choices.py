@@ -68,3 +68,33 @@ def continuation_logprobs(
             on_batch(len({r[0] for r in batch}))
         start = end
     return out
+
+
+def continuation_tokens(
+    tokenizer, context: str, continuation: str, context_ids: list[int] | None = None
+) -> list[int]:
+    """The tokens of `continuation` as they follow `context`: those of context + continuation past the
+    context's own, unless the two merged across the boundary (then the continuation's tokens alone)."""
+    ctx = tokenizer.encode(context) if context_ids is None else context_ids
+    full = tokenizer.encode(context + continuation)
+    if full[: len(ctx)] == ctx and len(full) > len(ctx):
+        return full[len(ctx) :]
+    return tokenizer.encode(continuation)
+
+
+def choice_item(
+    tokenizer, text: str, choices: Sequence[str], chat: bool
+) -> tuple[list[int], list[list[int]]]:
+    """(context tokens, [continuation tokens per choice]) of a question and its choices.
+
+    Raw text: each choice follows the text after one space (none when the text ends in whitespace or the
+    choice starts with it). Chat: the text is the user's message and each choice (stripped) starts the reply.
+    """
+    if chat:
+        context = tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        )
+        return context, [tokenizer.encode(c.strip()) for c in choices]
+    context = tokenizer.encode(text)
+    joined = [c if not text or text[-1].isspace() or c[:1].isspace() else " " + c for c in choices]
+    return context, [continuation_tokens(tokenizer, text, c, context) for c in joined]
