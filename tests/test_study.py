@@ -17,10 +17,16 @@ from scipy import special
 from scipy import stats as sps
 from tiny import tiny_config, write_folder
 
-from qmlx.cli import main
+from qmlx.cli import build_parser, main
 from qmlx.study import stats
 from qmlx.study.report import write_report
-from qmlx.study.spec import SpecError, read_spec
+from qmlx.study.spec import SpecError
+from qmlx.study.spec import read_spec as _read_spec
+
+
+def read_spec(path, out=None):
+    return _read_spec(path, build_parser(), out)
+
 
 # ------------------------------------------------------------------ statistics
 
@@ -195,6 +201,38 @@ def test_the_report_table_is_recomputed_from_the_runs_own_files(tmp_path):
     assert "runs in this report: 9 of 9" in report and "Partial" not in report
 
 
+def recompute_mmlu_table(out, orderings, seeds, baseline="random") -> list[str]:
+    """The report's rows, recomputed from the runs' own files: accuracy from eval.json's items (chosen
+    letter vs answer), the final validation loss from metrics.jsonl, the statistics with NumPy/SciPy."""
+    acc, final = {}, {}
+    for o in orderings:
+        acc[o], final[o] = [], []
+        for s in seeds:
+            run = out / "runs" / f"{o}-s{s}"
+            items = json.loads((run / "eval.json").read_text())["tasks"]["mmlu"]["items"]
+            acc[o].append(np.mean([it["chosen"] == it["answer"] for it in items]))
+            vals = [json.loads(x) for x in (run / "adapter" / "metrics.jsonl").read_text().splitlines()]
+            final[o].append([d["val_loss"] for d in vals if "val_loss" in d][-1])
+    rows = []
+    for o in orderings:
+        m, sd = np.mean(acc[o]), np.std(acc[o], ddof=1)
+        rows.append(f"| {o} | {len(seeds)} | {100 * m:.2f} ± {100 * sd:.2f} | "
+                    f"{np.mean(final[o]):.4f} ± {np.std(final[o], ddof=1):.4f} |")  # fmt: skip
+        if o == baseline:
+            continue
+        b = acc[baseline]
+        delta = 100 * (m - np.mean(b))
+        if sd > 0 and np.std(b, ddof=1) > 0:
+            w = sps.ttest_ind(acc[o], b, equal_var=False)
+            ci = w.confidence_interval(0.95)
+            pooled = np.sqrt((np.var(acc[o], ddof=1) + np.var(b, ddof=1)) / 2)  # equal seed counts
+            rows.append(f"| {o} | mmlu | {delta:+.2f} | {100 * ci.low:+.2f} … {100 * ci.high:+.2f} | "
+                        f"{(m - np.mean(b)) / pooled:+.2f} | {w.pvalue:.3f} |")  # fmt: skip
+        else:
+            rows.append(f"| {o} | mmlu | {delta:+.2f} | ")
+    return rows
+
+
 # ------------------------------------------------------------------ whole studies on a tiny model
 
 WORDS = "the cat sat on a mat and then it ran to see the dog who was very happy today".split()
@@ -243,6 +281,9 @@ def test_a_study_runs_every_step_and_a_killed_one_resumes_to_the_same_report(tin
         lines = [json.loads(x) for x in (run / "adapter" / "metrics.jsonl").read_text().splitlines()]
         assert [d["step"] for d in lines if "val_loss" in d] == [0, 5, 10, 15, 20, 25, 30]
     assert err.count("difficulty: computed") == 1 and err.count("difficulty: read from") == 1
+    report = (whole / "report.md").read_text()
+    for row in recompute_mmlu_table(whole, ["random", "easy-to-hard"], [0, 1]):
+        assert row in report, (row, report)
 
     # Killed (SIGKILL: no clean-up at all) while the third run trains, then started again.
     cut = tmp_path / "cut"

@@ -14,7 +14,6 @@ import json
 import os
 
 from . import stats
-from .runner import run_dir
 from .spec import Spec
 
 
@@ -53,7 +52,7 @@ def collect(spec: Spec) -> dict:
     """Every finished run's curve and scores, the base model's scores."""
     runs = {}
     for r in spec.runs:
-        d = run_dir(spec, r)
+        d = spec.run_dir(r)
         ev = _json(os.path.join(d, "eval.json"))
         curve = val_curve(os.path.join(d, "adapter"))
         if ev is None:
@@ -77,7 +76,8 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float]]
 
 def summarize(spec: Spec, data: dict) -> dict:
     runs = data["runs"]
-    tasks = [t for t in spec.tasks if any(t in r["scores"] for r in runs.values())]
+    # every task the evaluations reported (a group such as kobest: its members, then their average)
+    tasks = list(dict.fromkeys(t for r in runs.values() for t in r["scores"]))
     metric = {t: next(r["scores"][t][0] for r in runs.values() if t in r["scores"]) for t in tasks}
     by_order = {o: [r for r in runs.values() if r["order"] == o] for o in spec.orderings}
     out: dict = {"tasks": {t: metric[t] for t in tasks}, "orderings": {}, "runs": len(runs),

@@ -31,10 +31,8 @@ from ..errors import UserError
 from .spec import Run, Spec, SpecError
 
 TAIL = 12  # log lines shown when a step fails
-
-
-def run_dir(spec: Spec, run: Run) -> str:
-    return os.path.join(spec.out, "runs", run.name)
+PROBE_ITEMS = 4  # items per task a dry run times
+PROBE_SPREAD = 100  # without a --limit, the probe's items are spread over this many
 
 
 def _read(path: str) -> str | None:
@@ -73,7 +71,7 @@ def last_step(adapter: str) -> int:
 
 
 def status(spec: Spec, run: Run) -> str:
-    d = run_dir(spec, run)
+    d = spec.run_dir(run)
     if _read(os.path.join(d, "lora.done")) == spec.lora_key():
         return "done" if _read(os.path.join(d, "eval.done")) == spec.eval_key() else "trained"
     if _has_checkpoint(os.path.join(d, "adapter")):
@@ -84,7 +82,7 @@ def status(spec: Spec, run: Run) -> str:
 def check_runs(spec: Spec) -> None:
     """Refuse to mix runs trained with other settings into this study."""
     for run in spec.runs:
-        saved = _read(os.path.join(run_dir(spec, run), "run.json"))
+        saved = _read(os.path.join(spec.run_dir(run), "run.json"))
         if saved is None:
             continue
         old = json.loads(saved)
@@ -99,7 +97,7 @@ def check_runs(spec: Spec) -> None:
             if old.get("data") != spec.data:
                 changed.append("data")
             raise SpecError(
-                f"{spec.path}: {run_dir(spec, run)} was trained with other settings "
+                f"{spec.path}: {spec.run_dir(run)} was trained with other settings "
                 f"({', '.join(changed) or 'lora'} differ); give the changed study another out "
                 "folder, or delete that run to retrain it"
             )
@@ -203,7 +201,7 @@ def run(spec: Spec, say=print) -> str:
                    "base", lock.fd, say)  # fmt: skip
             _write(os.path.join(base, "eval.done"), spec.eval_key())
         for number, r in enumerate(spec.runs, 1):
-            d = run_dir(spec, r)
+            d = spec.run_dir(r)
             adapter = os.path.join(d, "adapter")
             label = f"[{number}/{len(spec.runs)}] {r.name}"
             os.makedirs(d, exist_ok=True)
@@ -248,18 +246,21 @@ def _count_lines(path: str) -> int:
         return 0
 
 
-def _step_times(adapter: str) -> list[float]:
-    """Per-step seconds of a run's train reports, without the first (compilation, warm-up)."""
-    times = []
+def _train_reports(adapter: str) -> tuple[list[float], list[float]]:
+    """(per-step seconds, peak GB) of a run's train reports; the first step's time is left out
+    (compilation, warm-up)."""
+    times, peaks = [], []
     try:
         with open(os.path.join(adapter, "metrics.jsonl"), encoding="utf-8") as f:
             for line in f:
                 d = json.loads(line)
                 if "step_time" in d and d["step"] > 1:
                     times.append(d["step_time"])
+                if "peak_memory_gb" in d:
+                    peaks.append(d["peak_memory_gb"])
     except (FileNotFoundError, ValueError):
         pass
-    return times
+    return times, peaks
 
 
 def _eval_seconds(path: str) -> dict[str, tuple[float, int]]:
@@ -279,9 +280,10 @@ def measure(spec: Spec, say=print, probe_steps: int = 4) -> dict:
     times, peaks = [], []
     evals: dict[str, tuple[float, int]] = {}
     for r in spec.runs:
-        adapter = os.path.join(run_dir(spec, r), "adapter")
-        times += _step_times(adapter)
-        for name, (s, n) in _eval_seconds(os.path.join(run_dir(spec, r), "eval.json")).items():
+        adapter = os.path.join(spec.run_dir(r), "adapter")
+        t, p = _train_reports(adapter)
+        times, peaks = times + t, peaks + p
+        for name, (s, n) in _eval_seconds(os.path.join(spec.run_dir(r), "eval.json")).items():
             evals.setdefault(name, (s, n))
     for name, (s, n) in _eval_seconds(os.path.join(spec.out, "base", "eval.json")).items():
         evals.setdefault(name, (s, n))
@@ -296,14 +298,14 @@ def measure(spec: Spec, say=print, probe_steps: int = 4) -> dict:
                 argv += ["--iters", str(probe_steps), "--report-every", "1", "--val-every", str(10**9),
                          "--save-every", str(10**9), "--warmup", "0"]  # fmt: skip
                 _probe(argv, os.path.join(tmp, "lora.log"))
-                times = _step_times(adapter)
-                with open(os.path.join(adapter, "metrics.jsonl"), encoding="utf-8") as f:
-                    peaks = [json.loads(ln).get("peak_memory_gb", 0.0) for ln in f]
+                times, peaks = _train_reports(adapter)
             missing = [t for t in spec.tasks if t not in evals]
             if missing:
                 say(f"dry run: timing a few items of {', '.join(missing)} …")
                 out = os.path.join(tmp, "eval.json")
-                argv = eval_argv(spec, out, None) + ["--limit", "4"]
+                # 4 items spread over the ones the study scores (lengths vary along a task's file)
+                spread = spec.eval["stride"] * max(1, (spec.eval["limit"] or PROBE_SPREAD) // PROBE_ITEMS)
+                argv = eval_argv(spec, out, None) + ["--limit", str(PROBE_ITEMS), "--stride", str(spread)]
                 argv[argv.index("--tasks") + 1] = ",".join(missing)  # the spec always names its tasks
                 _probe(argv, os.path.join(tmp, "eval.log"))
                 evals.update(_eval_seconds(out))
@@ -332,10 +334,10 @@ def _memory(spec: Spec) -> tuple[float, bool]:
     from ..lora.estimate import GB, estimate_for
 
     lo = spec.lora
-    from ..cli import parse_lora_targets
+    from ..lora.apply import parse_targets
 
     e, _ = estimate_for(
-        spec.model, rank=lo["rank"], targets=parse_lora_targets(lo["targets"]), batch_size=lo["batch_size"],
+        spec.model, rank=lo["rank"], targets=parse_targets(lo["targets"]), batch_size=lo["batch_size"],
         seq_len=lo["max_seq_len"], dtype=lo["dtype"], dropout=lo["dropout"],
         backend="metal" if mx.metal.is_available() else "cpu", num_layers=lo["num_layers"],
     )  # fmt: skip
@@ -357,7 +359,9 @@ def dry_run(spec: Spec, say=print) -> str:
     per_val = (min(batches(n_valid), lo["val_batches"] or 10**9)) * step / 3 if n_valid else 0.0
     vals = iters // lo["val_every"] + 2 if n_valid else 0
     limit = spec.eval.get("limit")
-    eval_items = {t: limit for t in spec.tasks}
+    from ..eval.run import GROUPS
+
+    eval_items = {t: limit * len(GROUPS.get(t, (t,))) if limit else None for t in spec.tasks}
     eval_s = sum(m["eval"].get(t, 0.0) * (n or 0) for t, n in eval_items.items()) if limit else None
     gb, ckpt = _memory(spec)
     lines = [
@@ -374,7 +378,7 @@ def dry_run(spec: Spec, say=print) -> str:
     ]
     total = 0.0
     difficulty_s = batches(n_train) * step / 3
-    if any(o != "random" for o in spec.orderings):
+    if any(r.order != "random" and status(spec, r) == "to do" for r in spec.runs):
         lines.insert(5, f"difficulty scores: computed once, ~{_hours(difficulty_s)}")
         total += difficulty_s
     base_done = _read(os.path.join(spec.out, "base", "eval.done")) == spec.eval_key()

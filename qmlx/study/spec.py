@@ -81,6 +81,9 @@ class Spec:
     def runs(self) -> list[Run]:
         return [Run(o, s) for o in self.orderings for s in self.seeds]
 
+    def run_dir(self, run: Run) -> str:
+        return os.path.join(self.out, "runs", run.name)
+
     @property
     def tasks(self) -> list[str]:
         return [t.strip() for t in self.eval["tasks"].split(",") if t.strip()]
@@ -97,19 +100,16 @@ def _digest(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _subparser(command: str) -> argparse.ArgumentParser:
-    from ..cli import build_parser
-
-    parser = build_parser()
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action.choices[command]
-    raise AssertionError("no subcommands")  # pragma: no cover
+    raise ValueError("the parser has no subcommands")
 
 
-def _options(path: str, command: str, table: dict) -> tuple[dict, list[str]]:
+def _options(parser, path: str, command: str, table: dict) -> tuple[dict, list[str]]:
     """(every option's parsed value, the argv giving the spec's ones) for `qmlx <command>`."""
-    p = _subparser(command)
+    p = _subparser(parser, command)
     by_dest = {a.dest: a for a in p._actions if a.option_strings}
     argv: list[str] = []
     for key, value in table.items():
@@ -152,7 +152,9 @@ def _resolve(base: str, value, where: str) -> str:
     return os.path.abspath(joined) if os.path.exists(joined) or os.path.isabs(value) else value
 
 
-def read_spec(path: str, out: str | None = None) -> Spec:
+def read_spec(path: str, commands: argparse.ArgumentParser, out: str | None = None) -> Spec:
+    """The spec at `path`; `commands` is the `qmlx` parser, whose `lora` and `eval` subcommands check
+    the tables' options (handed in by the CLI, which this room does not import)."""
     from ..lora.order import ORDERS
 
     if not os.path.isfile(path):
@@ -195,11 +197,20 @@ def read_spec(path: str, out: str | None = None) -> Spec:
             raise SpecError(f"{path}: [{table}] must be a table")
     if "tasks" not in d.get("eval", {}):
         raise SpecError(f'{path}: [eval] tasks is missing (e.g. tasks = ["mmlu"])')
-    lora, lora_argv = _options(path, "lora", d.get("lora", {}))
+    lora, lora_argv = _options(commands, path, "lora", d.get("lora", {}))
     eval_table = dict(d.get("eval", {}))
     if isinstance(eval_table.get("data"), str):  # a task file, relative to the spec like every path
         eval_table["data"] = _resolve(base, eval_table["data"], f"{path}: [eval] data")
-    ev, eval_argv = _options(path, "eval", eval_table)
+    tasks = eval_table.get("tasks")
+    if isinstance(tasks, str):
+        tasks = tasks.split(",")
+    if isinstance(tasks, list):  # custom tasks (FILE.jsonl) too
+        eval_table["tasks"] = [
+            _resolve(base, t.strip(), f"{path}: [eval] tasks") if isinstance(t, str) and t.strip().endswith(".jsonl")
+            else t
+            for t in tasks
+        ]  # fmt: skip
+    ev, eval_argv = _options(commands, path, "eval", eval_table)
     from ..eval.run import parse_tasks
 
     try:
