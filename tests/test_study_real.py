@@ -23,15 +23,15 @@ def test_a_small_real_study_resumes_after_a_kill_and_its_table_recomputes(fixtur
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "stdlib_instructions.py"), str(tmp_path / "all")],
                    check=True, capture_output=True)  # fmt: skip
     (tmp_path / "data").mkdir()
-    for split, n in (("train", 48), ("valid", 6)):
+    for split, n in (("train", 24), ("valid", 4)):
         lines = (tmp_path / "all" / f"{split}.jsonl").read_text().splitlines()[:n]
         (tmp_path / "data" / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     spec = tmp_path / "real.toml"
     spec.write_text(
         'model = "q4"\ndata = "data"\norderings = ["random", "easy-to-hard"]\nseeds = [0, 1]\n'
-        "[lora]\nrank = 4\nlr = 1e-3\nbatch_size = 2\niters = 6\nmax_seq_len = 96\nval_every = 2\n"
+        "[lora]\nrank = 4\nlr = 1e-3\nbatch_size = 2\niters = 4\nmax_seq_len = 96\nval_every = 2\n"
         "save_every = 2\nreport_every = 2\n"
-        '[eval]\ntasks = "mmlu"\nlimit = 20\nstride = 700\n'
+        '[eval]\ntasks = "mmlu"\nlimit = 8\n'
     )
     out = tmp_path / "real"
     start = lambda: subprocess.Popen([*qmlx, "study", str(spec)], stdout=subprocess.PIPE,  # noqa: E731
