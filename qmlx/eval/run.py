@@ -61,6 +61,28 @@ def is_custom(name: str) -> bool:
     return name.endswith(".jsonl")
 
 
+def fingerprint(folder: str, weights_hashed: bool) -> str:
+    """A digest of a model or adapter folder: its JSON files' bytes, and its safetensors files' bytes
+    (`weights_hashed`: an adapter's few MB) or names and sizes (a model's gigabytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if not os.path.isdir(folder):
+        return ""  # the loader names the problem
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".json"):
+            with open(path, "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+        elif name.endswith(".safetensors"):
+            h.update(name.encode() + b"\0" + str(os.path.getsize(path)).encode())
+            if weights_hashed:
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+    return h.hexdigest()[:16]
+
+
 def parse_tasks(spec: str) -> list[str]:
     """The task names of a `--tasks` list, groups expanded, each once (a custom task's file is read later)."""
     names: list[str] = []
@@ -546,15 +568,21 @@ def evaluate(
                 f"--data {data}: several KoBEST tasks read a folder (boolq/, copa/, …), not one file"
             )
     # What decides an item (the cache's key); --limit and --stride only choose which items run.
+    from ..folder import resolve
+
+    folder = resolve(model)
     base = {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
-        "adapter": adapter,
+        "adapter": os.path.abspath(adapter) if adapter else None,
         "data": data,
-    }
+        # What the files are, not only where: a retrained adapter (or model) at the same path is scored afresh.
+        "identity": {"model": fingerprint(folder, weights_hashed=False),
+                     **({"adapter": fingerprint(adapter, weights_hashed=True)} if adapter else {})},
+    }  # fmt: skip
     run = Run(base, data, limit, stride, shots, mode, samples, temperature, max_tokens, timeout, batch_size,
               seed, out, progress, len(reading))  # fmt: skip
     loaded = {n: (CUSTOM if is_custom(n) else REGISTRY[n]).load(run, n) for n in names}
-    run.model, run.tok = qmlx.load(model, adapter=adapter)
+    run.model, run.tok = qmlx.load(folder, adapter=adapter)
     report: dict = {"settings": {**base, "tasks": names, "limit": limit, "stride": stride}, "tasks": {}}
     for name in names:
         report["tasks"][name] = (CUSTOM if is_custom(name) else REGISTRY[name]).run(run, name, loaded[name])
