@@ -343,7 +343,7 @@ def test_mmlu_eval_scores_resumes_and_refuses_shots_without_dev(tiny_task, tmp_p
     assert set(t["scores"]) == {"accuracy", "STEM", "other"} and set(t["subjects"]) == {
         "elementary_mathematics", "high_school_chemistry", "virology"
     }  # fmt: skip
-    assert t["scores"]["other"]["items"] == 3
+    assert t["scores"]["other"]["items"] == 3 and t["available"] == 9
     again = evaluate(model, tasks="mmlu", data=data, out=out, progress=False)
     assert again["tasks"]["mmlu"]["items"] == items
     spread = evaluate(model, tasks="mmlu", data=data, stride=3, limit=2, progress=False)["tasks"]["mmlu"]

@@ -324,6 +324,8 @@ def test_the_dry_run_measures_a_step_and_plans_every_run(tiny_study, tmp_path):
     assert gb > 0
     rows = [ln for ln in out.splitlines() if ln.startswith(("random-s", "easy-to-hard-s"))]
     assert len(rows) == 4 and all("to do" in ln and "30/30" in ln for ln in rows)
+    # no --limit: the eval time is per item × the items the task has (the probe's report says how many)
+    assert all(not ln.rstrip().endswith("?") for ln in rows), out
     assert not (tmp_path / "plan").exists(), "a dry run writes nothing into the study folder"
 
 

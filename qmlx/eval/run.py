@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UserError
@@ -147,9 +147,11 @@ class Run:
     data_tasks: int  # how many of the tasks read --data
     model: Any = None
     tok: Any = None
+    available: dict = field(default_factory=dict)  # task -> items in its data (the report's `available`)
 
-    def pick(self, n: int) -> list[int]:
+    def pick(self, n: int, name: str) -> list[int]:
         """The indexes of a task's items that run: every stride-th, then the first `limit`."""
+        self.available[name] = n
         return list(range(n))[:: self.stride][: self.limit]
 
     def cache(self, settings: dict) -> ItemCache:
@@ -313,6 +315,7 @@ def _humaneval(
 
 def _run_humaneval(run: Run, name: str, problems: list[humaneval.Problem]) -> dict:
     # auto: through the chat template when there is one (as instruct models are evaluated).
+    run.available[name] = len(problems)
     settings = {**run.base, "task": name, "mode": run.mode_for(True), "samples": run.samples,
                 "temperature": run.temperature, "max_tokens": run.max_tokens, "timeout": run.timeout,
                 "seed": run.seed}  # fmt: skip
@@ -330,7 +333,7 @@ def _run_mmlu(run: Run, name: str, loaded) -> dict:
     shots = run.shots or 0
     # auto: raw text (the log-likelihood convention).
     settings = {**run.base, "task": name, "mode": run.mode_for(False), "shots": shots}
-    start, indexes = time.perf_counter(), run.pick(len(test))
+    start, indexes = time.perf_counter(), run.pick(len(test), name)
     chat = settings["mode"] == "chat"
     items = _choice_items(
         run, name, run.cache(settings), indexes,
@@ -369,7 +372,7 @@ def _run_gsm8k(run: Run, name: str, loaded) -> dict:
     mode = run.mode_for(True)
     settings = {**run.base, "task": name, "mode": mode, "shots": len(examples), "temperature": run.temperature,
                 "max_tokens": run.max_tokens, "seed": run.seed}  # fmt: skip
-    start, indexes = time.perf_counter(), run.pick(len(test))
+    start, indexes = time.perf_counter(), run.pick(len(test), name)
 
     def prompt_of(i: int):
         q = test[i].question
@@ -412,7 +415,7 @@ def _run_kobest(run: Run, name: str, loaded) -> dict:
         "shots": len(examples),
         "split": "test",
     }
-    start, indexes = time.perf_counter(), run.pick(len(test))
+    start, indexes = time.perf_counter(), run.pick(len(test), name)
     chat = settings["mode"] == "chat"
     items = _choice_items(
         run, name, run.cache(settings), indexes,
@@ -458,7 +461,7 @@ def _run_custom(run: Run, name: str, items: list[custom.Item]) -> dict:
     settings = {**run.base, "data": os.path.abspath(name), "task": name, "sha256": custom.digest(name),
                 "mode": choice_mode, "generate_mode": generate_mode, "temperature": run.temperature,
                 "max_tokens": run.max_tokens, "seed": run.seed}  # fmt: skip
-    start, indexes = time.perf_counter(), run.pick(len(items))
+    start, indexes = time.perf_counter(), run.pick(len(items), name)
     cache = run.cache(settings)
     chat = choice_mode == "chat"
     picked = [i for i in indexes if items[i].kind == "choices"]
@@ -586,6 +589,8 @@ def evaluate(
     report: dict = {"settings": {**base, "tasks": names, "limit": limit, "stride": stride}, "tasks": {}}
     for name in names:
         report["tasks"][name] = (CUSTOM if is_custom(name) else REGISTRY[name]).run(run, name, loaded[name])
+        if name in run.available:  # how many items the task has (a --limit run scores fewer)
+            report["tasks"][name]["available"] = run.available[name]
     asked = {t.strip() for t in tasks.split(",")}
     for group, members in GROUPS.items():
         if group in asked:

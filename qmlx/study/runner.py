@@ -263,14 +263,16 @@ def _train_reports(adapter: str) -> tuple[list[float], list[float]]:
     return times, peaks
 
 
-def _eval_seconds(path: str) -> dict[str, tuple[float, int]]:
-    """task -> (seconds, items) of an eval.json."""
+def _eval_seconds(path: str) -> dict[str, tuple[float, int, int | None]]:
+    """task -> (seconds, items scored, items the task has) of an eval.json."""
     try:
         with open(path, encoding="utf-8") as f:
             report = json.load(f)
     except (FileNotFoundError, ValueError):
         return {}
-    return {name: (t["seconds"], t["problems"]) for name, t in report.get("tasks", {}).items()}
+    return {
+        name: (t["seconds"], t["problems"], t.get("available")) for name, t in report.get("tasks", {}).items()
+    }
 
 
 def measure(spec: Spec, say=print, probe_steps: int = 4) -> dict:
@@ -283,10 +285,10 @@ def measure(spec: Spec, say=print, probe_steps: int = 4) -> dict:
         adapter = os.path.join(spec.run_dir(r), "adapter")
         t, p = _train_reports(adapter)
         times, peaks = times + t, peaks + p
-        for name, (s, n) in _eval_seconds(os.path.join(spec.run_dir(r), "eval.json")).items():
-            evals.setdefault(name, (s, n))
-    for name, (s, n) in _eval_seconds(os.path.join(spec.out, "base", "eval.json")).items():
-        evals.setdefault(name, (s, n))
+        for name, e in _eval_seconds(os.path.join(spec.run_dir(r), "eval.json")).items():
+            evals.setdefault(name, e)
+    for name, e in _eval_seconds(os.path.join(spec.out, "base", "eval.json")).items():
+        evals.setdefault(name, e)
     source = "this study's runs"
     if not times or any(t not in evals for t in spec.tasks):
         source = "a probe"
@@ -312,7 +314,8 @@ def measure(spec: Spec, say=print, probe_steps: int = 4) -> dict:
     return {
         "step_time": statistics.median(times) if times else None,
         "peak_memory_gb": max(peaks) if peaks else None,
-        "eval": {name: s / max(n, 1) for name, (s, n) in evals.items()},
+        "eval": {name: s / max(n, 1) for name, (s, n, _) in evals.items()},
+        "available": {name: a for name, (_, _, a) in evals.items()},
         "source": source,
     }
 
@@ -361,8 +364,12 @@ def dry_run(spec: Spec, say=print) -> str:
     limit = spec.eval.get("limit")
     from ..eval.run import GROUPS
 
-    eval_items = {t: limit * len(GROUPS.get(t, (t,))) if limit else None for t in spec.tasks}
-    eval_s = sum(m["eval"].get(t, 0.0) * (n or 0) for t, n in eval_items.items()) if limit else None
+    # Each task's items (its members', for a group such as kobest): the limit, or all it has.
+    scored = [t for t in m["eval"] if t not in GROUPS]
+    items = {t: min(limit, m["available"][t] or limit) if limit else m["available"][t] for t in scored}
+    eval_s = (
+        None if any(n is None for n in items.values()) else sum(m["eval"][t] * n for t, n in items.items())
+    )
     gb, ckpt = _memory(spec)
     lines = [
         f"study {spec.name}: {len(spec.orderings)} orderings × {len(spec.seeds)} seeds = {len(spec.runs)} runs "
@@ -397,8 +404,8 @@ def dry_run(spec: Spec, say=print) -> str:
         steps = "" if r is None else f"{left}/{iters}"
         lines.append(f"{name:<22}{state:<16}{steps:>8}{_hours(train_s) if r else '':>10}"
                      f"{_hours(ev) if eval_s is not None else '?':>10}")  # fmt: skip
-    lines.append(f"{'total':<46}{_hours(total):>10}" + ("" if eval_s is not None else "  + eval (no limit set: "
-                 "the eval time per item is shown above)"))  # fmt: skip
+    lines.append(f"{'total':<46}{_hours(total):>10}" + ("" if eval_s is not None else "  + eval (the eval time "
+                 "per item is shown above)"))  # fmt: skip
     return "\n".join(lines)
 
 
