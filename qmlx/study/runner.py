@@ -31,7 +31,7 @@ from ..errors import UserError
 from .spec import Run, Spec, SpecError
 
 TAIL = 12  # log lines shown when a step fails
-PROBE_ITEMS = 4  # items per task a dry run times
+PROBE_ITEMS = 8  # items per task a dry run times
 PROBE_SPREAD = 100  # without a --limit, the probe's items are spread over this many
 
 
@@ -305,7 +305,7 @@ def measure(spec: Spec, say=print, probe_steps: int = 4) -> dict:
             if missing:
                 say(f"dry run: timing a few items of {', '.join(missing)} …")
                 out = os.path.join(tmp, "eval.json")
-                # 4 items spread over the ones the study scores (lengths vary along a task's file)
+                # PROBE_ITEMS spread over the ones the study scores (lengths vary along a task's file)
                 spread = spec.eval["stride"] * max(1, (spec.eval["limit"] or PROBE_SPREAD) // PROBE_ITEMS)
                 argv = eval_argv(spec, out, None) + ["--limit", str(PROBE_ITEMS), "--stride", str(spread)]
                 argv[argv.index("--tasks") + 1] = ",".join(missing)  # the spec always names its tasks
