@@ -114,9 +114,21 @@ def load_model(
 
         quantize_model(model, config.quantization, set(weights))
     _check_weights(model, weights, infos, folder)
-    # Floating tensors take the compute dtype; packed quantized weights stay integers.
-    weights = {k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    # Floating tensors take the compute dtype; packed quantized weights stay integers. On the CPU kernels a
+    # quantized layer's 16-bit scales and biases stay as stored: the kernels read them as they are (exactly
+    # what float32 copies hold), and a decode step streams 36 instead of 40 bytes per 64 weights at 4 bits.
+    keep = _stored_scales_kept(config)
+    weights = {
+        k: v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) and not (keep and _is_scale(k, v)) else v
+        for k, v in weights.items()
+    }
     model.load_weights(list(weights.items()), strict=False)
+    if keep:
+        from .quant.layers import QuantizedEmbedding
+
+        for _, module in model.named_modules():
+            if isinstance(module, QuantizedEmbedding) and module.scales.dtype != dtype:
+                module.out_dtype = dtype  # the rows it looks up feed a `dtype` model
     if not lazy:
         # One layer at a time, so at most one layer's source-dtype copy is alive at once.
         if "embed_tokens" in model.model:
@@ -160,3 +172,16 @@ def tokenizer_for(folder: str, config: ModelConfig) -> Tokenizer:
     gen_eos = gen.get("eos_token_id")
     gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
     return Tokenizer.from_folder(folder, eos_token_ids=config.eos_ids + gen_eos, generation_defaults=gen)
+
+
+def _stored_scales_kept(config) -> bool:
+    """Whether quantized layers keep their checkpoint's 16-bit scales (the CPU kernels read them as stored)."""
+    if config.quantization is None:
+        return False
+    from .quant.layers import use_kernels
+
+    return use_kernels()
+
+
+def _is_scale(name: str, v: mx.array) -> bool:
+    return name.endswith((".scales", ".biases")) and v.dtype in (mx.bfloat16, mx.float16)

@@ -191,3 +191,66 @@ def test_single_file_without_index(tmp_path):
     shutil.move(tmp_path / "model-00001-of-00001.safetensors", tmp_path / "model.safetensors")
     loaded, _ = qmlx.load(str(tmp_path))
     np.testing.assert_allclose(np.array(loaded(IDS)), np.array(model(IDS)), atol=1e-5)
+
+
+# ------------------------------------------------------------------ 16-bit scales on the CPU kernels
+
+
+@pytest.fixture(scope="module")
+def q4_bf16(tmp_path_factory):
+    """A tiny bf16 model (tied embedding: the head is the quantized table) converted to 4-bit g32."""
+    from convert import convert
+
+    root = tmp_path_factory.mktemp("q4bf16")
+    write_folder(str(root / "src"), tiny_config(torch_dtype="bfloat16"), dtype=mx.bfloat16)
+    convert(str(root / "src"), str(root / "q"), bits=4, group_size=32, progress=False)
+    return str(root / "q")
+
+
+def _quantized(model):
+    return [m for _, m in model.named_modules() if hasattr(m, "scales") and hasattr(m, "bits")]
+
+
+@pytest.mark.skipif(not qmlx.kernels.available() or not qmlx.kernels.on_cpu(), reason="needs the CPU kernels")
+def test_the_cpu_kernels_keep_stored_16_bit_scales_and_compute_the_same_logits(q4_bf16):
+    model, tok = qmlx.load(q4_bf16)  # float32 on the CPU
+    layers = _quantized(model)
+    assert layers and all(m.scales.dtype == mx.bfloat16 and m.biases.dtype == mx.bfloat16 for m in layers)
+    assert model.model.norm.weight.dtype == mx.float32
+    ids = mx.array([[1, 5, 9, 2, 33, 7, 100, 3, 8, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70] * 3])
+    h = model.model.embed_tokens(ids)
+    assert h.dtype == mx.float32
+    kept = np.array(model(ids))
+    for m in layers:  # the float32 copies the loader made before: the same numbers, twice the bytes
+        m.scales, m.biases = m.scales.astype(mx.float32), m.biases.astype(mx.float32)
+        if hasattr(m, "out_dtype"):
+            m.out_dtype = None
+    assert np.array_equal(np.array(model.model.embed_tokens(ids)), np.array(h))
+    assert np.array_equal(np.array(model(ids)), kept)  # bit for bit, prompt (60 rows) and GEMV shapes
+    few = np.array(model(ids[:, :3]))  # 3 rows: the GEMV
+    for m in layers:
+        m.scales, m.biases = m.scales.astype(mx.bfloat16), m.biases.astype(mx.bfloat16)
+        if hasattr(m, "out_dtype"):
+            m.out_dtype = mx.float32
+    assert np.array_equal(np.array(model(ids[:, :3])), few)
+
+
+def test_without_the_kernels_scales_take_the_compute_dtype(q4_bf16, monkeypatch):
+    monkeypatch.setattr(qmlx.kernels, "available", lambda: False)
+    model, _ = qmlx.load(q4_bf16)
+    assert all(m.scales.dtype == mx.float32 for m in _quantized(model))
+    assert model.model.embed_tokens.out_dtype is None
+
+
+def test_dequantize_rows_in_float32_from_16_bit_scales_is_not_rounded(monkeypatch):
+    w = mx.random.normal((64, 96), key=mx.random.key(0))
+    wq, s, b = mx.quantize(w, group_size=32, bits=4)
+    s16, b16 = s.astype(mx.bfloat16), b.astype(mx.bfloat16)
+    ids = mx.array([3, 0, 63, 17])
+    want = mx.dequantize(wq, s16.astype(mx.float32), b16.astype(mx.float32), group_size=32, bits=4)[ids]
+    for ext in (qmlx.kernels._ext, None):  # the C++ op, and MLX's ops where it is not built
+        monkeypatch.setattr(qmlx.kernels, "_ext", ext)
+        got = qmlx.kernels.dequantize_rows(wq, s16, b16, ids, group_size=32, bits=4, dtype=mx.float32)
+        assert got.dtype == mx.float32 and np.array_equal(np.array(got), np.array(want))
+        plain = qmlx.kernels.dequantize_rows(wq, s16, b16, ids, group_size=32, bits=4)
+        assert plain.dtype == mx.bfloat16

@@ -426,7 +426,9 @@ def test_estimate_counts_match_a_built_model(tiny, bits):
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     apply_lora(model, rank=4, alpha=8.0, targets=["q", "k", "down"])
     n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    e = estimate(cfg, bits, 32, rank=4, targets=["q", "k", "down"], dtype_bytes=4)
+    e = estimate(
+        cfg, bits, 32, rank=4, targets=["q", "k", "down"], dtype_bytes=4, scale_bytes=4
+    )  # quantized in memory: float32 scales
     assert e.adapter_params == n
     assert e.weights == weights
     assert e.total_checkpointed <= e.total

@@ -181,12 +181,26 @@ def gather_quantized_matmul(
 
 
 def dequantize_rows(
-    w: mx.array, scales: mx.array, biases: mx.array, ids: mx.array, *, group_size: int, bits: int
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array,
+    ids: mx.array,
+    *,
+    group_size: int,
+    bits: int,
+    dtype: mx.Dtype | None = None,
 ) -> mx.array:
-    """dequantize(w)[ids] (an embedding lookup), dequantizing only the rows looked up: one op on the CPU."""
+    """dequantize(w)[ids] (an embedding lookup), dequantizing only the rows looked up: one op on the CPU.
+
+    The rows come in `dtype` (default: the scales'); float32 rows from 16-bit scales are computed in
+    float32, never rounded to the scales' dtype on the way."""
+    dtype = dtype or scales.dtype
     if _ext is not None and on_cpu():
-        return _ext.dequantize_rows(w, scales, biases, ids, group_size, bits)
-    return mx.dequantize(w[ids], scales[ids], biases[ids], group_size=group_size, bits=bits)
+        rows = _ext.dequantize_rows(w, scales, biases, ids, group_size, bits, dtype == mx.float32)
+    else:
+        up = (lambda a: a.astype(mx.float32)) if dtype == mx.float32 else (lambda a: a)  # noqa: E731
+        rows = mx.dequantize(w[ids], up(scales[ids]), up(biases[ids]), group_size=group_size, bits=bits)
+    return rows if rows.dtype == dtype else rows.astype(dtype)
 
 
 def log_softmax(x: mx.array) -> mx.array:

@@ -552,7 +552,7 @@ class DequantizeRows : public mx::UnaryPrimitive {
 };
 
 mx::array dequantize_rows(const mx::array& w, const mx::array& scales, const mx::array& biases, const mx::array& ids,
-                          int group_size, int bits) {
+                          int group_size, int bits, bool float32_out) {
   const std::string err = packed_error(w, scales, biases, group_size, bits);
   if (!err.empty()) throw std::invalid_argument("qmlx dequantize_rows: " + err);
   if (ids.dtype() != mx::int32 && ids.dtype() != mx::uint32 && ids.dtype() != mx::int64 && ids.dtype() != mx::uint64)
@@ -560,7 +560,9 @@ mx::array dequantize_rows(const mx::array& w, const mx::array& scales, const mx:
   auto s = mx::default_stream(mx::Device::cpu);
   mx::Shape sh = ids.shape();
   sh.push_back(int(int64_t(w.shape(1)) * 32 / bits));
-  return mx::array(sh, scales.dtype(), std::make_shared<DequantizeRows>(s, group_size, bits), {w, scales, biases, ids});
+  // float32_out: 16-bit scales under a float32 model; the rows are computed in float32 either way.
+  return mx::array(sh, float32_out ? mx::float32 : scales.dtype(), std::make_shared<DequantizeRows>(s, group_size, bits),
+                   {w, scales, biases, ids});
 }
 
 }  // namespace
@@ -578,8 +580,9 @@ NB_MODULE(_qmm, m) {
         "out[t, j] = x[t] · dequantize(w[indices[t, j]])ᵀ for stacked experts w (E, N, packed), on the CPU; only "
         "the chosen experts are read");
   m.def("dequantize_rows", &qk::dequantize_rows, nb::arg("w"), nb::arg("scales"), nb::arg("biases"), nb::arg("ids"),
-        nb::arg("group_size") = 64, nb::arg("bits") = 4,
-        "dequantize(w)[ids] without dequantizing the rest (an embedding lookup), as one CPU op");
+        nb::arg("group_size") = 64, nb::arg("bits") = 4, nb::arg("float32_out") = false,
+        "dequantize(w)[ids] without dequantizing the rest (an embedding lookup), as one CPU op; in the scales' "
+        "dtype, or float32 with float32_out");
   m.def("log_softmax", &qk::log_softmax, nb::arg("x"), "x - logsumexp(x) over the last axis, float32, one CPU op");
   m.def("rms_norm", &qk::rms_norm, nb::arg("x"), nb::arg("weight"), nb::arg("eps"),
         "mx.fast.rms_norm as one CPU op");

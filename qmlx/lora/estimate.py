@@ -109,7 +109,10 @@ def estimate(
     dropout: float = 0.0,
     cpu: bool = False,
     num_layers: int | None = None,
+    scale_bytes: int = 2,
 ) -> Estimate:
+    """Bytes of a LoRA run from shapes alone. `scale_bytes`: of quantized layers' scales and biases, as
+    checkpoints store them (16-bit: Metal computes in 16 bits, and the CPU kernels read the stored ones)."""
     c = ModelConfig.from_dict(config)
     n_layers = c.num_hidden_layers
     first_adapted = n_layers - (n_layers if num_layers is None else min(num_layers, n_layers))
@@ -118,7 +121,7 @@ def estimate(
     def matrix_bytes(rows: int, cols: int) -> float:
         if bits is None:
             return rows * cols * dtype_bytes
-        return rows * cols * bits_per_weight(bits, group_size, scale_bits=8 * dtype_bytes) / 8
+        return rows * cols * bits_per_weight(bits, group_size, scale_bits=8 * scale_bytes) / 8
 
     weights = lora_params = activations = 0.0
     largest = min(vocab, _out_block()) * d  # the largest matrix a product dequantizes at once (CPU)

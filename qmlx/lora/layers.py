@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..quant.groups import dequantize, quantize
-from ..quant.layers import QuantizedLinear
+from ..quant.layers import QuantizedLinear, use_kernels
 
 
 class LoRALinear(nn.Module):
@@ -50,12 +50,18 @@ class LoRALinear(nn.Module):
         """
         base = self.base
         if isinstance(base, QuantizedLinear):
-            w = dequantize(base.weight, base.scales, base.biases, base.bits, base.group_size)
+            # In float32: on the CPU kernels the scales are the checkpoint's 16-bit ones, and the compute
+            # dtype there is float32 (elsewhere the scales' dtype is the compute dtype).
+            f32 = mx.float32
+            w = dequantize(
+                base.weight, base.scales.astype(f32), base.biases.astype(f32), base.bits, base.group_size
+            )
             bits = bits or base.bits
             group_size = group_size or base.group_size
+            dtype = f32 if use_kernels() else base.scales.dtype
         else:
             w = base.weight
-        dtype = base.scales.dtype if isinstance(base, QuantizedLinear) else w.dtype
+            dtype = w.dtype
         w = (w.astype(mx.float32) + self.delta().astype(mx.float32)).astype(dtype)
         out_dims, in_dims = w.shape
         has_bias = "bias" in base

@@ -162,6 +162,9 @@ class QuantizedEmbedding(nn.Module):
         self.weight = mx.zeros((num_embeddings, packed_cols(dims, bits)), dtype=mx.uint32)
         self.scales = mx.zeros((num_embeddings, dims // group_size))
         self.biases = mx.zeros((num_embeddings, dims // group_size))
+        # The looked-up rows' dtype when it is not the scales' (the loader keeps 16-bit scales for the CPU
+        # kernels under a float32 model): None is the scales' dtype.
+        self.out_dtype: mx.Dtype | None = None
         self.freeze()
 
     @classmethod
@@ -179,8 +182,9 @@ class QuantizedEmbedding(nn.Module):
     def __call__(self, ids: mx.array) -> mx.array:
         # Only the looked-up rows are dequantized.
         return kernels.dequantize_rows(
-            self.weight, self.scales, self.biases, ids, group_size=self.group_size, bits=self.bits
-        )
+            self.weight, self.scales, self.biases, ids, group_size=self.group_size, bits=self.bits,
+            dtype=self.out_dtype,
+        )  # fmt: skip
 
     def as_linear(self, x: mx.array) -> mx.array:
         """x @ Eᵀ: the logits of a head tied to this embedding."""
