@@ -254,3 +254,18 @@ def test_dequantize_rows_in_float32_from_16_bit_scales_is_not_rounded(monkeypatc
         assert got.dtype == mx.float32 and np.array_equal(np.array(got), np.array(want))
         plain = qmlx.kernels.dequantize_rows(wq, s16, b16, ids, group_size=32, bits=4)
         assert plain.dtype == mx.bfloat16
+
+
+@pytest.mark.skipif(not qmlx.kernels.available() or not qmlx.kernels.on_cpu(), reason="needs the CPU kernels")
+def test_mlx_s_own_ops_get_float_scales_when_a_kept_16_bit_model_falls_back(q4_bf16, monkeypatch):
+    import qmlx.quant.layers as qlayers
+
+    model, _ = qmlx.load(q4_bf16)
+    ids = mx.array([[1, 5, 9, 2, 33, 7, 100, 3, 44, 45, 46, 47]])
+    ours = np.array(model(ids))
+    # MLX's quantized matmul (3 rows) and the dense path (12 rows: its dequantize would round W to bf16)
+    monkeypatch.setattr(qlayers, "use_kernels", lambda: False)
+    for n in (ids, ids[:, :3]):
+        theirs = np.array(model(n))
+        rel = np.abs(theirs - ours[:, : n.shape[1]]).max() / np.abs(ours).max()
+        assert theirs.dtype == np.float32 and rel < 1e-3, rel  # the kernels round x to 15 bits per group

@@ -105,18 +105,28 @@ def _quantized_product(layer, x: mx.array, bias: mx.array | None = None) -> mx.a
     return y + bias if bias is not None else y
 
 
+def _scales_for(layer, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """The layer's scales and biases in `dtype` for MLX's ops: the loader keeps checkpoint 16-bit ones for
+    the CPU kernels, and MLX's quantized matmul would compute in 16 bits with them."""
+    s, b = layer.scales, layer.biases
+    if mx.issubdtype(dtype, mx.floating) and s.dtype != dtype:
+        s, b = s.astype(dtype), b.astype(dtype)
+    return s, b
+
+
 def _unfused_product(layer, x: mx.array) -> mx.array:
+    scales, biases = _scales_for(layer, x.dtype)
     if not use_dense(_rows(x)):
         return mx.quantized_matmul(
             x,
             layer.weight,
-            layer.scales,
-            layer.biases,
+            scales,
+            biases,
             transpose=True,
             group_size=layer.group_size,
             bits=layer.bits,
         )
-    return _dense_product(layer.group_size, layer.bits)(x, layer.weight, layer.scales, layer.biases)
+    return _dense_product(layer.group_size, layer.bits)(x, layer.weight, scales, biases)
 
 
 class QuantizedLinear(nn.Module):
@@ -227,11 +237,12 @@ class QuantizedSwitchLinear(nn.Module):
                 x, self.weight, self.scales, self.biases, indices, group_size=self.group_size, bits=self.bits
             )
         T, k = indices.shape
+        scales, biases = _scales_for(self, x.dtype)
         y = mx.gather_qmm(
             x.reshape(T, 1, 1, x.shape[-1]),
             self.weight,
-            self.scales,
-            self.biases,
+            scales,
+            biases,
             rhs_indices=indices,
             transpose=True,
             group_size=self.group_size,
