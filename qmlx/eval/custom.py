@@ -20,7 +20,6 @@ model has one.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from . import data as files
@@ -109,15 +108,6 @@ def load(path: str) -> list[Item]:
     if not out:
         raise DataError(f"{path}: no items")
     return out
-
-
-def digest(path: str) -> str:
-    """The file's SHA-256 (part of the cache key: an edited file is scored afresh)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _normal(text: str) -> str:

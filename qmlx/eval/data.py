@@ -8,6 +8,7 @@ files missing from `--data` are downloaded with `huggingface_hub` into its cache
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -19,6 +20,15 @@ EXTENSIONS = (".jsonl", ".parquet")
 
 class DataError(UserError):
     """Task data that cannot be read or is not in the expected format; the message names file, line, field."""
+
+
+def file_digest(path: str) -> str:
+    """A file's SHA-256 (in cache keys: an edited task file or a retrained adapter is scored afresh)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import UserError
 from . import custom, gsm8k, humaneval, kobest, mmlu
+from . import data as files
 from .sandbox import Limits
 
 KOBEST = tuple(f"kobest_{s}" for s in kobest.SUBSETS)
@@ -61,26 +62,16 @@ def is_custom(name: str) -> bool:
     return name.endswith(".jsonl")
 
 
-def fingerprint(folder: str, weights_hashed: bool) -> str:
-    """A digest of a model or adapter folder: its JSON files' bytes, and its safetensors files' bytes
-    (`weights_hashed`: an adapter's few MB) or names and sizes (a model's gigabytes)."""
-    import hashlib
+def adapter_identity(folder: str) -> str:
+    """A digest of an adapter's files (a few MB): one retrained at the same path is another adapter."""
+    from ..lora.adapters import CONFIG, WEIGHTS
 
-    h = hashlib.sha256()
-    if not os.path.isdir(folder):
-        return ""  # the loader names the problem
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if name.endswith(".json"):
-            with open(path, "rb") as f:
-                h.update(name.encode() + b"\0" + f.read())
-        elif name.endswith(".safetensors"):
-            h.update(name.encode() + b"\0" + str(os.path.getsize(path)).encode())
-            if weights_hashed:
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 22), b""):
-                        h.update(block)
-    return h.hexdigest()[:16]
+    parts = [
+        files.file_digest(os.path.join(folder, n))
+        for n in (CONFIG, WEIGHTS)
+        if os.path.isfile(os.path.join(folder, n))
+    ]
+    return "-".join(p[:16] for p in parts)
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -458,7 +449,7 @@ def _run_custom(run: Run, name: str, items: list[custom.Item]) -> dict:
 
     # auto: choices as raw text (the log-likelihood convention), generation through the chat template.
     choice_mode, generate_mode = run.mode_for(False), run.mode_for(True)
-    settings = {**run.base, "data": os.path.abspath(name), "task": name, "sha256": custom.digest(name),
+    settings = {**run.base, "data": os.path.abspath(name), "task": name, "sha256": files.file_digest(name),
                 "mode": choice_mode, "generate_mode": generate_mode, "temperature": run.temperature,
                 "max_tokens": run.max_tokens, "seed": run.seed}  # fmt: skip
     start, indexes = time.perf_counter(), run.pick(len(items), name)
@@ -571,21 +562,22 @@ def evaluate(
                 f"--data {data}: several KoBEST tasks read a folder (boolq/, copa/, …), not one file"
             )
     # What decides an item (the cache's key); --limit and --stride only choose which items run.
-    from ..folder import resolve
-
-    folder = resolve(model)
     base = {
         "model": os.path.abspath(model) if os.path.exists(model) else model,
         "adapter": os.path.abspath(adapter) if adapter else None,
         "data": data,
-        # What the files are, not only where: a retrained adapter (or model) at the same path is scored afresh.
-        "identity": {"model": fingerprint(folder, weights_hashed=False),
-                     **({"adapter": fingerprint(adapter, weights_hashed=True)} if adapter else {})},
-    }  # fmt: skip
+    }
     run = Run(base, data, limit, stride, shots, mode, samples, temperature, max_tokens, timeout, batch_size,
               seed, out, progress, len(reading))  # fmt: skip
     loaded = {n: (CUSTOM if is_custom(n) else REGISTRY[n]).load(run, n) for n in names}
-    run.model, run.tok = qmlx.load(folder, adapter=adapter)
+    run.model, run.tok = qmlx.load(model, adapter=adapter)
+    # What the weights are, not only where: a retrained adapter (or model) at the same path is scored afresh.
+    from ..prompt_cache import model_identity
+
+    base["identity"] = {
+        "model": model_identity(run.model),
+        **({"adapter": adapter_identity(adapter)} if adapter else {}),
+    }
     report: dict = {"settings": {**base, "tasks": names, "limit": limit, "stride": stride}, "tasks": {}}
     for name in names:
         report["tasks"][name] = (CUSTOM if is_custom(name) else REGISTRY[name]).run(run, name, loaded[name])
