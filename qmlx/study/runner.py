@@ -50,33 +50,25 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _has_checkpoint(adapter: str) -> bool:
-    root = os.path.join(adapter, "checkpoints")
-    return os.path.isdir(root) and any(d.startswith("step-") and ".tmp" not in d for d in os.listdir(root))
+def checkpoint_step(adapter: str) -> int | None:
+    """The step of a run's latest checkpoint (where `qmlx lora --resume` continues), None before any."""
+    from ..lora.trainer import latest_checkpoint
 
-
-def last_step(adapter: str) -> int:
-    """The last step a run's metrics.jsonl logged (0 before any)."""
-    step = 0
     try:
-        with open(os.path.join(adapter, "metrics.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    step = max(step, json.loads(line)["step"])
-                except (ValueError, KeyError, TypeError):
-                    continue
-    except FileNotFoundError:
-        pass
-    return step
+        ckpt = latest_checkpoint(adapter)
+    except UserError:
+        return None
+    with open(os.path.join(ckpt, "trainer_state.json"), encoding="utf-8") as f:
+        return json.load(f)["step"]
 
 
-def status(spec: Spec, run: Run) -> str:
+def status(spec: Spec, run: Run) -> tuple[str, int]:
+    """(its state: done / trained / at step N / to do, the training steps it has done)."""
     d = spec.run_dir(run)
     if _read(os.path.join(d, "lora.done")) == spec.lora_key():
-        return "done" if _read(os.path.join(d, "eval.done")) == spec.eval_key() else "trained"
-    if _has_checkpoint(os.path.join(d, "adapter")):
-        return f"at step {last_step(os.path.join(d, 'adapter'))}"
-    return "to do"
+        return ("done" if _read(os.path.join(d, "eval.done")) == spec.eval_key() else "trained"), spec.iters
+    step = checkpoint_step(os.path.join(d, "adapter"))
+    return (f"at step {step}", step) if step is not None else ("to do", 0)
 
 
 def check_runs(spec: Spec) -> None:
@@ -145,12 +137,15 @@ def _child(argv: list[str], log_path: str, label: str, lock_fd: int, say) -> Non
                     proc.kill()
                     proc.wait()
     if rc != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-TAIL:])
         raise UserError(
             f"{label}: `qmlx {argv[0]}` failed (exit {rc}); finished runs are kept and a rerun continues. "
-            f"Its output ({log_path}) ends:\n{tail.rstrip()}"
+            f"Its output ({log_path}) ends:\n{_log_tail(log_path)}"
         )
+
+
+def _log_tail(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "".join(f.readlines()[-TAIL:]).rstrip()
 
 
 def lora_argv(spec: Spec, run: Run, adapter: str) -> list[str]:
@@ -193,13 +188,7 @@ def run(spec: Spec, say=print) -> str:
     lock = FolderLock(spec.out)
     try:
         _write(os.path.join(spec.out, "study.json"), json.dumps(_spec_record(spec), indent=1) + "\n")
-        base = os.path.join(spec.out, "base")
-        os.makedirs(base, exist_ok=True)
-        if _read(os.path.join(base, "eval.done")) != spec.eval_key():
-            say(f"base model: qmlx eval --tasks {spec.eval['tasks']}")
-            _child(eval_argv(spec, os.path.join(base, "eval.json"), None), os.path.join(base, "eval.log"),
-                   "base", lock.fd, say)  # fmt: skip
-            _write(os.path.join(base, "eval.done"), spec.eval_key())
+        _evaluate(spec, os.path.join(spec.out, "base"), None, "base", lock, say)
         for number, r in enumerate(spec.runs, 1):
             d = spec.run_dir(r)
             adapter = os.path.join(d, "adapter")
@@ -209,24 +198,32 @@ def run(spec: Spec, say=print) -> str:
                 _write(os.path.join(d, "run.json"), json.dumps({
                     "order": r.order, "seed": r.seed, "model": spec.model, "data": spec.data, "lora": spec.lora,
                     "lora_key": spec.lora_key(), "argv": lora_argv(spec, r, adapter)}, indent=1, default=str))  # fmt: skip
-                if _has_checkpoint(adapter):
-                    say(f"{label}: resuming the training at step {last_step(adapter)}")
+                step = checkpoint_step(adapter)
+                if step is not None:
+                    say(f"{label}: resuming the training at step {step}")
                     argv = ["lora", "--resume", adapter]
                 else:
                     say(f"{label}: training")
                     argv = lora_argv(spec, r, adapter) + ["--force"]
                 _child(argv, os.path.join(d, "lora.log"), label, lock.fd, say)
                 _write(os.path.join(d, "lora.done"), spec.lora_key())
-            if _read(os.path.join(d, "eval.done")) != spec.eval_key():
-                say(f"{label}: qmlx eval --tasks {spec.eval['tasks']}")
-                _child(eval_argv(spec, os.path.join(d, "eval.json"), adapter), os.path.join(d, "eval.log"),
-                       label, lock.fd, say)  # fmt: skip
-                _write(os.path.join(d, "eval.done"), spec.eval_key())
+            _evaluate(spec, d, adapter, label, lock, say)
         path = write_report(spec)
         say(f"report: {path}")
         return path
     finally:
         lock.close()
+
+
+def _evaluate(spec: Spec, folder: str, adapter: str | None, label: str, lock: FolderLock, say) -> None:
+    """`qmlx eval` of the base model or a run's adapter into `folder`, unless done with these settings."""
+    os.makedirs(folder, exist_ok=True)
+    if _read(os.path.join(folder, "eval.done")) == spec.eval_key():
+        return
+    say(f"{label}: qmlx eval --tasks {spec.eval['tasks']}")
+    _child(eval_argv(spec, os.path.join(folder, "eval.json"), adapter), os.path.join(folder, "eval.log"), label,
+           lock.fd, say)  # fmt: skip
+    _write(os.path.join(folder, "eval.done"), spec.eval_key())
 
 
 def _spec_record(spec: Spec) -> dict:
@@ -280,7 +277,7 @@ def measure(spec: Spec, say=print, probe_steps: int = 4) -> dict:
     have logged them, else from a short probe (`qmlx lora` for a few steps and `qmlx eval --limit` of a
     few items, in a temporary folder)."""
     times, peaks = [], []
-    evals: dict[str, tuple[float, int]] = {}
+    evals: dict[str, tuple[float, int, int | None]] = {}
     for r in spec.runs:
         adapter = os.path.join(spec.run_dir(r), "adapter")
         t, p = _train_reports(adapter)
@@ -325,20 +322,17 @@ def _probe(argv: list[str], log_path: str) -> None:
     with open(log_path, "wb") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent).returncode
     if rc != 0:
-        with open(log_path, encoding="utf-8", errors="replace") as f:
-            tail = "".join(f.readlines()[-TAIL:])
-        raise UserError(f"dry run: the probe `qmlx {argv[0]}` failed (exit {rc}):\n{tail.rstrip()}")
+        raise UserError(f"dry run: the probe `qmlx {argv[0]}` failed (exit {rc}):\n{_log_tail(log_path)}")
 
 
 def _memory(spec: Spec) -> tuple[float, bool]:
     """(`qmlx lora --estimate`'s GB for the spec's settings, whether it counts --grad-checkpoint)."""
     import mlx.core as mx
 
+    from ..lora.apply import parse_targets
     from ..lora.estimate import GB, estimate_for
 
     lo = spec.lora
-    from ..lora.apply import parse_targets
-
     e, _ = estimate_for(
         spec.model, rank=lo["rank"], targets=parse_targets(lo["targets"]), batch_size=lo["batch_size"],
         seq_len=lo["max_seq_len"], dtype=lo["dtype"], dropout=lo["dropout"],
@@ -353,7 +347,7 @@ def dry_run(spec: Spec, say=print) -> str:
     check_runs(spec)
     m = measure(spec, say)
     lo = spec.lora
-    iters = lo["iters"] or 1000
+    iters = spec.iters
     n_train = _count_lines(os.path.join(spec.data, "train.jsonl"))
     n_valid = _count_lines(os.path.join(spec.data, "valid.jsonl"))
     step = m["step_time"]
@@ -385,19 +379,16 @@ def dry_run(spec: Spec, say=print) -> str:
     ]
     total = 0.0
     difficulty_s = batches(n_train) * step / 3
-    if any(r.order != "random" and status(spec, r) == "to do" for r in spec.runs):
+    states = {r.name: status(spec, r) for r in spec.runs}
+    if any(r.order != "random" and states[r.name][0] == "to do" for r in spec.runs):
         lines.insert(5, f"difficulty scores: computed once, ~{_hours(difficulty_s)}")
         total += difficulty_s
     base_done = _read(os.path.join(spec.out, "base", "eval.done")) == spec.eval_key()
-    rows = [("base model", "done" if base_done else "to do", None)] + [
-        (r.name, status(spec, r), r) for r in spec.runs
+    rows = [("base model", ("done" if base_done else "to do", 0), None)] + [
+        (r.name, states[r.name], r) for r in spec.runs
     ]
-    for name, state, r in rows:
-        left = (
-            0
-            if r is None or state in ("done", "trained")
-            else iters - (int(state.split()[-1]) if state.startswith("at") else 0)
-        )
+    for name, (state, trained), r in rows:
+        left = 0 if r is None else iters - trained
         train_s = left * step + (vals * per_val * left / iters if iters else 0.0)
         ev = 0.0 if state == "done" else (eval_s or 0.0)
         total += train_s + ev

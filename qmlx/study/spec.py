@@ -81,6 +81,11 @@ class Spec:
     def runs(self) -> list[Run]:
         return [Run(o, s) for o in self.orderings for s in self.seeds]
 
+    @property
+    def iters(self) -> int:
+        """Training steps per run (`qmlx lora`'s default when the spec gives none)."""
+        return self.lora["iters"] or 1000
+
     def run_dir(self, run: Run) -> str:
         return os.path.join(self.out, "runs", run.name)
 
