@@ -198,8 +198,10 @@ def dequantize_rows(
     if _ext is not None and on_cpu():
         rows = _ext.dequantize_rows(w, scales, biases, ids, group_size, bits, dtype == mx.float32)
     else:
-        up = (lambda a: a.astype(mx.float32)) if dtype == mx.float32 else (lambda a: a)  # noqa: E731
-        rows = mx.dequantize(w[ids], up(scales[ids]), up(biases[ids]), group_size=group_size, bits=bits)
+        s, b = scales[ids], biases[ids]
+        if s.dtype != dtype:  # computed in the rows' dtype, not rounded to the scales' on the way
+            s, b = s.astype(dtype), b.astype(dtype)
+        rows = mx.dequantize(w[ids], s, b, group_size=group_size, bits=bits)
     return rows if rows.dtype == dtype else rows.astype(dtype)
 
 
