@@ -27,6 +27,7 @@ import zipfile
 from dataclasses import dataclass
 
 from ..errors import UserError
+from .choices import choice_item
 
 LETTERS = "ABCD"
 CACHE = os.environ.get("QMLX_FIXTURES", os.path.expanduser("~/.cache/qmlx-fixtures"))
@@ -188,19 +189,6 @@ def items(questions: list[Question], dev: dict[str, list[Question]], shots: int,
             raise MMLUDataError(
                 f"--shots {shots}: the dev split has {len(examples)} questions of {q.subject}"
             )
-        text = prompt(q, examples)
-        if chat:
-            context = tokenizer.encode(
-                tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-            )
-            continuations = [tokenizer.encode(x) for x in LETTERS]
-        else:
-            context = tokenizer.encode(text)
-            continuations = []
-            for x in LETTERS:
-                full = tokenizer.encode(f"{text} {x}")
-                # The letter's own tokens, unless it merged with the end of the context (then " X" alone).
-                ok = full[: len(context)] == context and len(full) > len(context)
-                continuations.append(full[len(context) :] if ok else tokenizer.encode(f" {x}"))
-        out.append((context, continuations))
+        # raw: " A" … " D" after "Answer:"; chat: "A" … "D" start the reply
+        out.append(choice_item(tokenizer, prompt(q, examples), LETTERS, chat))
     return out
