@@ -176,6 +176,12 @@ def render(spec: Spec, summary: dict) -> str:
     return "\n".join(L)
 
 
+def _save(fig, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=120, metadata={"Software": None})
+    os.replace(tmp, path)
+
+
 def plot(spec: Spec, data: dict, summary: dict) -> None:
     import matplotlib
 
@@ -202,7 +208,7 @@ def plot(spec: Spec, data: dict, summary: dict) -> None:
     ax.set_title(f"{spec.name}: validation loss (mean ± sd over seeds)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(spec.out, "val_loss.png"), dpi=120, metadata={"Software": None})
+    _save(fig, os.path.join(spec.out, "val_loss.png"))
     plt.close(fig)
 
     tasks = list(summary["tasks"])
@@ -229,19 +235,29 @@ def plot(spec: Spec, data: dict, summary: dict) -> None:
     ax.set_title(f"{spec.name}: scores per ordering (mean ± sd, dots: seeds)")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(os.path.join(spec.out, "scores.png"), dpi=120, metadata={"Software": None})
+    _save(fig, os.path.join(spec.out, "scores.png"))
     plt.close(fig)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `path` whole or not at all (a killed study never leaves half a file)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_report(spec: Spec) -> str:
     data = collect(spec)
     summary = summarize(spec, data)
-    text = render(spec, summary)
-    with open(os.path.join(spec.out, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "runs": data["runs"], "base": data["base"]}, f, indent=1)
+    write_text(os.path.join(spec.out, "summary.json"),
+               json.dumps({"summary": summary, "runs": data["runs"], "base": data["base"]}, indent=1))  # fmt: skip
     if data["runs"]:
         plot(spec, data, summary)
     path = os.path.join(spec.out, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
+    write_text(path, render(spec, summary))
     return path

@@ -28,6 +28,7 @@ import sys
 import tempfile
 
 from ..errors import UserError
+from .report import write_report, write_text
 from .spec import Run, Spec, SpecError
 
 TAIL = 12  # log lines shown when a step fails
@@ -41,13 +42,6 @@ def _read(path: str) -> str | None:
             return f.read().strip()
     except FileNotFoundError:
         return None
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def checkpoint_step(adapter: str) -> int | None:
@@ -182,12 +176,10 @@ class FolderLock:
 
 def run(spec: Spec, say=print) -> str:
     """Run (or finish) the study; returns the report's path."""
-    from .report import write_report
-
     check_runs(spec)
     lock = FolderLock(spec.out)
     try:
-        _write(os.path.join(spec.out, "study.json"), json.dumps(_spec_record(spec), indent=1) + "\n")
+        write_text(os.path.join(spec.out, "study.json"), json.dumps(_spec_record(spec), indent=1) + "\n")
         _evaluate(spec, os.path.join(spec.out, "base"), None, "base", lock, say)
         for number, r in enumerate(spec.runs, 1):
             d = spec.run_dir(r)
@@ -195,7 +187,7 @@ def run(spec: Spec, say=print) -> str:
             label = f"[{number}/{len(spec.runs)}] {r.name}"
             os.makedirs(d, exist_ok=True)
             if _read(os.path.join(d, "lora.done")) != spec.lora_key():
-                _write(os.path.join(d, "run.json"), json.dumps({
+                write_text(os.path.join(d, "run.json"), json.dumps({
                     "order": r.order, "seed": r.seed, "model": spec.model, "data": spec.data, "lora": spec.lora,
                     "lora_key": spec.lora_key(), "argv": lora_argv(spec, r, adapter)}, indent=1, default=str))  # fmt: skip
                 step = checkpoint_step(adapter)
@@ -206,7 +198,7 @@ def run(spec: Spec, say=print) -> str:
                     say(f"{label}: training")
                     argv = lora_argv(spec, r, adapter) + ["--force"]
                 _child(argv, os.path.join(d, "lora.log"), label, lock.fd, say)
-                _write(os.path.join(d, "lora.done"), spec.lora_key())
+                write_text(os.path.join(d, "lora.done"), spec.lora_key())
             _evaluate(spec, d, adapter, label, lock, say)
         path = write_report(spec)
         say(f"report: {path}")
@@ -223,7 +215,7 @@ def _evaluate(spec: Spec, folder: str, adapter: str | None, label: str, lock: Fo
     say(f"{label}: qmlx eval --tasks {spec.eval['tasks']}")
     _child(eval_argv(spec, os.path.join(folder, "eval.json"), adapter), os.path.join(folder, "eval.log"), label,
            lock.fd, say)  # fmt: skip
-    _write(os.path.join(folder, "eval.done"), spec.eval_key())
+    write_text(os.path.join(folder, "eval.done"), spec.eval_key())
 
 
 def _spec_record(spec: Spec) -> dict:
