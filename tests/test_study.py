@@ -361,3 +361,19 @@ def test_a_failing_step_names_its_run_and_log(tiny_study, tmp_path):
     last = p.stderr.strip().splitlines()
     assert any("base: `qmlx eval` failed (exit 2)" in ln and "eval.log" in ln for ln in last), p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_a_torn_metrics_line_is_skipped_and_a_broken_eval_json_is_named(tmp_path, capsys):
+    names = [f"{o}-s{s}" for o in ("random", "easy-to-hard", "adaptive") for s in (0, 1, 2)]
+    curves = {n: [(0, 3.0), (20, 2.5), (40, 2.0)] for n in names}
+    path = _fake_study(tmp_path, dict.fromkeys(names, 0.4), curves, base=0.3)
+    spec = read_spec(path)
+    metrics = tmp_path / "s" / "runs" / "random-s0" / "adapter" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 60, "val_lo')  # killed mid-line
+    write_report(spec)
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["runs"]["random-s0"]["val"] == [[0, 3.0], [20, 2.5], [40, 2.0]]
+    (tmp_path / "s" / "runs" / "adaptive-s1" / "eval.json").write_text('{"tasks": {"mm')
+    assert main(["study", path, "--report"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adaptive-s1/eval.json: not a JSON file" in err[0] and "eval.done" in err[0]

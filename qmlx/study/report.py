@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..errors import UserError
 from . import stats
 from .spec import Spec
 
@@ -23,6 +24,10 @@ def _json(path: str):
             return json.load(f)
     except FileNotFoundError:
         return None
+    except ValueError as e:
+        raise UserError(
+            f"{path}: not a JSON file `qmlx eval` wrote ({e}); delete it and the eval.done beside it to score that run again"
+        ) from None
 
 
 def val_curve(adapter: str) -> list[tuple[int, float]]:
@@ -31,7 +36,10 @@ def val_curve(adapter: str) -> list[tuple[int, float]]:
     try:
         with open(os.path.join(adapter, "metrics.jsonl"), encoding="utf-8") as f:
             for line in f:
-                d = json.loads(line)
+                try:
+                    d = json.loads(line)
+                except ValueError:
+                    continue  # a line torn by a kill (a resumed run rewrites its metrics past the checkpoint)
                 if "val_loss" in d:
                     points[d["step"]] = d["val_loss"]
     except FileNotFoundError:
