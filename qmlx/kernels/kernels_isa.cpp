@@ -34,6 +34,7 @@ constexpr int MR = 6;       // rows of the GEMM micro-kernel
 
 typedef float vf __attribute__((vector_size(VW * 4)));
 typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 
 static inline vf loadf(const float* p) {
   vf v;
@@ -76,7 +77,14 @@ static inline void cvt_sb(const void* src, SB t, int64_t o, int64_t G, float* ds
     std::memcpy(dst, static_cast<const float*>(src) + o, G * 4);
   } else if (t == SB::bf16) {
     const uint16_t* p = static_cast<const uint16_t*>(src) + o;
-    for (int64_t g = 0; g < G; ++g) {
+    int64_t g = 0;
+    for (; g + VW <= G; g += VW) {  // widened in vectors: GCC leaves the scalar loop scalar
+      vh h;
+      std::memcpy(&h, p + g, sizeof h);
+      const vi u = __builtin_convertvector(h, vi) << 16;
+      std::memcpy(dst + g, &u, sizeof u);
+    }
+    for (; g < G; ++g) {
       uint32_t u = uint32_t(p[g]) << 16;
       std::memcpy(dst + g, &u, 4);
     }
@@ -217,10 +225,15 @@ static void gemv_f(const QW& q, const void* buf, int64_t M, float* y, int64_t n0
 // x's 15-bit rounding (error <= 2^-16 of the group's largest |x|), at a fraction of the float path's
 // instructions. x is padded to chunks of 128 values (64 bytes of 4-bit weights).
 constexpr int64_t CH = 128;
-// Bytes ahead of the packed weights the GEMVs prefetch (measured on this machine's 2 vCPUs: the decode
-// step's matmuls 10-15% faster at 2048 than with none in 3 of 4 rounds; 512 and 4096 no better).
+// Bytes ahead of the packed weights the GEMVs prefetch, and W's rows the single-row GEMV takes at a time
+// (measured on 2 vCPUs of an AVX-512 VNNI EPYC, 24 copies of a 4864 x 896 4-bit matrix streamed from DRAM
+// by 2 threads, 3 rounds: 4 rows with 8192 ahead 21-26 GB/s, 1 row with 2048 ahead 16-20 GB/s; in cache
+// 36 vs 23 GB/s on one thread; 2 or 8 rows and 4096 or 16384 ahead no better).
 #ifndef QK_PF
-#define QK_PF 2048
+#define QK_PF 8192
+#endif
+#ifndef QK_R1
+#define QK_R1 4
 #endif
 static inline int64_t padded(int64_t K) { return (K + CH - 1) / CH * CH; }
 
@@ -269,28 +282,39 @@ static void prep_x_vnni(const float* x, int64_t M, int64_t K, int bits, int gs, 
   }
 }
 
+// Up to 16 scales or biases from i on (mask k) as float32, converted in registers from the stored dtype.
+static inline __m512 load_sb16(const void* p, SB t, int64_t i, __mmask16 k) {
+  if (t == SB::f32) return _mm512_maskz_loadu_ps(k, static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_maskz_loadu_epi16(k, static_cast<const uint16_t*>(p) + i);
+  if (t == SB::bf16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+}
+
 // Per row n of W: f[m][g] = scale[g] * x's quantization step, and the bias term Σ_g bias[g] * Σ x over
-// group g, sixteen groups per instruction.
+// group g, sixteen groups per instruction, read straight from the stored scales and biases.
 template <int M>
-static inline void row_factors(const float* s, const float* b, const IntX& v, int64_t G, float (*f)[1024 + 16],
+static inline void row_factors(const QW& q, int64_t n, const IntX& v, int64_t G, float (*f)[1024 + 16],
                                float* bias) {
-  for (int m = 0; m < M; ++m) {
-    __m512 bs = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g += 16) {
-      const __mmask16 k = G - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (G - g)) - 1);
-      const __m512 sv = _mm512_maskz_loadu_ps(k, s + g), bv = _mm512_maskz_loadu_ps(k, b + g);
+  __m512 bs[M];
+  for (int m = 0; m < M; ++m) bs[m] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g += 16) {
+    const __mmask16 k = G - g >= 16 ? __mmask16(0xffff) : __mmask16((1u << (G - g)) - 1);
+    const __m512 sv = load_sb16(q.s, q.sbt, n * G + g, k), bv = load_sb16(q.b, q.sbt, n * G + g, k);
+    for (int m = 0; m < M; ++m) {
       _mm512_mask_storeu_ps(&f[m][g], k, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, v.xd + m * G + g)));
-      bs = _mm512_fmadd_ps(bv, _mm512_maskz_loadu_ps(k, v.xs + m * G + g), bs);
+      bs[m] = _mm512_fmadd_ps(bv, _mm512_maskz_loadu_ps(k, v.xs + m * G + g), bs[m]);
     }
-    bias[m] = _mm512_reduce_add_ps(bs);
   }
+  for (int m = 0; m < M; ++m) bias[m] = _mm512_reduce_add_ps(bs[m]);
 }
 
 // One 64-byte chunk of packed weights per step. 4 bits: 128 values, the low nibbles pair with the even
 // values of x's reordered chunk, the high ones with the odd; lane j of a product covers values 8j..8j+7.
 // 8 bits: the bytes are the unsigned values themselves, 64 of them; lane j covers values 4j..4j+3.
 // A chunk spans half a group to four groups.
-template <int M, int BITS>
+// R rows of W at a time share each load of x (the loads, not the multiplies, bound this loop); every row's
+// arithmetic is the same whatever R and M are, so a row's result does not depend on its neighbours.
+template <int M, int R, int BITS>
 static void gemv_int(const QW& q, const IntX& v, float* y, int64_t n0, int64_t n1) {
   constexpr int64_t VPC = 512 / BITS;  // values per chunk
   const int64_t K = q.K, G = K / q.gs, Kp = padded(K), chunks = (K + VPC - 1) / VPC, tail = (K % VPC) * BITS / 8;
@@ -299,56 +323,71 @@ static void gemv_int(const QW& q, const IntX& v, float* y, int64_t n0, int64_t n
   for (int j = 0; j < 16; ++j) lane_group[j] = int32_t(VPC / 16 * j / q.gs);
   const __m512i lg = _mm512_load_si512(lane_group);
   const int shift = __builtin_ctz(unsigned(q.gs));  // the group of value k is k >> shift: no division in the loop
-  float sbuf[1024], bbuf[1024];
-  alignas(64) float f[M][1024 + 16];  // per row of x: scale * quantization step, per group (+16 for the last load)
-  for (int m = 0; m < M; ++m) std::fill(f[m] + G, f[m] + G + 16, 0.0f);
-  for (int64_t n = n0; n < n1; ++n) {
-    const auto [s, b] = row_sb_fast(q, n, sbuf, bbuf);
-    float bias[M];
-    row_factors<M>(s, b, v, G, f, bias);
-    const uint8_t* row = q.w + n * q.row_bytes;
-    __m512 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  // per row of W and of x: scale * quantization step, per group (+16 for the last load)
+  alignas(64) float f[R][M][1024 + 16];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) std::fill(f[r][m] + G, f[r][m] + G + 16, 0.0f);
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    float bias[R][M];
+    const uint8_t* row[R];
+    for (int r = 0; r < R; ++r) {
+      row_factors<M>(q, n + r, v, G, f[r], bias[r]);
+      row[r] = q.w + (n + r) * q.row_bytes;
+    }
+    __m512 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + c * 64) + QK_PF, _MM_HINT_T0);
-      const __m512i w = (c + 1 < chunks || tail == 0)
-                            ? _mm512_loadu_si512(row + c * 64)
-                            : _mm512_maskz_loadu_epi8((__mmask64)((uint64_t(1) << tail) - 1), row + c * 64);
       const int64_t g0 = (c * VPC) >> shift;
+      __m512i w[R];
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(row[r] + c * 64) + QK_PF, _MM_HINT_T0);
+        w[r] = (c + 1 < chunks || tail == 0)
+                   ? _mm512_loadu_si512(row[r] + c * 64)
+                   : _mm512_maskz_loadu_epi8((__mmask64)((uint64_t(1) << tail) - 1), row[r] + c * 64);
+      }
       for (int m = 0; m < M; ++m) {
         const int8_t* xh = v.xh + m * Kp + c * VPC;
         const int8_t* xl = v.xl + m * Kp + c * VPC;
-        __m512i ah, al;
-        if constexpr (BITS == 4) {
-          const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-          ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xh));
-          ah = _mm512_dpbusd_epi32(ah, hi, _mm512_loadu_si512(xh + 64));
-          al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xl));
-          al = _mm512_dpbusd_epi32(al, hi, _mm512_loadu_si512(xl + 64));
-        } else {
-          ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xh));
-          al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_loadu_si512(xl));
+        const __m512i h0 = _mm512_loadu_si512(xh), l0 = _mm512_loadu_si512(xl);
+        __m512i h1, l1;
+        if constexpr (BITS == 4) h1 = _mm512_loadu_si512(xh + 64), l1 = _mm512_loadu_si512(xl + 64);
+        for (int r = 0; r < R; ++r) {
+          // Σ (256 * hi + lo) * q: the high half's sum shifted, then the low half's products added to it
+          __m512i t;
+          if constexpr (BITS == 4) {
+            const __m512i lo = _mm512_and_si512(w[r], m4), hi = _mm512_and_si512(_mm512_srli_epi16(w[r], 4), m4);
+            t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, h0);
+            t = _mm512_slli_epi32(_mm512_dpbusd_epi32(t, hi, h1), 8);
+            t = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(t, lo, l0), hi, l1);
+          } else {
+            t = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w[r], h0), 8);
+            t = _mm512_dpbusd_epi32(t, w[r], l0);
+          }
+          const __m512 fv = _mm512_permutexvar_ps(lg, _mm512_loadu_ps(&f[r][m][g0]));
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), fv, acc[r][m]);
         }
-        const __m512i sum = _mm512_add_epi32(_mm512_slli_epi32(ah, 8), al);
-        const __m512 fv = _mm512_permutexvar_ps(lg, _mm512_loadu_ps(&f[m][g0]));
-        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), fv, acc[m]);
       }
     }
-    for (int m = 0; m < M; ++m) y[m * q.N + n] = _mm512_reduce_add_ps(acc[m]) + bias[m];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) y[m * q.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + bias[r][m];
   }
+  if constexpr (R > 1)
+    if (n < n1) gemv_int<M, 1, BITS>(q, v, y, n, n1);
 }
 
 template <int BITS>
 static void gemv_int_rows(const QW& q, const IntX& v, int64_t M, float* y, int64_t n0, int64_t n1) {
   switch (M) {
     case 1:
-      return gemv_int<1, BITS>(q, v, y, n0, n1);
+      return gemv_int<1, QK_R1, BITS>(q, v, y, n0, n1);
     case 2:
-      return gemv_int<2, BITS>(q, v, y, n0, n1);
+      return gemv_int<2, 1, BITS>(q, v, y, n0, n1);
     case 3:
-      return gemv_int<3, BITS>(q, v, y, n0, n1);
+      return gemv_int<3, 1, BITS>(q, v, y, n0, n1);
     default:
-      return gemv_int<4, BITS>(q, v, y, n0, n1);
+      return gemv_int<4, 1, BITS>(q, v, y, n0, n1);
   }
 }
 
