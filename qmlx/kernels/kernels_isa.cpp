@@ -225,15 +225,16 @@ static void gemv_f(const QW& q, const void* buf, int64_t M, float* y, int64_t n0
 // x's 15-bit rounding (error <= 2^-16 of the group's largest |x|), at a fraction of the float path's
 // instructions. x is padded to chunks of 128 values (64 bytes of 4-bit weights).
 constexpr int64_t CH = 128;
-// Bytes ahead of the packed weights the GEMVs prefetch, and W's rows the single-row GEMV takes at a time
+// Bytes ahead of the packed weights the GEMVs prefetch, and W's rows the GEMV takes at a time
 // (measured on 2 vCPUs of an AVX-512 VNNI EPYC, 24 copies of a 4864 x 896 4-bit matrix streamed from DRAM
 // by 2 threads, 3 rounds: 4 rows with 8192 ahead 21-26 GB/s, 1 row with 2048 ahead 16-20 GB/s; in cache
-// 36 vs 23 GB/s on one thread; 2 or 8 rows and 4096 or 16384 ahead no better).
+// 36 vs 23 GB/s on one thread; 2 or 8 rows and 4096 or 16384 ahead no better; 2 and 4 rows of x in cache:
+// 100 vs 175 and 165 vs 285 us with 4 rows of W against 1).
 #ifndef QK_PF
 #define QK_PF 8192
 #endif
-#ifndef QK_R1
-#define QK_R1 4
+#ifndef QK_ROWS
+#define QK_ROWS 4
 #endif
 static inline int64_t padded(int64_t K) { return (K + CH - 1) / CH * CH; }
 
@@ -381,13 +382,13 @@ template <int BITS>
 static void gemv_int_rows(const QW& q, const IntX& v, int64_t M, float* y, int64_t n0, int64_t n1) {
   switch (M) {
     case 1:
-      return gemv_int<1, QK_R1, BITS>(q, v, y, n0, n1);
+      return gemv_int<1, QK_ROWS, BITS>(q, v, y, n0, n1);
     case 2:
-      return gemv_int<2, 1, BITS>(q, v, y, n0, n1);
+      return gemv_int<2, QK_ROWS, BITS>(q, v, y, n0, n1);
     case 3:
-      return gemv_int<3, 1, BITS>(q, v, y, n0, n1);
+      return gemv_int<3, QK_ROWS, BITS>(q, v, y, n0, n1);
     default:
-      return gemv_int<4, 1, BITS>(q, v, y, n0, n1);
+      return gemv_int<4, QK_ROWS, BITS>(q, v, y, n0, n1);
   }
 }
 

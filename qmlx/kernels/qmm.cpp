@@ -116,7 +116,7 @@ void add_bias(float* y, int64_t M, int64_t N, const mx::array& bias) {
 }
 
 // Tasks of rows whose packed bytes are ~32 KB: enough of them to balance, few enough to be cheap.
-// A multiple of 4: the single-row GEMV takes W's rows four at a time.
+// A multiple of 4: the GEMV takes W's rows four at a time.
 int64_t gemv_task_rows(const QW& q) {
   return (std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(q.row_bytes, 1)) + 3) / 4 * 4;
 }
