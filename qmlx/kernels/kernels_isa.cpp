@@ -256,28 +256,51 @@ static size_t prep_bytes_vnni(int64_t M, int64_t K, int bits, int gs) {
   if (!int_path(bits)) return prep_bytes_f(M, K, bits, gs);
   return sizeof(float) * 2 * M * (K / gs) + 2 * M * padded(K);
 }
+// Sixteen values at a time (the group sizes are multiples of 16): per group its sum (the bias term), its
+// largest |x|, then each value rounded to 256 * hi + lo, split and narrowed to bytes. The rounding is
+// the scalar definition's (nearest even, clamped to +-32639), so the integers are the same bit for bit.
 static void prep_x_vnni(const float* x, int64_t M, int64_t K, int bits, int gs, void* buf) {
   if (!int_path(bits)) return prep_x_f(x, M, K, bits, gs, buf);
   const int64_t G = K / gs, Kp = padded(K);
   IntX v = int_view(buf, M, K, gs);
-  group_sums(x, M, K, gs, v.xs);
   std::memset(v.xh, 0, 2 * M * Kp);
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i lim = _mm512_set1_epi32(32639), c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
+  // even-indexed lanes first, then the odd ones: the nibble order of a 4-bit chunk
+  const __m512i evens_odds = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     for (int64_t g = 0; g < G; ++g) {
-      float amax = 0;
-      for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(xr[g * gs + j]));
-      const float d = amax > 0 ? amax / 32639.0f : 1.0f, inv = 1.0f / d;  // 32639 = 127 * 256 + 127
+      const float* xg = xr + g * gs;
+      __m512 sum = _mm512_setzero_ps(), amax = _mm512_setzero_ps();
+      for (int64_t j = 0; j < gs; j += 16) {
+        const __m512 t = _mm512_loadu_ps(xg + j);
+        sum = _mm512_add_ps(sum, t);
+        amax = _mm512_max_ps(_mm512_and_ps(t, absmask), amax);  // a NaN is passed over, as std::max does
+      }
+      v.xs[m * G + g] = _mm512_reduce_add_ps(sum);
+      const float am = _mm512_reduce_max_ps(amax);
+      const float d = am > 0 ? am / 32639.0f : 1.0f, inv = 1.0f / d;  // 32639 = 127 * 256 + 127
       v.xd[m * G + g] = d;
-      for (int64_t j = 0; j < gs; ++j) {
-        const int64_t k = g * gs + j, c = k / CH, r = k % CH;
-        // 4 bits: the nibble order of a chunk; 8 bits: the values' own order
-        const int64_t at = m * Kp + (bits == 4 ? c * CH + (r & 1) * (CH / 2) + r / 2 : k);
-        int32_t i = int32_t(std::nearbyint(xr[k] * inv));
-        i = std::min(32639, std::max(-32639, i));
-        const int32_t lo = ((i + 128) & 255) - 128;
-        v.xh[at] = int8_t((i - lo) / 256);
-        v.xl[at] = int8_t(lo);
+      const __m512 iv = _mm512_set1_ps(inv);
+      for (int64_t j = 0; j < gs; j += 16) {
+        __m512i i = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + j), iv));
+        i = _mm512_min_epi32(lim, _mm512_max_epi32(_mm512_sub_epi32(_mm512_setzero_si512(), lim), i));
+        const __m512i lo = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(i, c128), c255), c128);
+        __m512i hi = _mm512_srai_epi32(_mm512_sub_epi32(i, lo), 8);
+        const int64_t k = g * gs + j;
+        if (bits == 4) {
+          const __m128i h8 = _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(evens_odds, hi));
+          const __m128i l8 = _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(evens_odds, lo));
+          const int64_t at = m * Kp + k / CH * CH + k % CH / 2;  // evens here, odds CH / 2 further
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(v.xh + at), h8);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(v.xh + at + CH / 2), _mm_unpackhi_epi64(h8, h8));
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(v.xl + at), l8);
+          _mm_storel_epi64(reinterpret_cast<__m128i*>(v.xl + at + CH / 2), _mm_unpackhi_epi64(l8, l8));
+        } else {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(v.xh + m * Kp + k), _mm512_cvtepi32_epi8(hi));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(v.xl + m * Kp + k), _mm512_cvtepi32_epi8(lo));
+        }
       }
     }
   }
