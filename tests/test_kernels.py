@@ -74,6 +74,19 @@ def test_each_row_of_a_batch_is_the_row_alone(bits):
             assert mx.array_equal(y, alone).item(), f"rows={rows} x={xdt}"
 
 
+@pytest.mark.parametrize("bits", (4, 8))
+def test_a_matrix_split_over_several_gemv_tasks(bits):
+    """W large enough for the GEMV to split its rows into several ~128 KB tasks run by the pool, and a row
+    count no multiple of the 4 rows the kernel takes at a time: every output row still matches float64."""
+    n, k = 1203, 1024  # 4-bit rows of 512 bytes: 256 rows a task, 5 tasks, the last one 179 rows
+    q, s, b, wd = _packed(n, k, bits, 64, mx.bfloat16, seed=50 + bits)
+    for rows in (1, 3):
+        x, xr = _x((rows, k), mx.float32, seed=rows)
+        y = kernels.quantized_matmul(x, q, s, b, group_size=64, bits=bits)
+        err = _rel_err(y, xr @ wd.T)
+        assert err < (1e-4 if _int_path(bits, rows, True) else 2e-6), f"rows={rows}: {err:.2e}"
+
+
 def _rel_err(y, ref):
     y = np.array(y.astype(mx.float32), dtype=np.float64)
     return np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30)

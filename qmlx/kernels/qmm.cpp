@@ -115,10 +115,12 @@ void add_bias(float* y, int64_t M, int64_t N, const mx::array& bias) {
     for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
 }
 
-// Tasks of rows whose packed bytes are ~32 KB: enough of them to balance, few enough to be cheap.
-// A multiple of 4: the GEMV takes W's rows four at a time.
+// Tasks of rows whose packed bytes are ~128 KB: enough of them to balance, few enough to be cheap; a
+// matrix below that (a 4-bit k_proj of Qwen2.5-0.5B, 57 KB) runs on the calling thread alone, without the
+// ~8 us hand-off to a worker. A multiple of 4: the GEMV takes W's rows four at a time. (A 4-bit decode
+// step's matmuls, same build, 3 rounds: 32 KB 13.1-14.9 ms, 128 KB 11.5-12.6 ms; 256 and 512 KB no better.)
 int64_t gemv_task_rows(const QW& q) {
-  return (std::max<int64_t>(8, (32 << 10) / std::max<int64_t>(q.row_bytes, 1)) + 3) / 4 * 4;
+  return (std::max<int64_t>(8, (128 << 10) / std::max<int64_t>(q.row_bytes, 1)) + 3) / 4 * 4;
 }
 
 // x (M <= gemv_max_rows rows of q.K) prepared for the GEMV, GEMV_BLOCK rows per block of `words` words.
