@@ -47,10 +47,14 @@ def _x(shape, dtype, seed):
     return x, np.array(x.astype(mx.float32), dtype=np.float64)
 
 
+INT_ISAS = ("avx512vnni", "avx512", "avx2")  # instruction sets whose GEMV multiplies in integers
+
+
 def _int_path(bits, rows, transpose) -> bool:
     """Where the kernels multiply 4- or 8-bit weights by x rounded to 15-bit integers per group (AVX-512
-    VNNI, the GEMV side): the product is then exact up to that rounding, ~1e-4 of the output's largest value."""
-    return kernels._ext.isa() == "avx512vnni" and bits in (4, 8) and transpose and rows <= GEMV_MAX_ROWS
+    VNNI, AVX-512, AVX2; the GEMV side): the product is then exact up to that rounding, ~1e-4 of the
+    output's largest value."""
+    return kernels._ext.isa() in INT_ISAS and bits in (4, 8) and transpose and rows <= GEMV_MAX_ROWS
 
 
 GEMV_MAX_ROWS = 32  # qmm.cpp's gemv_max_rows(): up to this many rows x·Wᵀ streams the weights (GEMV side)
@@ -178,6 +182,49 @@ def test_bad_arguments_are_refused_with_a_message(kwargs, message):
         kernels.quantized_matmul(
             x, q, s, b, group_size=kwargs.get("group_size", 32), bits=kwargs.get("bits", 4)
         )
+
+
+ISA_CHECK = """
+import sys, numpy as np, mlx.core as mx
+from qmlx import kernels
+assert kernels._ext.isa() == sys.argv[1], kernels.status
+worst = 0.0
+for bits in (4, 8):
+    for gs in (32, 64, 128):
+        for sb in (mx.float32, mx.bfloat16, mx.float16):
+            rng = np.random.default_rng(bits * gs)
+            n, k = 203, 3 * 128
+            q, s, b = mx.quantize(mx.array(rng.standard_normal((n, k)).astype(np.float32) * 0.05), group_size=gs, bits=bits)
+            s, b = s.astype(sb), b.astype(sb)
+            wd = np.array(mx.dequantize(q, s.astype(mx.float32), b.astype(mx.float32), group_size=gs, bits=bits), dtype=np.float64)
+            for rows in (1, 3, 4, 6):
+                x = rng.standard_normal((rows, k)).astype(np.float32)
+                y = np.array(kernels.quantized_matmul(mx.array(x), q, s, b, group_size=gs, bits=bits), dtype=np.float64)
+                ref = x.astype(np.float64) @ wd.T
+                worst = max(worst, np.abs(y - ref).max() / np.abs(ref).max())
+print(worst)
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
+@pytest.mark.parametrize("isa", ("avx2", "avx512"))
+def test_the_integer_gemv_of_each_x86_instruction_set(isa):
+    """The AVX2 and AVX-512 (without VNNI) builds multiply 4- and 8-bit weights by x's 15-bit integers
+    with vpmaddwd: every bits x group size x scale dtype and 1-6 rows against float64, in a fresh process
+    with that instruction set forced (CI's CPU runs the VNNI build by default)."""
+    have = {"avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}[isa]
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if not all(f in flags for f in have):
+        pytest.skip(f"this CPU has no {isa}")
+    p = subprocess.run(
+        [sys.executable, "-c", ISA_CHECK, isa],
+        env={**os.environ, "QMLX_KERNELS_ISA": isa},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    assert float(p.stdout.strip()) < 1e-4
 
 
 def test_threads_and_instruction_sets_agree():

@@ -423,6 +423,119 @@ static void gemv_vnni(const QW& q, const void* buf, int64_t M, float* y, int64_t
 #define QK_PREP_BYTES prep_bytes_vnni
 #define QK_PREP prep_x_vnni
 #define QK_GEMV gemv_vnni
+#elif defined(__AVX2__)
+// Integer path for 4- and 8-bit weights without VNNI (the AVX2 build, and the AVX-512 one without VNNI).
+// x is rounded per group to the VNNI path's 15-bit integers (x ≈ d_g · i, |i| <= 32639), kept whole as
+// int16; vpmaddwd multiplies 16 of them by 16 weights widened to int16 and adds pairs into int32, exactly.
+// A chunk of 32 values lies in one group (group sizes 32, 64, 128), so a group's products add up in
+// int32 and are scaled once. 4 bits: per chunk x holds its 16 even values, then its 16 odd ones (the low
+// and the high nibbles of the chunk's 16 bytes).
+struct I16X {
+  float *xs, *xd;  // M x G: group sums (the bias term), quantization steps
+  int16_t* xi;     // M x K
+};
+static I16X i16_view(void* buf, int64_t M, int64_t K, int gs) {
+  I16X v;
+  v.xs = static_cast<float*>(buf);
+  v.xd = v.xs + M * (K / gs);
+  v.xi = reinterpret_cast<int16_t*>(v.xd + M * (K / gs));
+  return v;
+}
+constexpr int64_t PF_I16 = 8192;  // bytes of weights prefetched ahead, as the VNNI path
+static inline bool int_path(int bits) { return bits == 4 || bits == 8; }
+static size_t prep_bytes_i16(int64_t M, int64_t K, int bits, int gs) {
+  if (!int_path(bits)) return prep_bytes_f(M, K, bits, gs);
+  return sizeof(float) * 2 * M * (K / gs) + sizeof(int16_t) * M * K;
+}
+static void prep_x_i16(const float* x, int64_t M, int64_t K, int bits, int gs, void* buf) {
+  if (!int_path(bits)) return prep_x_f(x, M, K, bits, gs, buf);
+  const int64_t G = K / gs;
+  I16X v = i16_view(buf, M, K, gs);
+  group_sums(x, M, K, gs, v.xs);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * K;
+    int16_t* xi = v.xi + m * K;
+    for (int64_t g = 0; g < G; ++g) {
+      float amax = 0;
+      for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(xr[g * gs + j]));
+      const float d = amax > 0 ? amax / 32639.0f : 1.0f, inv = 1.0f / d;  // as the VNNI path
+      v.xd[m * G + g] = d;
+      for (int64_t j = 0; j < gs; ++j) {
+        const int64_t k = g * gs + j;
+        const int64_t at = bits == 4 ? (k & ~int64_t(31)) + (k & 1) * 16 + (k & 31) / 2 : k;
+        const int32_t i = int32_t(std::nearbyint(xr[k] * inv));
+        xi[at] = int16_t(std::min(32639, std::max(-32639, i)));
+      }
+    }
+  }
+}
+static inline float hsum256(__m256 v) {
+  __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  a = _mm_add_ps(a, _mm_movehl_ps(a, a));
+  return _mm_cvtss_f32(_mm_add_ss(a, _mm_shuffle_ps(a, a, 1)));
+}
+template <int M, int BITS>
+static void gemv_i16(const QW& q, const I16X& v, float* y, int64_t n0, int64_t n1) {
+  const int64_t K = q.K, gs = q.gs, G = K / gs;
+  float sbuf[1024], bbuf[1024];
+  const __m128i m4 = _mm_set1_epi8(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const auto [s, b] = row_sb_fast(q, n, sbuf, bbuf);
+    const uint8_t* row = q.w + n * q.row_bytes;
+    __m256 acc[M];
+    float bias[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps(), bias[m] = 0;
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i is[M];
+      for (int m = 0; m < M; ++m) is[m] = _mm256_setzero_si256();
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+        const uint8_t* wp = row + k * BITS / 8;
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_I16, _MM_HINT_T0);
+        __m256i w0, w1;
+        if constexpr (BITS == 4) {
+          const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp));
+          w0 = _mm256_cvtepu8_epi16(_mm_and_si128(w, m4));
+          w1 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(w, 4), m4));
+        } else {
+          w0 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
+          w1 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp + 16)));
+        }
+        for (int m = 0; m < M; ++m) {
+          const int16_t* xp = v.xi + m * K + k;
+          const __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp)));
+          const __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16)));
+          is[m] = _mm256_add_epi32(is[m], _mm256_add_epi32(p0, p1));
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[m]), _mm256_set1_ps(s[g] * v.xd[m * G + g]), acc[m]);
+        bias[m] += b[g] * v.xs[m * G + g];
+      }
+    }
+    for (int m = 0; m < M; ++m) y[m * q.N + n] = hsum256(acc[m]) + bias[m];
+  }
+}
+template <int BITS>
+static void gemv_i16_rows(const QW& q, const I16X& v, int64_t M, float* y, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1:
+      return gemv_i16<1, BITS>(q, v, y, n0, n1);
+    case 2:
+      return gemv_i16<2, BITS>(q, v, y, n0, n1);
+    case 3:
+      return gemv_i16<3, BITS>(q, v, y, n0, n1);
+    default:
+      return gemv_i16<4, BITS>(q, v, y, n0, n1);
+  }
+}
+static void gemv_avx2(const QW& q, const void* buf, int64_t M, float* y, int64_t n0, int64_t n1) {
+  if (!int_path(q.bits)) return gemv_f(q, buf, M, y, n0, n1);
+  const I16X v = i16_view(const_cast<void*>(buf), M, q.K, q.gs);
+  return q.bits == 8 ? gemv_i16_rows<8>(q, v, M, y, n0, n1) : gemv_i16_rows<4>(q, v, M, y, n0, n1);
+}
+#define QK_PREP_BYTES prep_bytes_i16
+#define QK_PREP prep_x_i16
+#define QK_GEMV gemv_avx2
 #else
 #define QK_PREP_BYTES prep_bytes_f
 #define QK_PREP prep_x_f
