@@ -218,6 +218,16 @@ static void gemv_f(const QW& q, const void* buf, int64_t M, float* y, int64_t n0
   }
 }
 
+// What the two integer GEMVs below (AVX-512 VNNI; AVX2) share: which widths they take, x's rounding bound
+// (x ≈ d_g · i with |i| <= XQ = 127 * 256 + 127, so i splits into two int8 halves), and the prefetch distance.
+static inline bool int_path(int bits) { return bits == 4 || bits == 8; }
+constexpr int32_t XQ = 32639;
+// Bytes ahead of the packed weights the GEMVs prefetch (measured on 2 vCPUs of an AVX-512 VNNI EPYC with the
+// VNNI GEMV: 8192 ahead beat 2048; 4096 and 16384 no better; details beside QK_ROWS).
+#ifndef QK_PF
+#define QK_PF 8192
+#endif
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // Integer path for 4- and 8-bit weights (AVX-512 VNNI). Each row of x is quantized per group to 15-bit integers
 // x ≈ d_g * (256 * hi + lo), hi and lo in [-128, 127], both int8; vpdpbusd multiplies the
@@ -225,14 +235,10 @@ static void gemv_f(const QW& q, const void* buf, int64_t M, float* y, int64_t n0
 // x's 15-bit rounding (error <= 2^-16 of the group's largest |x|), at a fraction of the float path's
 // instructions. x is padded to chunks of 128 values (64 bytes of 4-bit weights).
 constexpr int64_t CH = 128;
-// Bytes ahead of the packed weights the GEMVs prefetch, and W's rows the GEMV takes at a time
-// (measured on 2 vCPUs of an AVX-512 VNNI EPYC, 24 copies of a 4864 x 896 4-bit matrix streamed from DRAM
-// by 2 threads, 3 rounds: 4 rows with 8192 ahead 21-26 GB/s, 1 row with 2048 ahead 16-20 GB/s; in cache
-// 36 vs 23 GB/s on one thread; 2 or 8 rows and 4096 or 16384 ahead no better; 2 and 4 rows of x in cache:
-// 100 vs 175 and 165 vs 285 us with 4 rows of W against 1).
-#ifndef QK_PF
-#define QK_PF 8192
-#endif
+// W's rows the GEMV takes at a time (measured on 2 vCPUs of an AVX-512 VNNI EPYC, 24 copies of a 4864 x 896
+// 4-bit matrix streamed from DRAM by 2 threads, 3 rounds: 4 rows with 8192 bytes prefetched ahead 21-26 GB/s,
+// 1 row with 2048 ahead 16-20 GB/s; in cache 36 vs 23 GB/s on one thread; 2 or 8 rows and 4096 or 16384
+// ahead no better; 2 and 4 rows of x in cache: 100 vs 175 and 165 vs 285 us with 4 rows of W against 1).
 #ifndef QK_ROWS
 #define QK_ROWS 4
 #endif
@@ -251,21 +257,20 @@ static IntX int_view(void* buf, int64_t M, int64_t K, int gs) {
   v.xl = v.xh + M * Kp;
   return v;
 }
-static inline bool int_path(int bits) { return bits == 4 || bits == 8; }
 static size_t prep_bytes_vnni(int64_t M, int64_t K, int bits, int gs) {
   if (!int_path(bits)) return prep_bytes_f(M, K, bits, gs);
   return sizeof(float) * 2 * M * (K / gs) + 2 * M * padded(K);
 }
 // Sixteen values at a time (the group sizes are multiples of 16): per group its sum (the bias term), its
 // largest |x|, then each value rounded to 256 * hi + lo, split and narrowed to bytes. The rounding is
-// the scalar definition's (nearest even, clamped to +-32639), so the integers are the same bit for bit.
+// the scalar definition's (nearest even, clamped to +-XQ), so the integers are the same bit for bit.
 static void prep_x_vnni(const float* x, int64_t M, int64_t K, int bits, int gs, void* buf) {
   if (!int_path(bits)) return prep_x_f(x, M, K, bits, gs, buf);
   const int64_t G = K / gs, Kp = padded(K);
   IntX v = int_view(buf, M, K, gs);
   std::memset(v.xh, 0, 2 * M * Kp);
   const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-  const __m512i lim = _mm512_set1_epi32(32639), c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
+  const __m512i lim = _mm512_set1_epi32(XQ), c128 = _mm512_set1_epi32(128), c255 = _mm512_set1_epi32(255);
   // even-indexed lanes first, then the odd ones: the nibble order of a 4-bit chunk
   const __m512i evens_odds = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t m = 0; m < M; ++m) {
@@ -280,7 +285,7 @@ static void prep_x_vnni(const float* x, int64_t M, int64_t K, int bits, int gs, 
       }
       v.xs[m * G + g] = _mm512_reduce_add_ps(sum);
       const float am = _mm512_reduce_max_ps(amax);
-      const float d = am > 0 ? am / 32639.0f : 1.0f, inv = 1.0f / d;  // 32639 = 127 * 256 + 127
+      const float d = am > 0 ? am / float(XQ) : 1.0f, inv = 1.0f / d;
       v.xd[m * G + g] = d;
       const __m512 iv = _mm512_set1_ps(inv);
       for (int64_t j = 0; j < gs; j += 16) {
@@ -425,7 +430,7 @@ static void gemv_vnni(const QW& q, const void* buf, int64_t M, float* y, int64_t
 #define QK_GEMV gemv_vnni
 #elif defined(__AVX2__)
 // Integer path for 4- and 8-bit weights without VNNI (the AVX2 build, and the AVX-512 one without VNNI).
-// x is rounded per group to the VNNI path's 15-bit integers (x ≈ d_g · i, |i| <= 32639), kept whole as
+// x is rounded per group to the VNNI path's 15-bit integers (x ≈ d_g · i, |i| <= XQ), kept whole as
 // int16; vpmaddwd multiplies 16 of them by 16 weights widened to int16 and adds pairs into int32, exactly.
 // A chunk of 32 values lies in one group (group sizes 32, 64, 128), so a group's products add up in
 // int32 and are scaled once. 4 bits: per chunk x holds its 16 even values, then its 16 odd ones (the low
@@ -441,8 +446,6 @@ static I16X i16_view(void* buf, int64_t M, int64_t K, int gs) {
   v.xi = reinterpret_cast<int16_t*>(v.xd + M * (K / gs));
   return v;
 }
-constexpr int64_t PF_I16 = 8192;  // bytes of weights prefetched ahead, as the VNNI path
-static inline bool int_path(int bits) { return bits == 4 || bits == 8; }
 static size_t prep_bytes_i16(int64_t M, int64_t K, int bits, int gs) {
   if (!int_path(bits)) return prep_bytes_f(M, K, bits, gs);
   return sizeof(float) * 2 * M * (K / gs) + sizeof(int16_t) * M * K;
@@ -458,13 +461,13 @@ static void prep_x_i16(const float* x, int64_t M, int64_t K, int bits, int gs, v
     for (int64_t g = 0; g < G; ++g) {
       float amax = 0;
       for (int64_t j = 0; j < gs; ++j) amax = std::max(amax, std::fabs(xr[g * gs + j]));
-      const float d = amax > 0 ? amax / 32639.0f : 1.0f, inv = 1.0f / d;  // as the VNNI path
+      const float d = amax > 0 ? amax / float(XQ) : 1.0f, inv = 1.0f / d;  // as the VNNI path
       v.xd[m * G + g] = d;
       for (int64_t j = 0; j < gs; ++j) {
         const int64_t k = g * gs + j;
         const int64_t at = bits == 4 ? (k & ~int64_t(31)) + (k & 1) * 16 + (k & 31) / 2 : k;
         const int32_t i = int32_t(std::nearbyint(xr[k] * inv));
-        xi[at] = int16_t(std::min(32639, std::max(-32639, i)));
+        xi[at] = int16_t(std::min(XQ, std::max(-XQ, i)));
       }
     }
   }
@@ -490,7 +493,7 @@ static void gemv_i16(const QW& q, const I16X& v, float* y, int64_t n0, int64_t n
       for (int m = 0; m < M; ++m) is[m] = _mm256_setzero_si256();
       for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
         const uint8_t* wp = row + k * BITS / 8;
-        _mm_prefetch(reinterpret_cast<const char*>(wp) + PF_I16, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + QK_PF, _MM_HINT_T0);
         __m256i w0, w1;
         if constexpr (BITS == 4) {
           const __m128i w = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp));
