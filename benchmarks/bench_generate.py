@@ -433,6 +433,8 @@ def main() -> None:
     )
     ap.add_argument("--no-mlx-lm-quant", action="store_true", help="section 4 without mlx-lm's rows")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: give at least 1 round")
     skip = set(args.skip.split(","))
 
     model = model_dir(args.model)
