@@ -606,6 +606,16 @@ def add_serve(sub) -> None:
         help="memory for KV caches kept between requests, reused by any request sharing a prefix "
         "(a system prompt, a conversation); 0 turns it off (default 1GiB)",
     )
+    p.add_argument(
+        "--prompt-cache-dir",
+        help="keep the prompt caches that leave memory as files in this folder (created if missing), "
+        "read back when a request shares their prefix; they outlive restarts (default: off)",
+    )
+    p.add_argument(
+        "--prompt-cache-disk-bytes",
+        default="8GiB",
+        help="disk space the --prompt-cache-dir files may take; the least recently used go first (default 8GiB)",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests beyond which clients get 429")
     p.add_argument(
         "--request-timeout", type=float, help="seconds after which a request fails (default: none)"
@@ -626,9 +636,12 @@ def run_serve(args) -> int:
     from convert.writer import parse_size
 
     from .distributed import launched
+    from .prompt_cache import check_cache_folder
     from .server import serve
 
     cache_bytes = parse_size(args.prompt_cache_bytes, "--prompt-cache-bytes", allow_zero=True)
+    disk_bytes = parse_size(args.prompt_cache_disk_bytes, "--prompt-cache-disk-bytes", allow_zero=True)
+    cache_dir = check_cache_folder(args.prompt_cache_dir, create=False) if args.prompt_cache_dir else None
     if args.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
 
@@ -647,6 +660,8 @@ def run_serve(args) -> int:
         loaded=loaded,
         adapter=args.adapter,
         prompt_cache_bytes=cache_bytes,
+        prompt_cache_dir=cache_dir,
+        prompt_cache_disk_bytes=disk_bytes,
         request_timeout=args.request_timeout,
         max_queue=args.max_queue,
         drain_timeout=args.drain_timeout,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from mlx.utils import tree_flatten
 from .cache import CACHE_CLASSES, can_trim_cache, make_cache, trim_cache
 from .decode import common_prefix, prefill
 from .errors import UserError
+from .safetensors import WeightsError, read_header
+
+log = logging.getLogger("qmlx.prompt_cache")
 
 
 class PromptCache:
@@ -83,12 +87,16 @@ class PrefixCache:
     request's cache holds, replacing entries it extends (a conversation's previous turn), then
     evicts the least recently used entries until at most `max_bytes` are held.
     Only caches that can be cut at any token (not rotating ones) are shared at a partial prefix.
+
+    With a `disk` tier (`DiskPrefixes`), evicted entries are written there instead of dropped, and a
+    request whose longest prefix is on disk reads it back into memory.
     """
 
-    def __init__(self, max_bytes: int, **cache_kwargs):
+    def __init__(self, max_bytes: int, disk: DiskPrefixes | None = None, **cache_kwargs):
         if max_bytes < 0:
             raise UserError(f"the prompt cache size must be >= 0 bytes, got {max_bytes}")
         self.max_bytes = max_bytes
+        self.disk = disk
         self.cache_kwargs = cache_kwargs
         self.entries: list[tuple[list[int], list]] = []  # least recently used first
         self.hits = self.misses = 0
@@ -99,15 +107,20 @@ class PrefixCache:
         return sum(c.nbytes for _, caches in self.entries for c in caches)
 
     def checkout(self, model, ids: list[int]) -> PromptCache:
-        """A new PromptCache for `ids`, holding the longest stored prefix of them."""
+        """A new PromptCache for `ids`, holding the longest stored prefix of them (in memory or on disk)."""
         pc = PromptCache(**self.cache_kwargs)
         best, n = None, 0
         for i, (tokens, caches) in enumerate(self.entries):
-            m = min(common_prefix(tokens, ids), len(ids) - 1)
-            if m < len(tokens) and not can_trim_cache(caches):
-                continue  # a rotated cache cannot be cut short
+            m = _usable(tokens, ids, can_trim_cache(caches))
             if m > n:
                 best, n = i, m
+        if self.disk is not None:
+            j, m = self.disk.best(ids)
+            if m > n:
+                got = self.disk.take(j)
+                if got is not None:
+                    self.entries.append(got)
+                    best, n = len(self.entries) - 1, m
         if best is None:
             self.misses += 1
             return pc
@@ -117,12 +130,13 @@ class PrefixCache:
         pc.tokens = list(ids[:n])
         self.hits += 1
         self.reused_tokens += n
+        self._evict()  # an entry read back from disk may push others out (to disk); pc keeps its views
         return pc
 
     def checkin(self, pc: PromptCache) -> None:
         """Keep what `pc` holds for later requests (pc must not be used again)."""
         tokens, caches = list(pc.tokens), pc.caches
-        if not tokens or not caches or self.max_bytes == 0:
+        if not tokens or not caches or (self.max_bytes == 0 and self.disk is None):
             return
         kept = []
         for old, c in self.entries:
@@ -132,11 +146,194 @@ class PrefixCache:
                 return  # an entry already holds all of this
             kept.append((old, c))
         self.entries = kept + [(tokens, caches)]
+        self._evict()
+
+    def _evict(self) -> None:
         while self.entries and self.nbytes > self.max_bytes:
-            self.entries.pop(0)
+            tokens, caches = self.entries.pop(0)
+            if self.disk is not None:
+                self.disk.put(tokens, caches)
+
+    def flush(self) -> None:
+        """Write every entry held in memory to the disk tier (at shutdown: they outlive the process)."""
+        if self.disk is not None:
+            for tokens, caches in self.entries:
+                self.disk.put(tokens, caches)
 
     def clear(self) -> None:
         self.entries = []
+
+
+def _usable(tokens: list[int], ids: list[int], trimmable: bool) -> int:
+    """How many of `ids` an entry holding `tokens` can serve (the last token of ids always runs)."""
+    m = min(common_prefix(tokens, ids), len(ids) - 1)
+    return m if m == len(tokens) or trimmable else 0  # a rotated cache cannot be cut short
+
+
+def check_cache_folder(folder: str, option: str = "--prompt-cache-dir", create: bool = True) -> str:
+    """`folder` as an absolute path, created if missing (`create`; else only checked to be creatable);
+    a UserError naming it if it cannot hold files."""
+    path = os.path.abspath(os.path.expanduser(folder))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{option} {folder}: is a file, not a folder")
+    if not create:
+        probe = path
+        while not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if not os.path.isdir(probe):
+            raise UserError(f"{option} {folder}: cannot create the folder ({probe} is a file)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"{option} {folder}: {probe} is not writable")
+        return path
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option} {folder}: cannot create the folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {folder}: the folder is not writable")
+    return path
+
+
+_SPILL_PREFIX = "prefix-"  # the disk tier's files; other files in its folder are left alone
+
+
+class DiskPrefixes:
+    """The disk tier of a PrefixCache: prompt-cache files in one folder, an LRU bounded in bytes.
+
+    Each file is a `save_prompt_cache` file (token ids, model identity, dtype, cache settings). An
+    entry read back keeps its file, so the same entry evicted again costs no second write, and
+    entries survive a restart: the folder is indexed at start-up from the files' headers, and files
+    another model, dtype or cache kind wrote are passed over (left in place, not counted). A file
+    that cannot be written or read back is logged and dropped; it never fails a request.
+    """
+
+    def __init__(self, folder: str, max_bytes: int, model, **cache_kwargs):
+        if max_bytes < 0:
+            raise UserError(f"the prompt cache's disk size must be >= 0 bytes, got {max_bytes}")
+        self.folder = check_cache_folder(folder)
+        self.max_bytes, self.model, self.cache_kwargs = max_bytes, model, cache_kwargs
+        self.identity, self.dtype = model_identity(model), compute_dtype(model)
+        self.settings = cache_settings(make_cache(1, **cache_kwargs)[0])
+        self.entries: list[
+            tuple[list[int], str, int, bool]
+        ] = []  # (tokens, path, bytes, trimmable), LRU first
+        self.hits = self.writes = self.failures = 0
+        for path in sorted(self._files(), key=_mtime):
+            entry = self._indexed(path)
+            if entry is not None:
+                self.entries.append(entry)
+        self._trim()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e[2] for e in self.entries)
+
+    def _files(self) -> list[str]:
+        return [
+            os.path.join(self.folder, f)
+            for f in os.listdir(self.folder)
+            if f.startswith(_SPILL_PREFIX) and f.endswith(".safetensors")
+        ]
+
+    def _indexed(self, path: str):
+        try:
+            _, meta = read_header(path)
+            tokens = json.loads(meta[_KEY + "tokens"])
+            if (
+                meta.get(_KEY + "model") != self.identity
+                or meta.get(_KEY + "dtype") != self.dtype
+                or json.loads(meta[_KEY + "settings"]) != self.settings
+            ):
+                return None  # another model's (or another cache kind's) entry
+            if not tokens or not all(isinstance(t, int) for t in tokens):
+                raise ValueError("no token ids")
+            trimmable = meta.get(_KEY + "extra.trimmable") == "1"
+            return list(tokens), path, os.path.getsize(path), trimmable
+        except (WeightsError, OSError, KeyError, TypeError, ValueError) as e:
+            log.warning("prompt cache: passing over %s (%s)", path, e)
+            return None
+
+    def best(self, ids: list[int]) -> tuple[int | None, int]:
+        """(index, tokens) of the entry that serves the most of `ids`; (None, 0) if none does."""
+        best, n = None, 0
+        for i, (tokens, _, _, trimmable) in enumerate(self.entries):
+            m = _usable(tokens, ids, trimmable)
+            if m > n:
+                best, n = i, m
+        return best, n
+
+    def take(self, i: int):
+        """Entry i read back as (tokens, caches); its file stays, now the most recently used. None
+        (and the file removed) if it cannot be read back."""
+        entry = self.entries.pop(i)
+        tokens, path = entry[0], entry[1]
+        try:
+            pc, _ = load_prompt_cache(path, self.model, self.cache_kwargs)
+            if pc.tokens != tokens:
+                raise UserError(f"{path}: its token ids changed since it was indexed")
+            mx.eval([c.state for c in pc.caches if c.state is not None])
+        except (UserError, OSError, ValueError, RuntimeError) as e:
+            log.warning("prompt cache: could not read %s back (%s); dropped", path, e)
+            self.failures += 1
+            _remove(path)
+            return None
+        self.entries.append(entry)
+        try:
+            os.utime(path)  # the order survives a restart
+        except OSError:
+            pass
+        self.hits += 1
+        return pc.tokens, pc.caches
+
+    def put(self, tokens: list[int], caches: list) -> None:
+        """Write an entry evicted from memory (unless an entry on disk already holds all of it)."""
+        if self.max_bytes == 0:
+            return
+        kept = []
+        for entry in self.entries:
+            old, path = entry[0], entry[1]
+            if common_prefix(old, tokens) == len(tokens):
+                return
+            if common_prefix(old, tokens) == len(old):
+                _remove(path)  # the new entry holds all of it and more
+                continue
+            kept.append(entry)
+        self.entries = kept
+        name = hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:24]
+        path = os.path.join(self.folder, f"{_SPILL_PREFIX}{name}.safetensors")
+        pc = PromptCache(**self.cache_kwargs)
+        pc.caches, pc.tokens = caches, list(tokens)
+        try:
+            save_prompt_cache(path, pc, self.model, {"trimmable": "1" if can_trim_cache(caches) else "0"})
+            size = os.path.getsize(path)
+        except (UserError, OSError, RuntimeError) as e:
+            log.warning("prompt cache: could not write %s (%s); the entry is dropped", path, e)
+            self.failures += 1
+            _remove(path)
+            return
+        self.writes += 1
+        self.entries.append((list(tokens), path, size, can_trim_cache(caches)))
+        self._trim()
+
+    def _trim(self) -> None:
+        while self.entries and self.nbytes > self.max_bytes:
+            _remove(self.entries.pop(0)[1])
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("prompt cache: could not remove %s (%s)", path, e)
 
 
 def _fork(cache, n: int):

@@ -10,8 +10,10 @@ from qmlx.cache import make_cache
 from qmlx.cli import main
 from qmlx.errors import UserError
 from qmlx.prompt_cache import (
+    DiskPrefixes,
     PrefixCache,
     PromptCache,
+    check_cache_folder,
     fill_prompt_cache,
     load_prompt_cache,
     model_identity,
@@ -177,3 +179,99 @@ def test_prefix_cache_shares_a_rotated_cache_only_whole(tiny):
     store.checkin(_held(model, ids, max_kv_size=16))
     assert store.checkout(model, ids[:20] + [1, 2]).tokens == []  # cannot be cut short
     assert store.checkout(model, ids + [1, 2]).tokens == ids
+
+
+def _spill_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("prefix-"))
+
+
+def test_prefix_caches_spill_to_disk_and_continue_identically(tiny, tmp_path):
+    """An entry evicted from memory goes to the disk tier; a request sharing its prefix reads it back
+    and continues with the same logits as reading everything afresh."""
+    model, _ = tiny
+    folder = tmp_path / "spill"
+    disk = DiskPrefixes(str(folder), 1 << 30, model)
+    store = PrefixCache(0, disk)  # nothing stays in memory: every entry goes to disk
+    system = list(range(10, 40))
+    store.checkin(_held(model, system + [1, 2, 3]))
+    assert store.entries == [] and disk.writes == 1 and len(_spill_files(folder)) == 1
+    pc = store.checkout(model, system + [7, 8, 9])
+    assert pc.tokens == system and disk.hits == 1 and store.hits == 1
+    caches, todo = pc.prepare(model, system + [7, 8, 9])
+    assert todo == [7, 8, 9]
+    got = model(mx.array([todo]), cache=caches)[0, -1]
+    want = model(mx.array([system + [7, 8, 9]]))[0, -1]
+    assert mx.allclose(got, want, atol=1e-5).item()
+    # The entry read back kept its file: evicting it again writes nothing new.
+    store.checkin(_held(model, system + [1, 2, 3]))
+    assert disk.writes == 1 and len(_spill_files(folder)) == 1
+    # A longer entry replaces the file it extends.
+    store.checkin(_held(model, system + [1, 2, 3, 4, 5]))
+    assert disk.writes == 2 and len(_spill_files(folder)) == 1
+    assert [t for t, *_ in disk.entries] == [system + [1, 2, 3, 4, 5]]
+
+
+def test_disk_prefixes_outlive_a_restart_and_pass_over_what_is_not_theirs(folders, tiny, tmp_path):
+    model, _ = tiny
+    folder = tmp_path / "spill"
+    store = PrefixCache(1 << 30, DiskPrefixes(str(folder), 1 << 30, model))
+    ids = list(range(50, 80))
+    store.checkin(_held(model, ids))
+    assert _spill_files(folder) == []  # still in memory
+    store.flush()  # shutdown
+    assert len(_spill_files(folder)) == 1
+    (folder / "prefix-garbage.safetensors").write_bytes(b"not a safetensors file at all")
+    (folder / "notes.txt").write_text("someone else's file")
+    restarted = DiskPrefixes(str(folder), 1 << 30, model)
+    assert [t for t, *_ in restarted.entries] == [ids]
+    pc = PrefixCache(1 << 30, restarted).checkout(model, ids + [1, 2])
+    assert pc.tokens == ids and restarted.hits == 1
+    other, _ = qmlx.load(folders[1])  # other weights: the files are not its own
+    assert DiskPrefixes(str(folder), 1 << 30, other).entries == []
+    assert DiskPrefixes(str(folder), 1 << 30, model, kv_bits=8, kv_group_size=32).entries == []
+    assert (folder / "notes.txt").exists() and (folder / "prefix-garbage.safetensors").exists()
+
+
+def test_disk_prefixes_stay_within_their_bytes_and_survive_a_damaged_file(tiny, tmp_path):
+    model, _ = tiny
+    folder = tmp_path / "spill"
+    probe = DiskPrefixes(str(tmp_path / "probe"), 1 << 30, model)
+    probe.put(*_entry(model, list(range(100, 123))))
+    one = probe.nbytes
+    disk = DiskPrefixes(str(folder), int(one * 2.5), model)
+    store = PrefixCache(0, disk)
+    for start in (100, 130, 160):
+        store.checkin(_held(model, list(range(start, start + 23))))
+    assert len(disk.entries) == 2 and disk.nbytes <= disk.max_bytes
+    assert [t[0] for t, *_ in disk.entries] == [130, 160] and len(_spill_files(folder)) == 2
+    # A file damaged behind the server's back: the request is a miss, not an error, and the file goes.
+    path = disk.entries[0][1]
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    pc = store.checkout(model, list(range(130, 153)) + [1])
+    assert pc.tokens == [] and disk.failures == 1 and store.misses == 1
+    assert len(_spill_files(folder)) == 1
+    off = DiskPrefixes(str(tmp_path / "off"), 0, model)
+    off.put(*_entry(model, list(range(10, 20))))
+    assert off.entries == [] and _spill_files(tmp_path / "off") == []
+
+
+def _entry(model, ids):
+    pc = _held(model, ids)
+    return pc.tokens, pc.caches
+
+
+def test_disk_prefixes_refuse_a_bad_folder_or_size(tiny, tmp_path):
+    model, _ = tiny
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        DiskPrefixes(str(tmp_path / "file"), 1 << 30, model)
+    with pytest.raises(UserError, match="cannot create the folder"):
+        DiskPrefixes(str(tmp_path / "file" / "below"), 1 << 30, model)
+    with pytest.raises(UserError, match="disk size"):
+        DiskPrefixes(str(tmp_path / "ok"), -1, model)
+    with pytest.raises(UserError, match="is a file"):
+        check_cache_folder(str(tmp_path / "file" / "below"), create=False)  # what `qmlx serve` checks first
+    new = str(tmp_path / "new" / "deeper")
+    assert check_cache_folder(new, create=False) == new and not (tmp_path / "new").exists()
+    assert check_cache_folder(new) == new and (tmp_path / "new" / "deeper").is_dir()

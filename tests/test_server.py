@@ -590,6 +590,37 @@ def test_a_conversation_reuses_its_prompt_cache_with_the_same_answers(tiny, engi
     assert b == generate(model, tok, prompt, 8, temperature=0.0)
 
 
+def test_prefix_caches_on_disk_serve_a_later_request_and_outlive_the_engine(tiny, tmp_path):
+    """--prompt-cache-dir with no memory for caches: a conversation's next turn starts from the file its
+    first turn left (usage.cached_tokens, the disk metrics) with the same answer as a fresh generation;
+    a new engine on the same folder finds the entries again."""
+    from qmlx.generate import generate
+
+    model, tok = tiny
+    folder = str(tmp_path / "pc")
+    eng = Engine(model, tok, "tiny", prompt_cache_bytes=0, prompt_cache_dir=folder)
+    eng.start()
+    try:
+        c = TestClient(create_app(eng))
+        first = [{"role": "user", "content": "tell me a story about a cat"}]
+        a = chat(c, messages=first, max_tokens=8).json()["choices"][0]["message"]["content"]
+        wait_idle(eng)
+        turn = first + [{"role": "assistant", "content": a}, {"role": "user", "content": "more"}]
+        second = chat(c, messages=turn, max_tokens=8).json()
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= len(tok.encode("tell me a story"))
+        prompt = tok.apply_chat_template(turn, add_generation_prompt=True)
+        assert second["choices"][0]["message"]["content"] == generate(model, tok, prompt, 8, temperature=0.0)
+        wait_idle(eng)
+        text = c.get("/metrics").text
+        assert re.search(r"^qmlx_prefix_cache_disk_hits_total [1-9]", text, re.M), text
+        assert re.search(r"^qmlx_prefix_cache_disk_entries [1-9]", text, re.M), text
+        assert "qmlx_prefix_cache_entries 0" in text
+    finally:
+        eng.stop()
+    again = Engine(model, tok, "tiny", prompt_cache_dir=folder)
+    assert len(again.prefixes.disk.entries) >= 1
+
+
 def _together(client, bodies: list[dict]) -> list:
     """POST every chat body at once (one thread each); the responses in order."""
     out: list = [None] * len(bodies)

@@ -16,6 +16,8 @@ Behaviour worth knowing:
 * Finished requests leave their KV cache in an LRU bounded by `--prompt-cache-bytes`; a request
   sharing a prefix with one (a system prompt, a conversation's earlier turns) reads only what is
   new, reported as usage.prompt_tokens_details.cached_tokens.
+* With `--prompt-cache-dir`, caches evicted from memory go to files there and are read back by
+  a request sharing their prefix, also after a restart.
 * `seed` makes sampling reproducible, batched or not: each seeded request draws from its own key.
 * With `response_format` (json_object / json_schema) or a required tool call, decoding is
   constrained (qmlx/constrain.py); stop strings do not apply, and an answer cut short by

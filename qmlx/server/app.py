@@ -29,8 +29,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
+from ..prompt_cache import check_cache_folder
 from . import anthropic, ollama
-from .engine import DEFAULT_PROMPT_CACHE_BYTES, MAX_QUEUE, Engine, Job, metrics_text
+from .engine import (
+    DEFAULT_PROMPT_CACHE_BYTES,
+    DEFAULT_PROMPT_CACHE_DISK_BYTES,
+    MAX_QUEUE,
+    Engine,
+    Job,
+    metrics_text,
+)
 from .prepare import Prepared, prepare_chat, prepare_completion, prepare_infill
 from .schemas import APIError, ChatRequest, CompletionRequest, InfillRequest
 from .stream import ChatFormat, CompletionFormat, InfillFormat, respond
@@ -264,6 +272,8 @@ def serve(
     request_timeout: float | None = None,
     max_queue: int = MAX_QUEUE,
     drain_timeout: float = 60.0,
+    prompt_cache_dir: str | None = None,
+    prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES,
 ) -> None:
     """Load `model` (with a LoRA `adapter`) and serve it until interrupted (`qmlx serve`).
 
@@ -281,6 +291,8 @@ def serve(
         raise UserError(f"--request-timeout must be a positive number of seconds, got {request_timeout:g}")
     if drain_timeout < 0:
         raise UserError(f"--drain-timeout must be >= 0 seconds, got {drain_timeout:g}")
+    if prompt_cache_dir is not None:
+        prompt_cache_dir = check_cache_folder(prompt_cache_dir, create=False)  # before the model loads
     sock = listen(host, port)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
@@ -297,6 +309,8 @@ def serve(
         max_queue=max_queue,
         prompt_cache_bytes=prompt_cache_bytes,
         request_timeout=request_timeout,
+        prompt_cache_dir=prompt_cache_dir,
+        prompt_cache_disk_bytes=prompt_cache_disk_bytes,
     )
     engine.start()
     app = create_app(engine, api_key=api_key, max_body=max_body)

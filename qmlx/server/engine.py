@@ -30,13 +30,14 @@ from typing import Any
 from ..batch import BatchDecoder
 from ..constrain import ConstraintProcessor
 from ..errors import UserError
-from ..prompt_cache import PrefixCache
+from ..prompt_cache import DiskPrefixes, PrefixCache
 from .schemas import APIError
 
 log = logging.getLogger("qmlx.server")
 
 MAX_QUEUE = 256  # waiting requests beyond this get 429 rather than unbounded memory
 DEFAULT_PROMPT_CACHE_BYTES = 1 << 30  # shared prefix caches kept between requests
+DEFAULT_PROMPT_CACHE_DISK_BYTES = 8 << 30  # with --prompt-cache-dir: what they may hold on disk
 RETRY_AFTER = 1  # seconds a refused client is told to wait
 _keys = itertools.count()
 
@@ -81,6 +82,8 @@ class Engine:
         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         request_timeout: float | None = None,
         prefill_step: int = 512,
+        prompt_cache_dir: str | None = None,
+        prompt_cache_disk_bytes: int = DEFAULT_PROMPT_CACHE_DISK_BYTES,
     ):
         if max_concurrency < 1:
             raise UserError(f"--max-concurrency must be at least 1, got {max_concurrency}")
@@ -91,7 +94,8 @@ class Engine:
         self.vocab = int(model.config.vocab_size)  # the logits' width (>= the tokenizer's vocabulary)
         self.max_queue, self.request_timeout = max_queue, request_timeout
         self.decoder = BatchDecoder(model, tokenizer, max_rows=max_concurrency, prefill_step=prefill_step)
-        self.prefixes = PrefixCache(prompt_cache_bytes)
+        disk = DiskPrefixes(prompt_cache_dir, prompt_cache_disk_bytes, model) if prompt_cache_dir else None
+        self.prefixes = PrefixCache(prompt_cache_bytes, disk)
         self.pending: collections.deque[Job] = collections.deque()
         self.running: dict[int, tuple[Job, Any]] = {}  # key -> (job, its PromptCache)
         self.cond = threading.Condition()
@@ -108,6 +112,11 @@ class Engine:
             self._stop = True
             self.cond.notify()
         self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            try:  # what the memory tier holds outlives the process on disk (--prompt-cache-dir)
+                self.prefixes.flush()
+            except Exception:  # never let shutdown fail over a cache
+                log.exception("could not write the prefix caches to disk")
 
     def submit(self, job: Job) -> None:
         if self.request_timeout is not None:
@@ -264,6 +273,19 @@ class Engine:
             "prefix_cache_misses": self.prefixes.misses,
             "prefix_cache_entries": len(self.prefixes.entries),
             "prefix_cache_bytes": self.prefixes.nbytes,
+            **self._disk_metrics(),
+        }
+
+    def _disk_metrics(self) -> dict[str, float]:
+        disk = self.prefixes.disk
+        if disk is None:
+            return {}
+        return {
+            "prefix_cache_disk_hits": disk.hits,
+            "prefix_cache_disk_writes": disk.writes,
+            "prefix_cache_disk_failures": disk.failures,
+            "prefix_cache_disk_entries": len(disk.entries),
+            "prefix_cache_disk_bytes": disk.nbytes,
         }
 
 
@@ -285,6 +307,11 @@ _METRIC_HELP = {
     "prefix_cache_misses": ("counter", "requests that found no shared prefix"),
     "prefix_cache_entries": ("gauge", "prefix caches held"),
     "prefix_cache_bytes": ("gauge", "bytes the prefix caches hold"),
+    "prefix_cache_disk_hits": ("counter", "prefix caches read back from --prompt-cache-dir"),
+    "prefix_cache_disk_writes": ("counter", "prefix caches written to --prompt-cache-dir"),
+    "prefix_cache_disk_failures": ("counter", "prefix-cache files that could not be written or read back"),
+    "prefix_cache_disk_entries": ("gauge", "prefix caches held on disk"),
+    "prefix_cache_disk_bytes": ("gauge", "bytes the prefix caches hold on disk"),
 }
 
 
