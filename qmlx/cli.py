@@ -645,6 +645,10 @@ def run_serve(args) -> int:
     if args.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
 
+    if cache_dir and (launched() or args.layers):
+        raise UserError(
+            "--prompt-cache-dir does not work in a pipeline (each rank holds only its own layers' caches)"
+        )
     loaded = None
     if launched() or args.layers:  # else serve() loads after binding the port
         loaded = load_or_join(args, {})

@@ -181,6 +181,7 @@ def test_wrong_arguments_are_user_errors(files, tmp_path, monkeypatch, capsys, c
         ["serve", "-m", "x", "--prompt-cache-dir", __file__],
         ["serve", "-m", "x", "--prompt-cache-disk-bytes", "-5"],
         ["serve", "-m", "x", "--prompt-cache-disk-bytes", "lots"],
+        ["serve", "-m", "x", "--prompt-cache-dir", "/tmp/qmlx-test-never-made", "--layers", "0:3"],
         ["lora", "--resume", "/nonexistent/qmlx-test"],
         ["lora", "--resume", ""],
         ["generate", "-m", "x", "-p", "", "--raw"],

@@ -251,6 +251,11 @@ def test_disk_prefixes_stay_within_their_bytes_and_survive_a_damaged_file(tiny, 
     pc = store.checkout(model, list(range(130, 153)) + [1])
     assert pc.tokens == [] and disk.failures == 1 and store.misses == 1
     assert len(_spill_files(folder)) == 1
+    # The folder gone (a disk unmounted): the entry is dropped and counted, the request unharmed.
+    gone = DiskPrefixes(str(tmp_path / "gone"), 1 << 30, model)
+    (tmp_path / "gone").rmdir()
+    gone.put(*_entry(model, list(range(10, 20))))
+    assert gone.entries == [] and gone.failures == 1
     off = DiskPrefixes(str(tmp_path / "off"), 0, model)
     off.put(*_entry(model, list(range(10, 20))))
     assert off.entries == [] and _spill_files(tmp_path / "off") == []
