@@ -259,7 +259,8 @@ MALFORMED_BODIES = [
                 "messages": [{"role": "user", "content": "x"}],
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"schema": {"type": "string", "pattern": "x"}},
+                    # an unclosed group in the pattern (a plain pattern like "x" is valid JSON Schema)
+                    "json_schema": {"schema": {"type": "string", "pattern": "(unclosed"}},
                 },
             }
         ).encode(),
