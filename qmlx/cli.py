@@ -636,16 +636,14 @@ def run_serve(args) -> int:
     from convert.writer import parse_size
 
     from .distributed import launched
-    from .prompt_cache import check_cache_folder
     from .server import serve
 
     cache_bytes = parse_size(args.prompt_cache_bytes, "--prompt-cache-bytes", allow_zero=True)
     disk_bytes = parse_size(args.prompt_cache_disk_bytes, "--prompt-cache-disk-bytes", allow_zero=True)
-    cache_dir = check_cache_folder(args.prompt_cache_dir, create=False) if args.prompt_cache_dir else None
     if args.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {args.max_queue}")
 
-    if cache_dir and (launched() or args.layers):
+    if args.prompt_cache_dir and (launched() or args.layers):
         raise UserError(
             "--prompt-cache-dir does not work in a pipeline (each rank holds only its own layers' caches)"
         )
@@ -664,7 +662,7 @@ def run_serve(args) -> int:
         loaded=loaded,
         adapter=args.adapter,
         prompt_cache_bytes=cache_bytes,
-        prompt_cache_dir=cache_dir,
+        prompt_cache_dir=args.prompt_cache_dir,  # checked by serve() before the model loads
         prompt_cache_disk_bytes=disk_bytes,
         request_timeout=args.request_timeout,
         max_queue=args.max_queue,

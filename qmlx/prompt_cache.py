@@ -303,8 +303,9 @@ class DiskPrefixes:
         path = os.path.join(self.folder, f"{_SPILL_PREFIX}{name}.safetensors")
         pc = PromptCache(**self.cache_kwargs)
         pc.caches, pc.tokens = caches, list(tokens)
+        trimmable = can_trim_cache(caches)
         try:
-            save_prompt_cache(path, pc, self.model, {"trimmable": "1" if can_trim_cache(caches) else "0"})
+            save_prompt_cache(path, pc, self.model, {"trimmable": "1" if trimmable else "0"})
             size = os.path.getsize(path)
         except Exception as e:  # a full disk, a cache kind files cannot hold: never a request's failure
             log.warning("prompt cache: could not write %s (%s); the entry is dropped", path, e)
@@ -312,7 +313,7 @@ class DiskPrefixes:
             _remove(path)
             return
         self.writes += 1
-        self.entries.append((list(tokens), path, size, can_trim_cache(caches)))
+        self.entries.append((list(tokens), path, size, trimmable))
         self._trim()
 
     def _trim(self) -> None:
